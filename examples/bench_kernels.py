@@ -1,0 +1,148 @@
+"""Throughput of the sign kernels against the machine's memory bandwidth (not a test).
+
+    .venv/bin/python examples/bench_kernels.py [--log2n 24] [--repeat 10]   (or: make bench)
+
+On 2^24-element inputs, one thread everywhere (torch.set_num_threads(1); the native kernels
+are single-threaded): the read bandwidth (numpy sum of the float32 array), numpy.packbits,
+the torch-op fallback and the native kernels; votes for n_ranks in {2, 4, 8, 16, 64} against
+unpacking every rank to float32 and summing in torch. Times are the best of --repeat runs
+(wall clock); pack allocates its output like the API does, unpack/vote write into a reused
+one. Run it on a quiet machine.
+"""
+import argparse
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+
+from hvd_signsgd import kernels
+from hvd_signsgd.kernels import _torch
+
+
+def best_time(fn, repeat, budget=3.0):
+    """Best wall time of up to `repeat` runs (fewer when one run is slow), after a warm-up."""
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    runs = max(1, min(repeat, int(budget / max(first, 1e-9))))
+    best = first
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class Table:
+    def __init__(self, n):
+        self.n = n
+        self.rows = []
+
+    def add(self, name, seconds, read_bytes, note=""):
+        self.rows.append((name, seconds, read_bytes, note))
+        return seconds
+
+    def print(self):
+        head = f"| {'kernel':<44} | {'ms':>8} | {'G elem/s':>8} | {'read GB/s':>9} | note"
+        print(head)
+        print("|" + "-" * 46 + "|" + "-" * 10 + "|" + "-" * 10 + "|" + "-" * 11 + "|------")
+        for name, s, read, note in self.rows:
+            print(f"| {name:<44} | {s * 1e3:8.2f} | {self.n / s / 1e9:8.2f} | "
+                  f"{read / s / 1e9:9.1f} | {note}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--log2n", type=int, default=24)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--ranks", type=int, nargs="*", default=[2, 4, 8, 16, 64])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    n, rep = 1 << args.log2n, args.repeat
+    native = kernels._native
+    isa = native.isa() if native is not None else "-"
+    print(f"# {cpu_name()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
+          f"numpy {np.__version__}; backend {kernels.backend()} ({isa}); n = 2^{args.log2n}; "
+          f"1 thread\n")
+    t = Table(n)
+    rng = np.random.default_rng(0)
+    x_np = rng.standard_normal(n, dtype=np.float32)
+    x = torch.from_numpy(x_np)
+
+    # -- reference points
+    bw = t.add("numpy sum (read bandwidth), f32", best_time(x_np.sum, rep), 4 * n)
+    packbits = t.add("numpy.packbits(x < 0), f32",
+                     best_time(lambda: np.packbits(x_np < 0, bitorder="little"), rep), 4 * n)
+
+    # -- pack
+    torch_pack = t.add("torch-op pack_signs, f32", best_time(lambda: _torch.pack_signs(x), rep),
+                       4 * n)
+    s = best_time(lambda: kernels.pack_signs(x), rep)
+    t.add(f"native pack_signs, f32 ({isa})", s, 4 * n,
+          f"{bw / s:.2f}x read BW, {packbits / s:.1f}x packbits, {torch_pack / s:.0f}x torch-op")
+    for dtype in (torch.float16, torch.bfloat16):
+        xd = x.to(dtype)
+        s = best_time(lambda xd=xd: kernels.pack_signs(xd), rep)
+        t.add(f"native pack_signs, {str(dtype)[6:]}", s, 2 * n,
+              f"{2 * n / s / (4 * n / bw):.2f}x read BW")
+    if native is not None and "portable" in native.available_isas() and isa != "portable":
+        previous = native.set_isa("portable")
+        s = best_time(lambda: kernels.pack_signs(x), rep)
+        native.set_isa(previous)
+        t.add("native pack_signs, f32 (portable C)", s, 4 * n)
+
+    # -- stochastic pack
+    norm = float(x.norm())
+    torch_st = t.add("torch-op pack_stochastic_signs, f32",
+                     best_time(lambda: _torch.pack_stochastic_signs(x, norm, 1, 0), rep), 4 * n)
+    s = best_time(lambda: kernels.pack_stochastic_signs(x, norm, 1), rep)
+    t.add(f"native pack_stochastic_signs, f32 ({isa})", s, 4 * n, f"{torch_st / s:.0f}x torch-op")
+
+    # -- unpack
+    bits = kernels.pack_signs(x)
+    out = torch.empty(n)
+    torch_un = t.add("torch-op unpack_signs -> f32",
+                     best_time(lambda: _torch.unpack_signs(bits, n, 1.0, out), rep), n / 8)
+    s = best_time(lambda: kernels.unpack_signs(bits, n, 1.0, out=out), rep)
+    t.add(f"native unpack_signs -> f32 ({isa})", s, n / 8,
+          f"{torch_un / s:.0f}x torch-op; writes {4 * n / s / 1e9:.1f} GB/s")
+
+    # -- vote
+    for ranks in args.ranks:
+        rows = torch.from_numpy(rng.integers(0, 256, (ranks, n // 8), dtype=np.uint8))
+        acc = torch.empty(n)
+
+        def unpack_then_sum(rows=rows, acc=acc, ranks=ranks):
+            acc.zero_()
+            for m in range(ranks):
+                acc += kernels.unpack_signs(rows[m], n)  # n_ranks float vectors
+            return acc.sign()
+
+        base = t.add(f"torch unpack-to-float + sum + sign, R={ranks}",
+                     best_time(unpack_then_sum, rep), ranks * n / 8)
+        s = best_time(lambda rows=rows: kernels.vote(rows, n, "majority", out=out), rep)
+        t.add(f"native vote majority, R={ranks}", s, ranks * n / 8, f"{base / s:.0f}x unpack+sum")
+        weights = [1.0 / (m + 1) for m in range(ranks)]
+        s = best_time(lambda rows=rows, w=weights: kernels.vote(rows, n, "sum", w, out=out), rep)
+        t.add(f"native vote weighted sum, R={ranks}", s, ranks * n / 8,
+              f"{base / s:.0f}x unpack+sum")
+    t.print()
+    print("\nG elem/s: elements of one vector per second; read GB/s: input bytes per second "
+          "(packed bytes of all ranks for unpack/vote).")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Native kernels on CPU tensors: hands the tensors' memory to hvd_signsgd._native as numpy
+views (no copies for contiguous inputs; outputs are allocated with torch.empty).
+
+Arguments are validated by the public face (``__init__.py``); the extension re-checks what
+it needs, so a mistake raises instead of crashing.
+"""
+import torch
+
+from ._torch import nbytes
+
+
+def buffer(t):
+    """numpy view of a CPU tensor; bfloat16 (no numpy dtype) travels as its int16 bits."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy()
+
+
+def _contiguous(t):
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def pack_signs(native, x):
+    out = torch.empty(nbytes(x.numel()), dtype=torch.uint8)
+    native.pack_signs(buffer(_contiguous(x)), buffer(out))
+    return out
+
+
+def pack_stochastic_signs(native, x, norm, seed, offset):
+    out = torch.empty(nbytes(x.numel()), dtype=torch.uint8)
+    native.pack_stochastic_signs(buffer(_contiguous(x)), float(norm), seed, offset, buffer(out))
+    return out
+
+
+def unpack_signs(native, bits, n, scale, out):
+    """out: a contiguous 1-D CPU tensor of n elements."""
+    native.unpack_signs(buffer(_contiguous(bits.reshape(-1))), n, buffer(out), float(scale))
+
+
+def vote(native, rows, n, majority, weights, out):
+    """rows: uint8 (n_ranks, >= ceil(n/8)) CPU tensor; weights: None or float32 CPU tensor."""
+    if rows.shape[1] > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    w = None if weights is None else buffer(_contiguous(weights))
+    native.vote(buffer(rows), n, buffer(out), "majority" if majority else "sum", w)

@@ -1,0 +1,154 @@
+"""Pure-torch kernels: the fallback for GPU tensors and for a missing native extension.
+
+Vectorised torch ops only (Python loops go over the 8 bit positions or the ranks, never over
+elements), on any device. Arguments are validated by the public face (``__init__.py``); the
+results are bit-identical to the native kernels (native/), which follow the same formulas.
+"""
+import struct
+
+import torch
+
+_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+_M32 = 0xFFFFFFFF
+_M64 = 0xFFFFFFFFFFFFFFFF
+_FLT_MAX = 3.4028234663852886e38
+# Elements per step of the stochastic hash: on CPU the int64 temporaries stay in cache;
+# on GPU, fewer launches matter more.
+_STOCHASTIC_CHUNK = {"cpu": 1 << 16}
+_STOCHASTIC_CHUNK_DEFAULT = 1 << 22
+
+
+def nbytes(n):
+    return (n + 7) // 8
+
+
+def _shifts(device):
+    return torch.arange(8, dtype=torch.uint8, device=device)
+
+
+def sign_bits(x):
+    """IEEE sign bit of every element of x (any strides), flattened in logical order."""
+    return (x.view(_INT_VIEW[x.dtype]) < 0).reshape(-1)
+
+
+def pack_bools(neg):
+    """1-D bool tensor -> uint8 tensor, element 8j+i in bit i of byte j, padding bits 0."""
+    n = neg.numel()
+    lanes = torch.zeros(nbytes(n) * 8, dtype=torch.uint8, device=neg.device)
+    lanes[:n] = neg
+    lanes = lanes.view(-1, 8) << _shifts(neg.device)
+    return lanes.sum(dim=1, dtype=torch.uint8)  # distinct bits: the sum is an OR
+
+
+def unpack_bools(bits, n):
+    """First n bits of the flat uint8 tensor bits as a bool tensor."""
+    b = bits.reshape(-1)[: nbytes(n)]
+    return ((b.unsqueeze(1) >> _shifts(b.device)) & 1).reshape(-1)[:n].bool()
+
+
+def pack_signs(x):
+    return pack_bools(sign_bits(x))
+
+
+# ---- stochastic signs ------------------------------------------------------------------------
+# The exact formula of native/sg_scalar.h, all arithmetic modulo 2^32 / 2^64:
+#   key = splitmix64(seed);  c = offset + i
+#   h = mix32(lo32(c) ^ lo32(key));  h = mix32(h ^ hi32(c) ^ hi32(key));  u = h >> 8
+#   mix32(x): x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16
+#   element i is positive (bit 0) iff float32(u) < 2^23 + x_i * c in float32 arithmetic,
+#   c = float32(min(2^23 / norm, FLT_MAX)) with the division in float64 (c = 0 if norm == 0)
+# 32-bit values live in int64 tensors (so every shift is logical), and products are split so
+# that no int64 product overflows.
+
+
+def splitmix64(seed):
+    z = (seed + 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def _mul32(x, c):
+    """x * c mod 2^32 for int64 x in [0, 2^32): two 16-bit halves of c, no overflow."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x):
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def uniform24(key, counters):
+    """24-bit uniforms for the int64 counters (offset + i)."""
+    h = _mix32((counters & _M32) ^ (key & _M32))
+    h = _mix32(h ^ (counters >> 32) ^ (key >> 32))
+    return h >> 8
+
+
+def threshold_scale(norm):
+    """c = float32(min(2^23 / norm, FLT_MAX)), 0 when norm == 0 (fair coins).
+
+    A float (holding a float32 value) for a float norm, a float32 0-dim tensor for a tensor."""
+    if isinstance(norm, torch.Tensor):
+        norm = norm.detach().reshape(()).to(torch.float64)
+        c = (8388608.0 / norm).clamp(max=_FLT_MAX)
+        return torch.where(norm == 0, torch.zeros_like(c), c).to(torch.float32)
+    c = 0.0 if norm == 0 else min(8388608.0 / norm, _FLT_MAX)
+    return struct.unpack("f", struct.pack("f", c))[0]  # round to float32
+
+
+def pack_stochastic_signs(x, norm, seed, offset):
+    flat = x.reshape(-1)
+    n = flat.numel()
+    key = splitmix64(seed & _M64)
+    c = threshold_scale(norm)
+    neg = torch.empty(n, dtype=torch.bool, device=x.device)
+    chunk = _STOCHASTIC_CHUNK.get(x.device.type, _STOCHASTIC_CHUNK_DEFAULT)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        counters = torch.arange(start, stop, dtype=torch.int64, device=x.device) + offset
+        u = uniform24(key, counters).to(torch.float32)
+        t = flat[start:stop].to(torch.float32) * c + 8388608.0
+        neg[start:stop] = ~(u < t)  # NaN thresholds give "negative", as in C
+    return pack_bools(neg)
+
+
+# ---- unpack and vote -------------------------------------------------------------------------
+
+
+def scale_value(scale, dtype, device):
+    """+scale as a 0-dim tensor: rounded to float32, then to dtype (round to nearest even)."""
+    if isinstance(scale, torch.Tensor):
+        s = scale.detach().to(device=device, dtype=torch.float32)
+    else:
+        s = torch.tensor(float(scale), dtype=torch.float32, device=device)
+    return s.reshape(()).to(dtype)
+
+
+def unpack_signs(bits, n, scale, out):
+    """Writes +-scale into out[:n] (a flat view); negation flips the sign bit exactly."""
+    value = scale_value(scale, out.dtype, out.device)
+    torch.where(unpack_bools(bits, n), -value, value, out=out)
+
+
+def vote(rows, n, majority, weights, out):
+    """rows: uint8 (n_ranks, >= ceil(n/8)); weights: None or float32 (n_ranks,) on rows' device.
+
+    Unweighted: exact integer counts. Weighted: float32 additions from +0.0 in rank order."""
+    n_ranks = rows.shape[0]
+    if weights is None:
+        count = torch.zeros(n, dtype=torch.int32, device=rows.device)
+        for m in range(n_ranks):
+            count += unpack_bools(rows[m], n)
+        total = n_ranks - 2 * count
+        out.copy_(total.sign() if majority else total)
+        return
+    out.zero_()
+    for m in range(n_ranks):
+        w = weights[m]
+        out.add_(torch.where(unpack_bools(rows[m], n), -w, w))
+    if majority:
+        out.copy_((out > 0).to(torch.float32) - (out < 0).to(torch.float32))

@@ -1,0 +1,275 @@
+/* AVX2 (+F16C) kernels for x86-64. The whole file is compiled for AVX2 via a target pragma,
+ * so the shared header code (vote counters, tails) is vectorized too; nothing here runs
+ * unless the CPU check in module.c selected this table. Results are bit-identical to
+ * kernels_portable.c: same integer ops, same IEEE float ops in the same order. */
+#include "sg_kernels.h"
+
+#if SG_HAVE_AVX2
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,f16c"))), apply_to = function)
+#else
+#pragma GCC target("avx2,f16c")
+#endif
+
+#include <immintrin.h>
+
+#include "sg_vote.h"
+
+#define SG_PREFETCH_ELEMS 512 /* how far ahead the streaming loops fetch their input */
+
+/* ---- pack: movemask collects the sign bits -------------------------------------------- */
+
+static void pack_f32_avx2(const uint8_t *p, size_t n, uint8_t *out) {
+    size_t blocks = n / 64;
+    for (size_t b = 0; b < blocks; b++) {
+        const float *f = (const float *)(const void *)(p + 256 * b);
+        uint64_t word = 0;
+        for (unsigned q = 0; q < 8; q++)
+            word |= (uint64_t)(unsigned)_mm256_movemask_ps(_mm256_loadu_ps(f + 8 * q)) << (8 * q);
+        memcpy(out + 8 * b, &word, 8);
+    }
+    sg_pack_scalar(p, SG_F32, 64 * blocks, n, out);
+}
+
+/* 16-bit elements: a signed saturating pack to bytes keeps each sign; packs interleaves the
+ * 128-bit lanes, the permute puts the 32 bytes back in element order. */
+static void pack_16_avx2(const uint8_t *p, sg_dtype dt, size_t n, uint8_t *out) {
+    size_t blocks = n / 32;
+    for (size_t b = 0; b < blocks; b++) {
+        __m256i lo = _mm256_loadu_si256((const __m256i *)(const void *)(p + 64 * b));
+        __m256i hi = _mm256_loadu_si256((const __m256i *)(const void *)(p + 64 * b + 32));
+        __m256i bytes = _mm256_permute4x64_epi64(_mm256_packs_epi16(lo, hi), 0xD8);
+        sg_st32(out + 4 * b, (uint32_t)_mm256_movemask_epi8(bytes));
+    }
+    sg_pack_scalar(p, dt, 32 * blocks, n, out);
+}
+
+static void pack_avx2(const void *x, sg_dtype dt, size_t n, uint8_t *out) {
+    if (dt == SG_F32)
+        pack_f32_avx2((const uint8_t *)x, n, out);
+    else
+        pack_16_avx2((const uint8_t *)x, dt, n, out);
+}
+
+/* ---- stochastic pack: 8 hashes per vector, thresholds in float32 as in sg_scalar.h ----- */
+
+static inline __m256i mix32_avx2(__m256i x) {
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7FEB352D));
+    x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+    x = _mm256_mullo_epi32(x, _mm256_set1_epi32((int)0x846CA68Bu));
+    return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+}
+
+static inline __m256 load8_f32(const uint8_t *p, sg_dtype dt, size_t i) {
+    if (dt == SG_F32) return _mm256_loadu_ps((const float *)(const void *)(p + 4 * i));
+    __m128i h = _mm_loadu_si128((const __m128i *)(const void *)(p + 2 * i));
+    if (dt == SG_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+
+static void pack_stochastic_avx2(const void *x, sg_dtype dt, size_t n, float c, uint64_t key,
+                                 uint64_t offset, uint8_t *out) {
+    const uint8_t *p = (const uint8_t *)x;
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i k0 = _mm256_set1_epi32((int)(uint32_t)key);
+    const __m256 cv = _mm256_set1_ps(c), half = _mm256_set1_ps(8388608.0f);
+    size_t full = n / 8;
+    for (size_t j = 0; j < full; j++) {
+        uint64_t c0 = offset + 8 * j;
+        if ((uint32_t)c0 > 0xFFFFFFF8u) {   /* the low word wraps inside this byte: rare */
+            sg_pack_stochastic_scalar(x, dt, 8 * j, 8 * j + 8, c, key, offset, out);
+            continue;
+        }
+        __m256i lo = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)c0), lane);
+        __m256i hi = _mm256_set1_epi32((int)((uint32_t)(c0 >> 32) ^ (uint32_t)(key >> 32)));
+        __m256i h = mix32_avx2(_mm256_xor_si256(lo, k0));
+        __m256i u = _mm256_srli_epi32(mix32_avx2(_mm256_xor_si256(h, hi)), 8);
+        /* This loop is compute-bound and too long for the out-of-order window to keep enough
+         * misses in flight, so fetch ahead explicitly (prefetches past the end are harmless). */
+        _mm_prefetch((const char *)p + (8 * j + SG_PREFETCH_ELEMS) * sg_elem_size(dt), _MM_HINT_T0);
+        __m256 v = load8_f32(p, dt, 8 * j);
+        __m256 t = _mm256_add_ps(half, _mm256_mul_ps(v, cv));
+        __m256 positive = _mm256_cmp_ps(_mm256_cvtepi32_ps(u), t, _CMP_LT_OQ);
+        out[j] = (uint8_t)~_mm256_movemask_ps(positive);
+    }
+    sg_pack_stochastic_scalar(x, dt, 8 * full, n, c, key, offset, out);
+}
+
+/* ---- unpack: move each bit to the sign position and flip the value's sign ------------- */
+
+static void unpack_f32_avx2(const uint8_t *bits, size_t n, uint32_t value_bits, uint8_t *out) {
+    const __m256i to_sign = _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24);
+    const __m256i sign = _mm256_set1_epi32((int)0x80000000u);
+    const __m256i value = _mm256_set1_epi32((int)value_bits);
+    size_t full = n / 8;
+    for (size_t j = 0; j < full; j++) {
+        __m256i s = _mm256_and_si256(_mm256_sllv_epi32(_mm256_set1_epi32(bits[j]), to_sign), sign);
+        _mm256_storeu_si256((__m256i *)(void *)(out + 32 * j), _mm256_xor_si256(value, s));
+    }
+    sg_unpack_scalar(bits, 8 * full, n, value_bits, SG_F32, out);
+}
+
+/* No 16-bit variable shift in AVX2: test each bit against a one-hot lane mask instead. */
+static void unpack_16_avx2(const uint8_t *bits, size_t n, uint32_t value_bits, sg_dtype dt,
+                           uint8_t *out) {
+    const __m256i onehot = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048,
+                                             4096, 8192, 16384, (short)0x8000);
+    const __m256i sign = _mm256_set1_epi16((short)0x8000);
+    const __m256i value = _mm256_set1_epi16((short)value_bits);
+    size_t full = n / 16;
+    for (size_t j = 0; j < full; j++) {
+        __m256i b = _mm256_set1_epi16((short)sg_ld16(bits + 2 * j));
+        __m256i set = _mm256_cmpeq_epi16(_mm256_and_si256(b, onehot), onehot);
+        _mm256_storeu_si256((__m256i *)(void *)(out + 32 * j),
+                            _mm256_xor_si256(value, _mm256_and_si256(set, sign)));
+    }
+    sg_unpack_scalar(bits, 16 * full, n, value_bits, dt, out);
+}
+
+static void unpack_avx2(const uint8_t *bits, size_t n, uint32_t value_bits, sg_dtype dt,
+                        void *out) {
+    if (dt == SG_F32)
+        unpack_f32_avx2(bits, n, value_bits, (uint8_t *)out);
+    else
+        unpack_16_avx2(bits, n, value_bits, dt, (uint8_t *)out);
+}
+
+/* ---- vote ---------------------------------------------------------------------------- */
+
+/* Counts of the 32 elements 32q .. 32q+31, one byte each: every plane's 4 bytes are spread
+ * to 32 bytes (0xFF where the bit is set) and contribute 1 << k. */
+static inline __m256i byte_counts32(const sg_counter *c, size_t q) {
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m256i onehot = _mm256_set1_epi64x((long long)0x8040201008040201ull);
+    __m256i acc = _mm256_setzero_si256();
+    for (int k = 0; k < c->depth; k++) {
+        uint32_t word = sg_ld32((const uint8_t *)c->plane[k] + 4 * q);
+        __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32((int)word), spread);
+        v = _mm256_cmpeq_epi8(_mm256_and_si256(v, onehot), onehot);
+        acc = _mm256_or_si256(acc, _mm256_and_si256(v, _mm256_set1_epi8((char)(1u << k))));
+    }
+    return acc;
+}
+
+/* Bytes 8t .. 8t+7 of v, zero- or sign-extended to 8 x int32. */
+static inline __m256i widen_u8(__m256i v, int t) {
+    __m128i half = t < 2 ? _mm256_castsi256_si128(v) : _mm256_extracti128_si256(v, 1);
+    return _mm256_cvtepu8_epi32(t % 2 ? _mm_srli_si128(half, 8) : half);
+}
+
+static inline __m256i widen_i8(__m256i v, int t) {
+    __m128i half = t < 2 ? _mm256_castsi256_si128(v) : _mm256_extracti128_si256(v, 1);
+    return _mm256_cvtepi8_epi32(t % 2 ? _mm_srli_si128(half, 8) : half);
+}
+
+static void to_counts_avx2(const sg_counter *c, size_t ne, uint32_t *counts, int accumulate) {
+    size_t chunks = ne / 32;
+    for (size_t q = 0; q < chunks; q++) {
+        __m256i bytes = byte_counts32(c, q);
+        for (int t = 0; t < 4; t++) {
+            __m256i *dst = (__m256i *)(void *)(counts + 32 * q + 8 * t);
+            __m256i v = widen_u8(bytes, t);
+            if (accumulate) v = _mm256_add_epi32(v, _mm256_loadu_si256(dst));
+            _mm256_storeu_si256(dst, v);
+        }
+    }
+    sg_to_counts_scalar(c, 32 * chunks, ne, counts, accumulate);
+}
+
+/* Votes straight from the byte counts (n_ranks <= 255). Majority stays in bytes:
+ * +1 where count <= (R-1)/2, -1 where count >= R/2 + 1, else 0 (a tie). */
+static void emit_avx2(const sg_counter *c, size_t ne, size_t n_ranks, int majority, float *out) {
+    const __m256i plus_max = _mm256_set1_epi8((char)((n_ranks - 1) / 2));
+    const __m256i minus_min = _mm256_set1_epi8((char)(n_ranks / 2 + 1));
+    const __m256i ranks = _mm256_set1_epi32((int)n_ranks);
+    size_t chunks = ne / 32;
+    for (size_t q = 0; q < chunks; q++) {
+        __m256i bytes = byte_counts32(c, q);
+        if (majority) {
+            __m256i plus = _mm256_cmpeq_epi8(_mm256_max_epu8(bytes, plus_max), plus_max);
+            __m256i minus = _mm256_cmpeq_epi8(_mm256_max_epu8(bytes, minus_min), bytes);
+            __m256i votes = _mm256_sub_epi8(minus, plus);   /* masks are -1: plus - minus */
+            for (int t = 0; t < 4; t++)
+                _mm256_storeu_ps(out + 32 * q + 8 * t, _mm256_cvtepi32_ps(widen_i8(votes, t)));
+        } else {
+            for (int t = 0; t < 4; t++) {
+                __m256i d = _mm256_sub_epi32(ranks, _mm256_slli_epi32(widen_u8(bytes, t), 1));
+                _mm256_storeu_ps(out + 32 * q + 8 * t, _mm256_cvtepi32_ps(d));
+            }
+        }
+    }
+    sg_emit_scalar(c, 32 * chunks, ne, n_ranks, majority, out);
+}
+
+static void vote_count_avx2(const sg_rows *rows, size_t n, int majority, float *out) {
+    sg_vote_count_blocks(rows, n, majority, out, emit_avx2, to_counts_avx2);
+}
+
+static void add_signed_avx2(const uint8_t *bits, size_t ne, float w, float *acc) {
+    const __m256i to_sign = _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24);
+    const __m256i sign = _mm256_set1_epi32((int)0x80000000u);
+    const __m256 wv = _mm256_set1_ps(w);
+    size_t full = ne / 8;
+    for (size_t j = 0; j < full; j++) {
+        __m256i s = _mm256_and_si256(_mm256_sllv_epi32(_mm256_set1_epi32(bits[j]), to_sign), sign);
+        __m256 v = _mm256_xor_ps(wv, _mm256_castsi256_ps(s));
+        _mm256_storeu_ps(acc + 8 * j, _mm256_add_ps(_mm256_loadu_ps(acc + 8 * j), v));
+    }
+    sg_add_signed_scalar(bits, 8 * full, ne, w, acc);
+}
+
+static inline __m256 signs_of(__m256 v) {
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    __m256 pos = _mm256_and_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ), one);
+    __m256 neg = _mm256_and_ps(_mm256_cmp_ps(zero, v, _CMP_GT_OQ), one);
+    return _mm256_sub_ps(pos, neg);
+}
+
+/* 64 elements at a time with their 8 accumulators in registers, every rank added in order:
+ * per rank, the 64 bits are broadcast and each lane shifts its own bit to the sign position,
+ * which then flips the sign of w. */
+static void vote_weighted_avx2(const sg_rows *rows, size_t n, const float *w, int majority,
+                               float *out) {
+    const __m256i sign = _mm256_set1_epi32((int)0x80000000u);
+    const __m256i to_sign[4] = {
+        _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24),
+        _mm256_setr_epi32(23, 22, 21, 20, 19, 18, 17, 16),
+        _mm256_setr_epi32(15, 14, 13, 12, 11, 10, 9, 8),
+        _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0)};
+    size_t chunks = n / 64;
+    for (size_t q = 0; q < chunks; q++) {
+        __m256 acc[8];
+        for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
+        for (size_t m = 0; m < rows->n_ranks; m++) {
+            const uint8_t *bits = sg_row(rows, m, 8 * q);
+            __m256i half[2] = {_mm256_set1_epi32((int)sg_ld32(bits)),
+                               _mm256_set1_epi32((int)sg_ld32(bits + 4))};
+            __m256 wv = _mm256_set1_ps(w[m]);
+            for (int r = 0; r < 8; r++) {
+                __m256i s = _mm256_and_si256(_mm256_sllv_epi32(half[r / 4], to_sign[r % 4]), sign);
+                acc[r] = _mm256_add_ps(acc[r], _mm256_xor_ps(wv, _mm256_castsi256_ps(s)));
+            }
+        }
+        for (int r = 0; r < 8; r++)
+            _mm256_storeu_ps(out + 64 * q + 8 * r, majority ? signs_of(acc[r]) : acc[r]);
+    }
+    if (n % 64) {  /* the last elements: a block of the generic loop on shifted rows */
+        sg_rows tail = {rows->base + 8 * chunks, rows->stride, rows->n_ranks};
+        sg_vote_weighted_blocks(&tail, n % 64, w, majority, out + 64 * chunks, add_signed_avx2);
+    }
+}
+
+const sg_kernels sg_kernels_avx2 = {
+    "avx2",          pack_avx2,         pack_stochastic_avx2, unpack_avx2,
+    vote_count_avx2, vote_weighted_avx2,
+};
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif
+
+#endif /* SG_HAVE_AVX2 */

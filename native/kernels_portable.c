@@ -1,0 +1,61 @@
+/* Portable C kernels: the reference path, used on any CPU (arm64 included) and forced with
+ * HVD_SIGNSGD_NATIVE_ISA=portable. Written so that compilers can vectorize the full-byte
+ * loops; endianness-independent (bytes are only combined arithmetically). */
+#include "sg_vote.h"
+
+static void pack_portable(const void *x, sg_dtype dt, size_t n, uint8_t *out) {
+    const uint8_t *p = (const uint8_t *)x;
+    size_t full = n / 8;
+    if (dt == SG_F32) {
+        for (size_t j = 0; j < full; j++) {
+            unsigned byte = 0;
+            for (unsigned i = 0; i < 8; i++) byte |= (sg_ld32(p + 32 * j + 4 * i) >> 31) << i;
+            out[j] = (uint8_t)byte;
+        }
+    } else {
+        for (size_t j = 0; j < full; j++) {
+            unsigned byte = 0;
+            for (unsigned i = 0; i < 8; i++) byte |= (unsigned)(sg_ld16(p + 16 * j + 2 * i) >> 15) << i;
+            out[j] = (uint8_t)byte;
+        }
+    }
+    sg_pack_scalar(x, dt, 8 * full, n, out);
+}
+
+static void pack_stochastic_portable(const void *x, sg_dtype dt, size_t n, float c,
+                                     uint64_t key, uint64_t offset, uint8_t *out) {
+    sg_pack_stochastic_scalar(x, dt, 0, n, c, key, offset, out);
+}
+
+static void unpack_portable(const uint8_t *bits, size_t n, uint32_t value_bits, sg_dtype dt,
+                            void *out) {
+    sg_unpack_scalar(bits, 0, n, value_bits, dt, out);
+}
+
+static void to_counts_portable(const sg_counter *c, size_t ne, uint32_t *counts,
+                               int accumulate) {
+    sg_to_counts_scalar(c, 0, ne, counts, accumulate);
+}
+
+static void emit_portable(const sg_counter *c, size_t ne, size_t n_ranks, int majority,
+                          float *out) {
+    sg_emit_scalar(c, 0, ne, n_ranks, majority, out);
+}
+
+static void vote_count_portable(const sg_rows *rows, size_t n, int majority, float *out) {
+    sg_vote_count_blocks(rows, n, majority, out, emit_portable, to_counts_portable);
+}
+
+static void add_signed_portable(const uint8_t *bits, size_t ne, float w, float *acc) {
+    sg_add_signed_scalar(bits, 0, ne, w, acc);
+}
+
+static void vote_weighted_portable(const sg_rows *rows, size_t n, const float *w, int majority,
+                                   float *out) {
+    sg_vote_weighted_blocks(rows, n, w, majority, out, add_signed_portable);
+}
+
+const sg_kernels sg_kernels_portable = {
+    "portable",         pack_portable,       pack_stochastic_portable, unpack_portable,
+    vote_count_portable, vote_weighted_portable,
+};

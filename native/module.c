@@ -1,0 +1,473 @@
+/* hvd_signsgd._native: CPython binding of the sign kernels (no PyTorch dependency).
+ *
+ * Arguments are raw buffers (buffer protocol: numpy arrays, bytes, bytearray, memoryview).
+ * Element types come from the buffer format: 'f' float32, 'e' float16, 'h'/'H' bfloat16 bit
+ * patterns (bfloat16 has no format of its own), 'B'/'b' packed bytes. Every check raises
+ * TypeError (wrong type / format) or ValueError (shape, length, contiguity, aliasing, values);
+ * the kernels run with the GIL released. See hvd_signsgd/kernels/__init__.py for semantics.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <float.h>
+#include <stdlib.h>
+
+#include "sg_scalar.h"
+
+#if SG_HAVE_AVX2
+#include <cpuid.h>
+#endif
+
+/* ---- ISA dispatch ------------------------------------------------------------------------ */
+
+static const sg_kernels *active = &sg_kernels_portable;
+
+static int cpu_has_avx2(void) {
+#if SG_HAVE_AVX2
+    unsigned a, b, c, d;
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx2") || !__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    return (c & bit_F16C) != 0;
+#else
+    return 0;
+#endif
+}
+
+/* name: "auto", "portable" or "avx2". Returns 0, or -1 with a ValueError set. */
+static int select_isa(const char *name) {
+    int avx2 = cpu_has_avx2();
+    if (strcmp(name, "portable") == 0) {
+        active = &sg_kernels_portable;
+    } else if (strcmp(name, "auto") == 0 || strcmp(name, "") == 0) {
+#if SG_HAVE_AVX2
+        active = avx2 ? &sg_kernels_avx2 : &sg_kernels_portable;
+#endif
+    } else if (strcmp(name, "avx2") == 0) {
+#if SG_HAVE_AVX2
+        if (avx2) {
+            active = &sg_kernels_avx2;
+            return 0;
+        }
+#endif
+        PyErr_SetString(PyExc_ValueError, "this CPU (or build) has no AVX2 kernels");
+        return -1;
+    } else {
+        PyErr_Format(PyExc_ValueError, "unknown ISA '%s' (expected auto, portable or avx2)",
+                     name);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *py_isa(PyObject *self, PyObject *args) { return PyUnicode_FromString(active->name); }
+
+static PyObject *py_set_isa(PyObject *self, PyObject *args) {
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s:set_isa", &name)) return NULL;
+    const char *previous = active->name;
+    if (select_isa(name) < 0) return NULL;
+    return PyUnicode_FromString(previous);
+}
+
+static PyObject *py_available_isas(PyObject *self, PyObject *args) {
+    if (cpu_has_avx2()) return Py_BuildValue("(ss)", "portable", "avx2");
+    return Py_BuildValue("(s)", "portable");
+}
+
+/* ---- buffers ----------------------------------------------------------------------------- */
+
+enum { ARG_IN = 0, ARG_OUT = 1 };
+
+/* Gets a buffer; output buffers must be writable. Failures become TypeError / ValueError. */
+static int get_buffer(PyObject *obj, const char *name, int mode, Py_buffer *view) {
+    int flags = PyBUF_STRIDES | PyBUF_FORMAT | (mode == ARG_OUT ? PyBUF_WRITABLE : 0);
+    if (!PyObject_CheckBuffer(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must support the buffer protocol, not %.100s", name,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    if (PyObject_GetBuffer(obj, view, flags) == 0) return 0;
+    if (PyErr_ExceptionMatches(PyExc_BufferError) || PyErr_ExceptionMatches(PyExc_ValueError)) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s: cannot get a %s buffer", name,
+                     mode == ARG_OUT ? "writable strided" : "strided");
+    }
+    return -1;
+}
+
+/* The single type code of a native-order format ("f", "@f", "=f", "<f" on little endian). */
+static char format_code(const Py_buffer *view) {
+    const char *f = view->format ? view->format : "B";
+    if (f[0] == '@' || f[0] == '=' || (f[0] == '<' && PY_LITTLE_ENDIAN)) f++;
+    return (f[0] != '\0' && f[1] == '\0') ? f[0] : '?';
+}
+
+/* Float element type from the format; -1 with TypeError if it is not one of ours. */
+static int float_dtype(const Py_buffer *view, const char *name) {
+    char code = format_code(view);
+    if (code == 'f' && view->itemsize == 4) return SG_F32;
+    if (code == 'e' && view->itemsize == 2) return SG_F16;
+    if ((code == 'h' || code == 'H') && view->itemsize == 2) return SG_BF16;
+    PyErr_Format(PyExc_TypeError,
+                 "%s must hold float32 ('f'), float16 ('e') or bfloat16 bits ('h'/'H'), "
+                 "got format '%s'", name, view->format ? view->format : "B");
+    return -1;
+}
+
+static int check_bytes_format(const Py_buffer *view, const char *name) {
+    char code = format_code(view);
+    if ((code == 'B' || code == 'b') && view->itemsize == 1) return 0;
+    PyErr_Format(PyExc_TypeError, "%s must hold bytes (uint8, format 'B'), got format '%s'",
+                 name, view->format ? view->format : "B");
+    return -1;
+}
+
+static int check_contiguous(const Py_buffer *view, const char *name) {
+    if (PyBuffer_IsContiguous(view, 'C')) return 0;
+    PyErr_Format(PyExc_ValueError, "%s must be C-contiguous", name);
+    return -1;
+}
+
+static int check_float32_aligned(const Py_buffer *view, const char *name) {
+    if (format_code(view) != 'f' || view->itemsize != 4) {
+        PyErr_Format(PyExc_TypeError, "%s must be float32 (format 'f')", name);
+        return -1;
+    }
+    if ((uintptr_t)view->buf % sizeof(float) != 0) {
+        PyErr_Format(PyExc_ValueError, "%s must be 4-byte aligned", name);
+        return -1;
+    }
+    return 0;
+}
+
+static int check_room(Py_ssize_t have, size_t need, const char *name, const char *unit) {
+    if ((size_t)have >= need) return 0;
+    PyErr_Format(PyExc_ValueError, "%s too small: %zd %s, need %zu", name, have, unit, need);
+    return -1;
+}
+
+/* Byte ranges [a, a+na) and [b, b+nb) overlap: the kernels do not support in-place use. */
+static int check_disjoint(const void *a, size_t na, const void *b, size_t nb) {
+    uintptr_t pa = (uintptr_t)a, pb = (uintptr_t)b;
+    if (na == 0 || nb == 0 || pa + na <= pb || pb + nb <= pa) return 0;
+    PyErr_SetString(PyExc_ValueError, "output overlaps an input");
+    return -1;
+}
+
+static int check_count(Py_ssize_t n) {
+    if (n >= 0) return 0;
+    PyErr_SetString(PyExc_ValueError, "n must be >= 0");
+    return -1;
+}
+
+/* Packed output: the caller's buffer (>= ceil(n/8) bytes), or a new bytes object. */
+static PyObject *packed_output(PyObject *out, size_t n, const Py_buffer *in, Py_buffer *view,
+                               uint8_t **dst) {
+    size_t nbytes = sg_nbytes(n);
+    if (out == Py_None) {
+        PyObject *b = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)nbytes);
+        if (b) *dst = (uint8_t *)PyBytes_AS_STRING(b);
+        return b;
+    }
+    if (get_buffer(out, "out", ARG_OUT, view) < 0) return NULL;
+    if (check_bytes_format(view, "out") < 0 || check_contiguous(view, "out") < 0 ||
+        check_room(view->len, nbytes, "out", "bytes") < 0 ||
+        check_disjoint(in->buf, (size_t)in->len, view->buf, nbytes) < 0) {
+        PyBuffer_Release(view);
+        return NULL;
+    }
+    *dst = (uint8_t *)view->buf;
+    Py_INCREF(out);
+    return out;
+}
+
+/* ---- pack_signs / pack_stochastic_signs -------------------------------------------------- */
+
+PyDoc_STRVAR(pack_signs_doc,
+"pack_signs(x, out=None) -> out or bytes\n\n"
+"Packs the IEEE sign bits of the C-contiguous float buffer x (float32 'f', float16 'e',\n"
+"bfloat16 bits 'h'/'H') into ceil(n/8) bytes, LSB first, padding bits 0.");
+
+static PyObject *py_pack_signs(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"x", "out", NULL};
+    PyObject *xo, *out = Py_None, *result = NULL;
+    Py_buffer x, o = {0};
+    uint8_t *dst = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O:pack_signs", kwlist, &xo, &out)) return NULL;
+    if (get_buffer(xo, "x", ARG_IN, &x) < 0) return NULL;
+    int dt = float_dtype(&x, "x");
+    if (dt < 0 || check_contiguous(&x, "x") < 0) goto done;
+    size_t n = (size_t)(x.len / x.itemsize);
+    result = packed_output(out, n, &x, &o, &dst);
+    if (!result) goto done;
+    if (n) {
+        Py_BEGIN_ALLOW_THREADS
+        active->pack(x.buf, (sg_dtype)dt, n, dst);
+        Py_END_ALLOW_THREADS
+    }
+done:
+    if (o.obj) PyBuffer_Release(&o);
+    PyBuffer_Release(&x);
+    return result;
+}
+
+PyDoc_STRVAR(pack_stochastic_signs_doc,
+"pack_stochastic_signs(x, norm, seed, offset=0, out=None) -> out or bytes\n\n"
+"Stochastic signs: element i is +1 (bit 0) with probability 1/2 + x_i/(2 norm), clamped\n"
+"to [0, 1], from a counter-based hash of (seed, offset + i). norm >= 0 (0: fair coins);\n"
+"seed is taken modulo 2^64; 0 <= offset and offset + n <= 2^63.");
+
+static PyObject *py_pack_stochastic_signs(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"x", "norm", "seed", "offset", "out", NULL};
+    PyObject *xo, *seed_obj, *offset_obj = NULL, *out = Py_None, *result = NULL;
+    double norm;
+    Py_buffer x, o = {0};
+    uint8_t *dst = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OdO|OO:pack_stochastic_signs", kwlist, &xo,
+                                     &norm, &seed_obj, &offset_obj, &out))
+        return NULL;
+    if (!PyLong_Check(seed_obj) || (offset_obj && !PyLong_Check(offset_obj))) {
+        PyErr_SetString(PyExc_TypeError, "seed and offset must be int");
+        return NULL;
+    }
+    if (!(norm >= 0.0)) {
+        PyErr_SetString(PyExc_ValueError, "norm must be >= 0 (and not NaN)");
+        return NULL;
+    }
+    uint64_t seed = PyLong_AsUnsignedLongLongMask(seed_obj);
+    if (seed == (uint64_t)-1 && PyErr_Occurred()) return NULL;
+    long long offset = offset_obj ? PyLong_AsLongLong(offset_obj) : 0;
+    if (offset == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        offset = -1;
+    }
+    if (get_buffer(xo, "x", ARG_IN, &x) < 0) return NULL;
+    int dt = float_dtype(&x, "x");
+    if (dt < 0 || check_contiguous(&x, "x") < 0) goto done;
+    size_t n = (size_t)(x.len / x.itemsize);
+    if (offset < 0 || (uint64_t)offset + n > ((uint64_t)1 << 63)) {
+        PyErr_SetString(PyExc_ValueError, "need 0 <= offset and offset + n <= 2**63");
+        goto done;
+    }
+    result = packed_output(out, n, &x, &o, &dst);
+    if (!result) goto done;
+    /* c = float32(min(2^23 / norm, FLT_MAX)): a tiny norm must not make 0 * c a NaN. */
+    double c64 = norm == 0.0 ? 0.0 : 8388608.0 / norm;
+    float c = (float)(c64 < FLT_MAX ? c64 : FLT_MAX);
+    uint64_t key = sg_splitmix64(seed);
+    if (n) {
+        Py_BEGIN_ALLOW_THREADS
+        active->pack_stochastic(x.buf, (sg_dtype)dt, n, c, key, (uint64_t)offset, dst);
+        Py_END_ALLOW_THREADS
+    }
+done:
+    if (o.obj) PyBuffer_Release(&o);
+    PyBuffer_Release(&x);
+    return result;
+}
+
+/* ---- unpack_signs ------------------------------------------------------------------------ */
+
+PyDoc_STRVAR(unpack_signs_doc,
+"unpack_signs(bits, n, out, scale=1.0) -> None\n\n"
+"out[i] = -scale if bit i of bits is set else +scale, for i < n. out: C-contiguous float32\n"
+"('f'), float16 ('e') or bfloat16 bits ('h'/'H') with at least n elements; scale is rounded\n"
+"to float32, then to out's type (round to nearest even).");
+
+static PyObject *py_unpack_signs(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"bits", "n", "out", "scale", NULL};
+    PyObject *bo, *oo, *result = NULL;
+    Py_ssize_t n;
+    double scale = 1.0;
+    Py_buffer b, o = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OnO|d:unpack_signs", kwlist, &bo, &n, &oo,
+                                     &scale))
+        return NULL;
+    if (check_count(n) < 0 || get_buffer(bo, "bits", ARG_IN, &b) < 0) return NULL;
+    if (check_bytes_format(&b, "bits") < 0 || check_contiguous(&b, "bits") < 0 ||
+        check_room(b.len, sg_nbytes((size_t)n), "bits", "bytes") < 0 ||
+        get_buffer(oo, "out", ARG_OUT, &o) < 0)
+        goto done;
+    int dt = float_dtype(&o, "out");
+    if (dt < 0 || check_contiguous(&o, "out") < 0 ||
+        check_room(o.len / o.itemsize, (size_t)n, "out", "elements") < 0 ||
+        check_disjoint(b.buf, sg_nbytes((size_t)n), o.buf, (size_t)n * (size_t)o.itemsize) < 0)
+        goto done;
+    float s = (float)scale;
+    uint32_t value_bits = dt == SG_F32   ? sg_bits_from_f32(s)
+                          : dt == SG_F16 ? sg_f32_to_f16(s)
+                                         : sg_f32_to_bf16(s);
+    if (n) {
+        Py_BEGIN_ALLOW_THREADS
+        active->unpack((const uint8_t *)b.buf, (size_t)n, value_bits, (sg_dtype)dt, o.buf);
+        Py_END_ALLOW_THREADS
+    }
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    if (o.obj) PyBuffer_Release(&o);
+    PyBuffer_Release(&b);
+    return result;
+}
+
+/* ---- vote ------------------------------------------------------------------------------- */
+
+/* Rows of `gathered`: a 2-D buffer (n_ranks, row_len) with unit stride inside a row and any
+ * row stride, or a 1-D C-contiguous buffer of n_ranks equal rows laid end to end. */
+static int gathered_rows(const Py_buffer *g, Py_ssize_t n_ranks_arg, sg_rows *rows,
+                         Py_ssize_t *row_len) {
+    if (g->ndim == 2) {
+        if (n_ranks_arg >= 0 && n_ranks_arg != g->shape[0]) {
+            PyErr_SetString(PyExc_ValueError, "n_ranks does not match gathered.shape[0]");
+            return -1;
+        }
+        if (g->shape[1] > 1 && g->strides[1] != 1) {
+            PyErr_SetString(PyExc_ValueError, "gathered rows must have unit stride");
+            return -1;
+        }
+        rows->n_ranks = (size_t)g->shape[0];
+        rows->stride = g->strides[0];
+        *row_len = g->shape[1];
+    } else if (g->ndim == 1) {
+        if (n_ranks_arg <= 0 || g->len % n_ranks_arg != 0) {
+            PyErr_SetString(PyExc_ValueError,
+                            "1-D gathered needs n_ranks > 0 dividing its length");
+            return -1;
+        }
+        if (check_contiguous(g, "gathered") < 0) return -1;
+        rows->n_ranks = (size_t)n_ranks_arg;
+        rows->stride = g->len / n_ranks_arg;
+        *row_len = rows->stride;
+    } else {
+        PyErr_SetString(PyExc_ValueError, "gathered must be 1-D or 2-D");
+        return -1;
+    }
+    rows->base = (const uint8_t *)g->buf;
+    if (rows->n_ranks == 0 || rows->n_ranks > ((size_t)1 << 24)) {
+        PyErr_SetString(PyExc_ValueError, "need 1 <= n_ranks <= 2**24");
+        return -1;
+    }
+    return 0;
+}
+
+/* Lowest address and length of the bytes the vote reads. */
+static void rows_extent(const sg_rows *rows, size_t nbytes, uintptr_t *lo, size_t *len) {
+    ptrdiff_t last = (ptrdiff_t)(rows->n_ranks - 1) * rows->stride;
+    uintptr_t first = (uintptr_t)rows->base;
+    *lo = last < 0 ? first + (uintptr_t)last : first;
+    *len = (size_t)(last < 0 ? -last : last) + nbytes;
+}
+
+/* Copies the weights into an aligned float array (NULL with an exception on error). */
+static float *read_weights(PyObject *wo, size_t n_ranks) {
+    Py_buffer wv;
+    float *w = NULL;
+    if (get_buffer(wo, "weights", ARG_IN, &wv) < 0) return NULL;
+    if (format_code(&wv) != 'f' || wv.itemsize != 4) {
+        PyErr_SetString(PyExc_TypeError, "weights must be float32 (format 'f')");
+    } else if (check_contiguous(&wv, "weights") == 0) {
+        if ((size_t)(wv.len / 4) != n_ranks)
+            PyErr_Format(PyExc_ValueError, "weights has %zd values, need n_ranks = %zu",
+                         wv.len / 4, n_ranks);
+        else if ((w = PyMem_Malloc(n_ranks * sizeof(float))) == NULL)
+            PyErr_NoMemory();
+        else
+            memcpy(w, wv.buf, n_ranks * sizeof(float));
+    }
+    PyBuffer_Release(&wv);
+    return w;
+}
+
+PyDoc_STRVAR(vote_doc,
+"vote(gathered, n, out, mode='majority', weights=None, n_ranks=None) -> None\n\n"
+"Per element i < n, with s_m = +1 (bit 0) or -1 (bit 1) from rank m's packed row:\n"
+"mode 'sum': sum_m w_m s_m; mode 'majority': its sign (ties give 0). Unweighted sums are\n"
+"exact integers; weighted ones are float32 additions from +0.0 in rank order.\n"
+"gathered: uint8 2-D (n_ranks, >= ceil(n/8)) with unit stride in a row, or 1-D contiguous\n"
+"with n_ranks given. out: float32, C-contiguous, aligned, >= n elements.\n"
+"weights: float32 buffer of n_ranks values or None.");
+
+static PyObject *py_vote(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"gathered", "n", "out", "mode", "weights", "n_ranks", NULL};
+    PyObject *go, *oo, *wo = Py_None, *nro = Py_None, *result = NULL;
+    const char *mode = "majority";
+    Py_ssize_t n, n_ranks = -1, row_len;
+    Py_buffer g, o = {0};
+    sg_rows rows;
+    float *w = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OnO|sOO:vote", kwlist, &go, &n, &oo, &mode, &wo,
+                                     &nro))
+        return NULL;
+    int majority = strcmp(mode, "majority") == 0;
+    if (!majority && strcmp(mode, "sum") != 0) {
+        PyErr_Format(PyExc_ValueError, "mode must be 'majority' or 'sum', not '%s'", mode);
+        return NULL;
+    }
+    if (nro != Py_None && (n_ranks = PyLong_AsSsize_t(nro)) < 0) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "n_ranks must be > 0");
+        return NULL;
+    }
+    if (check_count(n) < 0 || get_buffer(go, "gathered", ARG_IN, &g) < 0) return NULL;
+    size_t nbytes = sg_nbytes((size_t)n);
+    if (check_bytes_format(&g, "gathered") < 0 || gathered_rows(&g, n_ranks, &rows, &row_len) < 0 ||
+        check_room(row_len, nbytes, "gathered rows", "bytes") < 0 ||
+        get_buffer(oo, "out", ARG_OUT, &o) < 0)
+        goto done;
+    uintptr_t lo;
+    size_t extent;
+    rows_extent(&rows, nbytes, &lo, &extent);
+    if (check_float32_aligned(&o, "out") < 0 || check_contiguous(&o, "out") < 0 ||
+        check_room(o.len / 4, (size_t)n, "out", "elements") < 0 ||
+        check_disjoint((const void *)lo, nbytes ? extent : 0, o.buf, (size_t)n * 4) < 0)
+        goto done;
+    if (wo != Py_None && (w = read_weights(wo, rows.n_ranks)) == NULL) goto done;
+    if (n) {
+        float *dst = (float *)o.buf;
+        Py_BEGIN_ALLOW_THREADS
+        if (w)
+            active->vote_weighted(&rows, (size_t)n, w, majority, dst);
+        else
+            active->vote_count(&rows, (size_t)n, majority, dst);
+        Py_END_ALLOW_THREADS
+    }
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    PyMem_Free(w);
+    if (o.obj) PyBuffer_Release(&o);
+    PyBuffer_Release(&g);
+    return result;
+}
+
+/* ---- module ------------------------------------------------------------------------------ */
+
+static PyMethodDef methods[] = {
+    {"pack_signs", (PyCFunction)(void (*)(void))py_pack_signs, METH_VARARGS | METH_KEYWORDS,
+     pack_signs_doc},
+    {"pack_stochastic_signs", (PyCFunction)(void (*)(void))py_pack_stochastic_signs,
+     METH_VARARGS | METH_KEYWORDS, pack_stochastic_signs_doc},
+    {"unpack_signs", (PyCFunction)(void (*)(void))py_unpack_signs, METH_VARARGS | METH_KEYWORDS,
+     unpack_signs_doc},
+    {"vote", (PyCFunction)(void (*)(void))py_vote, METH_VARARGS | METH_KEYWORDS, vote_doc},
+    {"isa", py_isa, METH_NOARGS, "isa() -> name of the active kernel set"},
+    {"set_isa", py_set_isa, METH_VARARGS,
+     "set_isa(name) -> previous name; name: 'auto', 'portable' or 'avx2' (for tests)"},
+    {"available_isas", py_available_isas, METH_NOARGS,
+     "available_isas() -> tuple of the kernel sets this CPU can run"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_native",
+    .m_doc = "Native sign packing and voting kernels of hvd_signsgd (see hvd_signsgd.kernels).\n"
+             "HVD_SIGNSGD_NATIVE_ISA=auto|portable|avx2 picks the kernel set at import.",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    const char *isa = getenv("HVD_SIGNSGD_NATIVE_ISA");
+    if (select_isa(isa ? isa : "auto") < 0) return NULL;
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,50 @@
+/* Kernel interface shared by the Python binding (module.c) and the per-ISA kernel files.
+ *
+ * Bit layout (the contract of hvd_signsgd.kernels): element 8j+i of a vector is bit i of byte j
+ * (LSB first); a set bit means "negative" (the IEEE sign bit); padding bits of the last byte
+ * are zero. Each kernel exists once per ISA (kernels_portable.c, kernels_avx2.c); the binding
+ * calls them through the table selected at import (sg_active()).
+ */
+#ifndef SG_KERNELS_H
+#define SG_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Element types. bfloat16 has no buffer-protocol format; it travels as 16-bit integers. */
+typedef enum { SG_F32 = 0, SG_F16 = 1, SG_BF16 = 2 } sg_dtype;
+
+/* The packed vectors of all ranks: row m starts at base + m * stride (any stride, even 0). */
+typedef struct {
+    const uint8_t *base;
+    ptrdiff_t stride;
+    size_t n_ranks;
+} sg_rows;
+
+typedef struct {
+    const char *name;
+    /* out[0 .. ceil(n/8)) <- sign bits of x[0 .. n) */
+    void (*pack)(const void *x, sg_dtype dt, size_t n, uint8_t *out);
+    /* Stochastic signs; c = float32(2^23 / norm), key = splitmix64(seed) (see sg_scalar.h). */
+    void (*pack_stochastic)(const void *x, sg_dtype dt, size_t n, float c, uint64_t key,
+                            uint64_t offset, uint8_t *out);
+    /* out[i] <- value with its sign bit flipped where bit i is set. value_bits is the
+     * bit pattern of +scale in dt (16 significant bits for float16/bfloat16). */
+    void (*unpack)(const uint8_t *bits, size_t n, uint32_t value_bits, sg_dtype dt, void *out);
+    /* Unweighted vote: out[i] <- n_ranks - 2 * (number of set bits), or its sign. */
+    void (*vote_count)(const sg_rows *rows, size_t n, int majority, float *out);
+    /* Weighted vote: out[i] <- ((0 + s_0 w_0) + s_1 w_1) + ... in float32, or its sign. */
+    void (*vote_weighted)(const sg_rows *rows, size_t n, const float *w, int majority,
+                          float *out);
+} sg_kernels;
+
+extern const sg_kernels sg_kernels_portable;
+
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+#define SG_HAVE_AVX2 1
+extern const sg_kernels sg_kernels_avx2;
+#else
+#define SG_HAVE_AVX2 0
+#endif
+
+#endif /* SG_KERNELS_H */

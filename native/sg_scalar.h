@@ -1,0 +1,156 @@
+/* Scalar building blocks shared by every ISA: unaligned loads, float16/bfloat16 conversions,
+ * the counter-based RNG and per-element versions of the kernels (the portable path, and the
+ * tails of the SIMD paths). Header-only and static so each ISA file compiles its own copy. */
+#ifndef SG_SCALAR_H
+#define SG_SCALAR_H
+
+#include <string.h>
+
+#include "sg_kernels.h"
+
+/* ---- loads and stores through memcpy: buffers need not be aligned ------------------------ */
+
+static inline uint16_t sg_ld16(const void *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline uint32_t sg_ld32(const void *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline uint64_t sg_ld64(const void *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline void sg_st16(void *p, uint16_t v) { memcpy(p, &v, 2); }
+static inline void sg_st32(void *p, uint32_t v) { memcpy(p, &v, 4); }
+static inline float sg_f32_from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t sg_bits_from_f32(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+static inline size_t sg_nbytes(size_t n) { return n / 8 + (n % 8 != 0); }
+static inline size_t sg_elem_size(sg_dtype dt) { return dt == SG_F32 ? 4 : 2; }
+
+/* ---- float16 / bfloat16 ------------------------------------------------------------------ */
+
+/* Exact widening. NaN payloads are kept (they only ever feed comparisons). */
+static inline float sg_f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    if (e == 0) {                     /* zero or subnormal: m * 2^-24 is exact in float */
+        float v = (float)m * 0x1p-24f;
+        return sign ? -v : v;
+    }
+    if (e == 0x1F) return sg_f32_from_bits(sign | 0x7F800000u | (m << 13));
+    return sg_f32_from_bits(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+static inline float sg_bf16_to_f32(uint16_t h) { return sg_f32_from_bits((uint32_t)h << 16); }
+
+/* Round to nearest even, like torch's float -> half cast; NaN -> quiet NaN 0x7E00 | sign. */
+static inline uint16_t sg_f32_to_f16(float f) {
+    uint32_t u = sg_bits_from_f32(f);
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    uint32_t a = u & 0x7FFFFFFFu;
+    if (a > 0x7F800000u) return sign | 0x7E00u;
+    if (a >= 0x477FF000u) return sign | 0x7C00u;           /* >= 65520 rounds to inf */
+    if (a >= 0x38800000u) {                                 /* normal half (>= 2^-14) */
+        uint32_t r = a + 0xFFFu + ((a >> 13) & 1u);          /* RNE on the 13 dropped bits */
+        return sign | (uint16_t)((r - 0x38000000u) >> 13);   /* rebias exponent 127 -> 15 */
+    }
+    /* Subnormal half: round |f| / 2^-24 to an integer (may give 1024 = smallest normal). */
+    uint32_t e = a >> 23;
+    if (e < 102) return sign;                               /* below 2^-25: rounds to 0 */
+    uint32_t mant = (a & 0x7FFFFFu) | 0x800000u, shift = 126u - e;   /* 14 .. 24 */
+    uint32_t q = mant >> shift, rem = mant & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+    if (rem > half || (rem == half && (q & 1u))) q++;
+    return sign | (uint16_t)q;
+}
+
+/* Round to nearest even, like torch's float -> bfloat16 cast; NaN -> 0x7FC0. */
+static inline uint16_t sg_f32_to_bf16(float f) {
+    uint32_t u = sg_bits_from_f32(f);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Element i of x as float32 (exact for all three types). */
+static inline float sg_load_value(const void *x, sg_dtype dt, size_t i) {
+    const uint8_t *p = (const uint8_t *)x;
+    if (dt == SG_F32) return sg_f32_from_bits(sg_ld32(p + 4 * i));
+    uint16_t h = sg_ld16(p + 2 * i);
+    return dt == SG_F16 ? sg_f16_to_f32(h) : sg_bf16_to_f32(h);
+}
+
+/* ---- counter-based RNG --------------------------------------------------------------------
+ * Mirrors hvd_signsgd/kernels/_torch.py exactly (all arithmetic modulo 2^32 or 2^64):
+ *   key = splitmix64(seed)                        (computed once per call, by the binding)
+ *   c   = offset + i                              (the element's absolute counter)
+ *   h   = mix32(lo32(c) ^ lo32(key));  h = mix32(h ^ hi32(c) ^ hi32(key));  u = h >> 8
+ * mix32 is the "lowbias32" integer hash (constants from C. Wellons' hash prospector).
+ * Element i is positive (bit 0) iff  float(u) < 2^23 + x_i * c  in float32 arithmetic (IEEE,
+ * no FMA), with c = float32(min(2^23 / norm, FLT_MAX)) (division in double; c = 0 when
+ * norm == 0), i.e. with
+ * probability min(1, max(0, 1/2 + x_i / (2 norm))) up to ~2^-23: float32 is ample here and
+ * twice as fast as double. */
+
+static inline uint64_t sg_splitmix64(uint64_t z) {
+    z += 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static inline uint32_t sg_mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    x ^= x >> 16;
+    return x;
+}
+
+static inline uint32_t sg_uniform24(uint64_t key, uint64_t counter) {
+    uint32_t h = sg_mix32((uint32_t)counter ^ (uint32_t)key);
+    h = sg_mix32(h ^ (uint32_t)(counter >> 32) ^ (uint32_t)(key >> 32));
+    return h >> 8;
+}
+
+/* 1 (negative) unless u falls below the threshold; NaN thresholds give 1. */
+static inline unsigned sg_stochastic_bit(float v, float c, uint32_t u) {
+    float t = 8388608.0f + v * c;
+    return !((float)u < t);
+}
+
+/* ---- per-element kernels; `from` is a multiple of 8 ---------------------------------------- */
+
+static inline void sg_pack_scalar(const void *x, sg_dtype dt, size_t from, size_t n,
+                                  uint8_t *out) {
+    const uint8_t *p = (const uint8_t *)x;
+    for (size_t j = from / 8; j < sg_nbytes(n); j++) {
+        unsigned byte = 0;
+        for (size_t i = 8 * j; i < n && i < 8 * j + 8; i++) {
+            unsigned s = dt == SG_F32 ? sg_ld32(p + 4 * i) >> 31 : sg_ld16(p + 2 * i) >> 15u;
+            byte |= s << (i % 8);
+        }
+        out[j] = (uint8_t)byte;
+    }
+}
+
+static inline void sg_pack_stochastic_scalar(const void *x, sg_dtype dt, size_t from, size_t n,
+                                             float c, uint64_t key, uint64_t offset,
+                                             uint8_t *out) {
+    for (size_t j = from / 8; j < sg_nbytes(n); j++) {
+        unsigned byte = 0;
+        for (size_t i = 8 * j; i < n && i < 8 * j + 8; i++) {
+            unsigned s = sg_stochastic_bit(sg_load_value(x, dt, i), c,
+                                           sg_uniform24(key, offset + i));
+            byte |= s << (i % 8);
+        }
+        out[j] = (uint8_t)byte;
+    }
+}
+
+static inline void sg_unpack_scalar(const uint8_t *bits, size_t from, size_t n,
+                                    uint32_t value_bits, sg_dtype dt, void *out) {
+    uint8_t *o = (uint8_t *)out;
+    for (size_t i = from; i < n; i++) {
+        uint32_t bit = (bits[i / 8] >> (i % 8)) & 1u;
+        if (dt == SG_F32)
+            sg_st32(o + 4 * i, value_bits ^ (bit << 31));
+        else
+            sg_st16(o + 2 * i, (uint16_t)(value_bits ^ (bit << 15)));
+    }
+}
+
+#endif /* SG_SCALAR_H */
