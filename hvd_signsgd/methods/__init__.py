@@ -1,0 +1,41 @@
+"""Methods: named recipes over a codec, a per-rank memory and an aggregation rule.
+
+base.py      the Method interface, StepContext, NaN/Inf policy
+baselines.py none, fp16
+sign.py      signsgd, signum, stochastic_sign, ssdm, ef_signsgd
+"""
+from __future__ import annotations
+
+from .base import Method, NonFiniteGradientError, StepContext, mix_seed
+from .baselines import FP16, NoCompression
+from .sign import SSDM, EFSignSGD, SignSGD, Signum, StochasticSignMethod, ssdm_lr_lambda
+
+METHODS = {
+    "none": NoCompression,
+    "fp16": FP16,
+    "signsgd": SignSGD,
+    "signum": Signum,
+    "stochastic_sign": StochasticSignMethod,
+    "ssdm": SSDM,
+    "ef_signsgd": EFSignSGD,
+}
+
+
+def make_method(name, **options) -> Method:
+    """Build a method by name; unknown names and options raise ValueError listing what exists."""
+    if isinstance(name, Method):
+        if options:
+            raise ValueError("options can only be given with a method name, not an instance")
+        return name
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    try:
+        return METHODS[name](**options)
+    except TypeError as e:
+        raise ValueError(f"bad options for method {name!r}: {e}") from None
+
+
+
+__all__ = ["METHODS", "Method", "StepContext", "NonFiniteGradientError", "make_method",
+           "mix_seed", "ssdm_lr_lambda", "NoCompression", "FP16", "SignSGD", "Signum",
+           "StochasticSignMethod", "SSDM", "EFSignSGD"]

@@ -1,0 +1,37 @@
+"""Baselines through the same wrapper: float32 and float16 allreduce."""
+from __future__ import annotations
+
+import torch
+
+from ..codecs import Dense
+from .base import Method
+
+
+class NoCompression(Method):
+    """`none`: float32 allreduce, exactly Horovod's default path."""
+    name, collective, bits_per_coordinate = "none", "allreduce", 32.0
+
+    def __init__(self, dtype=torch.float32):
+        self.codec = Dense(dtype)
+
+    def encode(self, g, state, ctx):
+        return self.codec.encode(g)
+
+    def aggregate(self, reduced, state, ctx):
+        out = self.codec.decode(reduced)
+        return out.div_(ctx.size) if ctx.average else out
+
+
+class FP16(NoCompression):
+    """`fp16`: float16 allreduce (as hvd.Compression.fp16); 16 bits per coordinate."""
+    name, bits_per_coordinate = "fp16", 16.0
+
+    def __init__(self):
+        super().__init__(torch.float16)
+
+    def encode(self, g, state, ctx):
+        # Average before the sum, as hvd.Compression.fp16 users expect no fp16 overflow.
+        return (g / ctx.size if ctx.average else g).to(torch.float16)
+
+    def aggregate(self, reduced, state, ctx):
+        return reduced.to(torch.float32)
