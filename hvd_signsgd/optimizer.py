@@ -234,10 +234,12 @@ class _CompressedOptimizer(torch.optim.Optimizer):
                                 average=self.op == hvd.Average,
                                 nonfinite=compressed and not bool(torch.isfinite(b.flat).all()))
             b.active.prepare(b.flat, b.state, b.ctx)
-        if buckets[0].active.model_scope:
-            norm_sq = sum(b.active.model_norm_sq(b.flat, b.state, b.ctx) for b in buckets)
+        method = buckets[0].active
+        if method.model_scope:
+            norm = method.combine_norms([method.norm_part(b.flat, b.state, b.ctx)
+                                         for b in buckets])
             for b in buckets:
-                b.ctx.model_norm = norm_sq ** 0.5
+                b.ctx.model_norm = norm
         for b in buckets:
             msg = b.active.encode(b.flat, b.state, b.ctx)
             if b.active.collective == "allgather":

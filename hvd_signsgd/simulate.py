@@ -50,7 +50,7 @@ class Simulation:
             m.prepare(f, st, ctx)
         if m.model_scope:
             for f, st, ctx in zip(flats, self.states, ctxs):
-                ctx.model_norm = m.model_norm_sq(f, st, ctx) ** 0.5
+                ctx.model_norm = m.combine_norms([m.norm_part(f, st, ctx)])
         msgs = [m.encode(f, st, ctx) for f, st, ctx in zip(flats, self.states, ctxs)]
         for r, msg in enumerate(msgs):
             self.bytes_sent[r] += msg.numel() * msg.element_size()

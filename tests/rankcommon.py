@@ -11,7 +11,7 @@ SGD_SETTINGS = {
     "signum": dict(lr=0.002),
     "stochastic_sign": dict(lr=0.002),
     "ssdm": dict(lr=0.002),
-    "ef_signsgd": dict(lr=0.05, momentum=0.9),
+    "ef_signsgd": dict(lr=0.1),
 }
 
 

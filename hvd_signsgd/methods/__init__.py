@@ -3,12 +3,17 @@
 base.py      the Method interface, StepContext, NaN/Inf policy
 baselines.py none, fp16
 sign.py      signsgd, signum, stochastic_sign, ssdm, ef_signsgd
+sparse.py    topk, threshold, randomk (error feedback; sparse allgatherv / Random-k allreduce)
+ecx.py       ecx (ErrorCompensatedX: two-step error compensation for momentum / STORM)
+perturb.py   noise + periodic error reset for the EF sparsifiers (escaping saddle points)
 """
 from __future__ import annotations
 
 from .base import Method, NonFiniteGradientError, StepContext, mix_seed
 from .baselines import FP16, NoCompression
+from .ecx import ErrorCompensatedX, storm_direction
 from .sign import SSDM, EFSignSGD, SignSGD, Signum, StochasticSignMethod, ssdm_lr_lambda
+from .sparse import HardThreshold, RandomK, TopK, threshold_for, topk_indices
 
 METHODS = {
     "none": NoCompression,
@@ -18,6 +23,10 @@ METHODS = {
     "stochastic_sign": StochasticSignMethod,
     "ssdm": SSDM,
     "ef_signsgd": EFSignSGD,
+    "topk": TopK,
+    "threshold": HardThreshold,
+    "randomk": RandomK,
+    "ecx": ErrorCompensatedX,
 }
 
 
@@ -38,4 +47,5 @@ def make_method(name, **options) -> Method:
 
 __all__ = ["METHODS", "Method", "StepContext", "NonFiniteGradientError", "make_method",
            "mix_seed", "ssdm_lr_lambda", "NoCompression", "FP16", "SignSGD", "Signum",
-           "StochasticSignMethod", "SSDM", "EFSignSGD"]
+           "StochasticSignMethod", "SSDM", "EFSignSGD", "TopK", "HardThreshold", "RandomK",
+           "ErrorCompensatedX", "threshold_for", "topk_indices", "storm_direction"]

@@ -18,7 +18,7 @@ For a constant learning rate this is the same as p = e + lr * g.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,6 +42,8 @@ class StepContext:
     average: bool = True      # Horovod op: Average (True) or Sum (False)
     nonfinite: bool = False   # this rank's gradient for the bucket is not finite
     model_norm: float = 0.0   # filled in for methods with model_scope
+    stats: dict = field(default_factory=dict)   # per-step counts the method reports
+                                                # (summed into compression_stats)
 
 
 def check_flags(payloads, ctx: StepContext) -> None:
@@ -66,6 +68,7 @@ class Method:
     collective = "allgather"          # or "allreduce"
     model_scope = False               # encode needs every bucket at once (a whole-model norm)
     bits_per_coordinate = 32.0
+    variable_size = False             # payload length varies by rank/step (allgatherv)
     aggregation = "mean"
 
     def init_state(self, layout: Layout) -> dict:
@@ -73,7 +76,7 @@ class Method:
 
     def prepare(self, g: torch.Tensor, state: dict, ctx: StepContext) -> None:
         """State updates that come before the payload (momentum). For model_scope methods the
-        wrapper calls prepare on every bucket, then model_norm_sq, then encode."""
+        wrapper calls prepare on every bucket, then norm_part, then encode."""
 
     def encode(self, g: torch.Tensor, state: dict, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError
@@ -81,9 +84,12 @@ class Method:
     def aggregate(self, gathered: torch.Tensor, state: dict, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError
 
-    def model_norm_sq(self, g: torch.Tensor, state: dict, ctx: StepContext) -> float:
-        """For model_scope methods: this bucket's share of the squared whole-model norm,
-        computed after any state update the encode step depends on."""
+    def norm_part(self, g: torch.Tensor, state: dict, ctx: StepContext) -> float:
+        """For model_scope methods: this bucket's share of the whole-model norm (after
+        prepare); combine_norms turns the shares of all buckets into the norm."""
+        raise NotImplementedError
+
+    def combine_norms(self, parts) -> float:
         raise NotImplementedError
 
     def options(self) -> dict:

@@ -91,19 +91,25 @@ def test_heterogeneous_1d_instance_defeats_sign_methods(method, options):
     assert abs(float(x) - 1.0) < 0.03
 
 
-def test_heterogeneous_1d_instance_full_precision_finds_minimiser():
-    sim = Simulation("none", n_ranks=3, sizes=[1])
+@pytest.mark.parametrize("method,options", [
+    ("none", {}), ("ssdm", {"beta": 0.0, "aggregation": "norm_weighted"}),
+])
+def test_heterogeneous_1d_instance_full_precision_finds_minimiser(method, options):
+    # norm-weighted SSDM sends norm_m * s~(v_m), whose mean is the mean momentum: in 1-D that
+    # is exactly the full-precision average, so it finds -2/3 too.
+    sim = Simulation(method, n_ranks=3, sizes=[1], **options)
     x = torch.zeros(1)
     for _ in range(2000):
         x -= 0.05 * sim.step([x - 1, x - 1, 10 * (x + 1)])[:1]
     assert abs(float(x) + 2 / 3) < 1e-4
 
 
-def _ssdm_quadratic(centres, steps=20000):
+def _ssdm_quadratic(centres, steps=20000, **options):
     torch.manual_seed(0)
     d, n = 20, len(centres)
     x = torch.zeros(d)
-    sim = Simulation("ssdm", n_ranks=n, sizes=[d], beta="schedule", seed=3)
+    options = {"norm_type": "l2", **options}     # ALGORITHMS.md 3.5(b) uses the l2 operator
+    sim = Simulation("ssdm", n_ranks=n, sizes=[d], beta="schedule", seed=3, **options)
     for k in range(steps):
         grads = [x - c + torch.randn(d) for c in centres]
         x -= 0.5 / (k + 1) ** 0.75 * sim.step(grads)[:d]
@@ -118,6 +124,17 @@ def test_ssdm_converges_on_homogeneous_shards():
 def test_ssdm_stalls_on_heterogeneous_shards():
     x = _ssdm_quadratic([3.0, -1.0, -1.0, -1.0])
     assert float(x.norm()) > 3.0          # ALGORITHMS.md: about 4.4, near the median -1
+
+
+def test_ssdm_variants_on_heterogeneous_shards():
+    """Which SSDM aggregation survives heterogeneous shards (documented in the README): the
+    vote stalls like the mean, near the median; the norm-weighted mean, unbiased for the mean
+    momentum, converges to the optimum 0 of the average objective."""
+    centres = [3.0, -1.0, -1.0, -1.0]
+    vote = _ssdm_quadratic(centres, steps=5000, aggregation="majority")
+    weighted = _ssdm_quadratic(centres, steps=5000, aggregation="norm_weighted")
+    assert float(vote.norm()) > 3.0
+    assert float(weighted.norm()) < 0.5
 
 
 # --- section 4: EF-signSGD ------------------------------------------------------------------------

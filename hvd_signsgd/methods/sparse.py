@@ -1,0 +1,369 @@
+"""Sparsifiers with error feedback: Top-k, hard threshold, Random-k (ALGORITHMS.md sections 5, 8).
+
+All three keep an error memory in gradient units, as the rest of the package (base.py):
+
+    p = e + g (+ noise, perturb.py);   q = C(p);   e <- p - q;   send q
+
+so sum_t q_t + e_T = sum_t g_t on every rank (the conservation invariant; exact for float32
+values, the float16 option leaves its rounding residual in e). The learning rate and momentum
+of the wrapped optimizer act after aggregation (Sahu et al.'s DNN code, GRACE).
+
+Exchange. topk and threshold send (int32 index, value) pairs (codecs.Sparse) in one allgather
+per bucket per step, which Horovod runs as an allgatherv: each rank's payload has its own length,
+parsed back from its header (wire.split). A rank with nothing to send sends a 16-byte header;
+there is no special path. The aggregate is the scatter-add of every rank's pairs in rank order,
+divided by n: bit-identical on every rank. randomk needs no indices on the wire: every rank
+draws the same ones from (seed, step, bucket), and the k values go through a float32 allreduce.
+
+Byte counts: for threshold, whose payload length varies by rank and step, compression_stats also
+counts the size exchange an allgatherv needs: one int64 per rank (Horovod's first-dimension size
+in its negotiation), 8 bytes sent and 8 (n - 1) received per bucket per step. topk payloads have
+a length fixed by the layout, identical on every rank and step (an allgather), so none is
+counted. Per step the methods also report, summed into compression_stats: nnz_sent (pairs or
+values sent), dense_fallbacks (threshold) and error_resets (perturb.py).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..codecs import Sparse
+from .base import Method, NonFiniteGradientError, mix_seed
+from .perturb import Perturbation
+
+# --- Top-k selection ------------------------------------------------------------------------------
+
+# Above this many elements (and for k large enough for a sample to estimate its threshold),
+# topk_indices first keeps the candidates above a sampled threshold and selects among them;
+# examples/bench_topk.py measures the two paths.
+SAMPLED_MIN_NUMEL = 1 << 17
+_SAMPLE_PER_K = 128      # sample size m = _SAMPLE_PER_K * d / k: about 128 sample points above
+_SAMPLE_Z = 4.0          # the true k-th value; the threshold sits z standard deviations lower
+
+
+def _exact_from(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions (ascending) of the k largest entries of a; ties at the k-th value go to the
+    lowest positions."""
+    kth = torch.topk(a, k, largest=True, sorted=False).values.min()
+    ge = a >= kth
+    n_ge = int(ge.sum())
+    if n_ge == k:                 # no ties across the cut (the usual case)
+        return ge.nonzero().squeeze(1)
+    gt = a > kth
+    eq = a == kth
+    need = k - int(gt.sum())
+    keep = gt | (eq & (eq.cumsum(0) <= need))
+    return keep.nonzero().squeeze(1)
+
+
+def _sampled_threshold(a: torch.Tensor, k: int) -> float | None:
+    """A value below the k-th largest of a with high probability, from a fixed random sample;
+    None where a sample would not be much smaller than a."""
+    d = a.numel()
+    m = _SAMPLE_PER_K * d // k
+    if m * 8 > d:
+        return None
+    gen = torch.Generator().manual_seed(d)    # fixed: the selection must not depend on state
+    sample = a[torch.randint(d, (m,), generator=gen)]
+    ks = m * k / d                            # sample points expected above the k-th value
+    r = min(m, int(ks + _SAMPLE_Z * math.sqrt(ks)) + 1)
+    return float(torch.topk(sample, r, sorted=False).values.min())
+
+
+def topk_indices(a: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest entries of the 1-D tensor a (pass |p|), as int64 positions in ascending
+    order; ties at the cut go to the lowest positions (the same set as a stable descending
+    sort). Exactly this set whichever path runs: on large tensors a threshold estimated from a
+    sample keeps a candidate set slightly larger than k, and the exact selection runs on the
+    candidates only; if the estimate keeps fewer than k, the full tensor is used."""
+    d = a.numel()
+    if k >= d:
+        return torch.arange(d)
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    if d >= SAMPLED_MIN_NUMEL:
+        t = _sampled_threshold(a, k)
+        if t is not None:
+            cand = (a >= t).nonzero().squeeze(1)
+            if cand.numel() >= k:
+                return cand[_exact_from(a[cand], k)]
+    return _exact_from(a, k)
+
+
+# --- the EF family --------------------------------------------------------------------------------
+
+def _per_tensor_k(ratio, k, size):
+    return min(size, math.ceil(ratio * size) if k is None else k)
+
+
+class _SparseEF(Perturbation, Method):
+    """Shared by topk and threshold: error memory, perturbation, pairs over an allgather."""
+    bits_per_coordinate = 64.0     # per SENT coordinate: int32 index + float32 value
+
+    def __init__(self, values="fp32", noise=0.0, noise_seed="rank", reset_every=0):
+        if values not in ("fp32", "fp16"):
+            raise ValueError(f"values must be 'fp32' or 'fp16', not {values!r}")
+        self.values = values
+        self.codec = Sparse(torch.float16 if values == "fp16" else torch.float32)
+        if values == "fp16":
+            self.bits_per_coordinate = 48.0
+        self._init_perturbation(noise, noise_seed, reset_every)
+
+    def init_state(self, layout):
+        return {"error": torch.zeros(layout.numel)}
+
+    def select(self, p: torch.Tensor, ctx) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, g, state, ctx):
+        n = ctx.layout.numel
+        if ctx.nonfinite:          # memory untouched; every rank raises in aggregate
+            return self.codec.encode_nonfinite(n)
+        p = state["error"].add_(g)                       # p = e + g, in place
+        self.add_noise(p, ctx)
+        if self.reset_due(ctx):                          # send the whole memory once, e <- 0
+            ctx.stats["error_resets"] = 1
+            ctx.stats["nnz_sent"] = ctx.layout.real_numel
+            msg = self.codec.encode_dense(p)
+            p.zero_()
+            return msg
+        idx = self.select(p, ctx)
+        if idx is None:                                  # threshold's dense fallback
+            ctx.stats["dense_fallbacks"] = 1
+            ctx.stats["nnz_sent"] = ctx.layout.real_numel
+            msg = self.codec.encode_dense(p)
+            p.zero_()
+            return msg
+        vals = p[idx]
+        q = self.codec.quantize(vals)
+        msg = self.codec.encode(idx, q, n)
+        p[idx] = vals - q                                # e <- p - q (0 for float32 values)
+        ctx.stats["nnz_sent"] = idx.numel()
+        return msg
+
+    def aggregate(self, gathered, state, ctx):
+        payloads = self._payloads(gathered, ctx, self.codec)
+        out = self.codec.aggregate(payloads, ctx.layout.numel, ctx.bucket)
+        return out.div_(ctx.size) if ctx.average else out
+
+
+class TopK(_SparseEF):
+    """Top-k with error feedback (Stich et al. 2018 "Mem-SGD"; Aji & Heafield 2017; section 8).
+
+    p = e + g; S = the k largest |p_i|; send (i, p_i) for i in S; e <- p with e_S = 0; the update
+    is the mean over ranks of the scatter-added pairs.
+
+    ratio (default 0.01) or k (a count; overrides ratio): per tensor by default
+    (scope="layer": k_t = ceil(ratio * d_t), at most d_t), or over the whole bucket
+    (scope="bucket": k = ceil(ratio * d_bucket)). Layer-wise is the default because the selected
+    set then depends only on the model, not on how the wrapper groups tensors into buckets
+    (bucket_cap_mb), and no layer is starved by another layer's larger gradients; Sahu et al.
+    use layer-wise Top-k as their main baseline. Payload length is fixed by the layout.
+
+    Selection: exactly the k largest |p_i|, ties broken towards the lowest index (topk_indices;
+    on large tensors a sampled threshold narrows the candidates first, see bench_topk.py).
+    values="fp16" sends float16 values (48 instead of 64 bits per pair); the rounding residual
+    stays in e. noise / noise_seed / reset_every: perturb.py.
+    """
+    name = "topk"
+
+    def __init__(self, ratio=0.01, k=None, scope="layer", values="fp32", noise=0.0,
+                 noise_seed="rank", reset_every=0):
+        super().__init__(values, noise, noise_seed, reset_every)
+        if scope not in ("layer", "bucket"):
+            raise ValueError(f"scope must be 'layer' or 'bucket', not {scope!r}")
+        if k is None and not 0.0 < float(ratio) <= 1.0:
+            raise ValueError(f"ratio must be in (0, 1], not {ratio!r}")
+        if k is not None and (int(k) != k or k < 1):
+            raise ValueError(f"k must be a positive integer, not {k!r}")
+        self.ratio = float(ratio)
+        self.k = None if k is None else int(k)
+        self.scope = scope
+
+    def options(self):
+        size = {"ratio": self.ratio} if self.k is None else {"k": self.k}
+        return {**size, "scope": self.scope, "values": self.values,
+                **self.perturbation_options()}
+
+    def counts(self, layout) -> list:
+        """k per segment (scope="layer") or [k] for the whole bucket."""
+        if self.scope == "bucket":
+            return [_per_tensor_k(self.ratio, self.k, layout.real_numel)]
+        return [_per_tensor_k(self.ratio, self.k, s) for s in layout.sizes]
+
+    def select(self, p, ctx):
+        a = p.abs()
+        if self.scope == "bucket":
+            return topk_indices(a, self.counts(ctx.layout)[0])
+        return torch.cat([o + topk_indices(a[o:o + s], k)
+                          for (o, s), k in zip(ctx.layout.segments(), self.counts(ctx.layout))])
+
+
+def threshold_for(k: float) -> float:
+    """Sahu et al.'s rule of thumb for the hard threshold: lambda = 1 / (2 sqrt(k)), k the
+    number of coordinates one wants to send per step on average."""
+    return 1.0 / (2.0 * math.sqrt(k))
+
+
+class HardThreshold(_SparseEF):
+    """Hard-threshold sparsifier with error feedback (Sahu et al., NeurIPS 2021; section 5).
+
+    p = e + g; S = {i : |p_i| >= lam}; send (i, p_i) for i in S; e <- p with e_S = 0. Hence
+    max_i |e_i| < lam after every step. The count varies by rank and step (more early, fewer
+    late): an allgatherv, whose size exchange is counted (module docstring).
+
+    Choosing lam: it is an absolute value in gradient units, so density depends on the gradient
+    scale (loss scaling, layer scale, phase of training). Sahu et al.'s rule of thumb is
+    lam = 1 / (2 sqrt(k)) with k the per-step count wanted on average (threshold_for(k); e.g.
+    d = 11.2M, k = 0.1% d gives 4.73e-3); then measure the density (compression_stats()'s
+    nnz_sent) over a few steps and adjust. Default lam=None applies the rule per bucket with
+    k = density * d_bucket (density=0.01): a starting point, not a tuned value.
+
+    Guard: a rank whose |S| exceeds max_density * d (default 1/2, where pairs stop being cheaper
+    than the float32 vector) sends p dense instead (FLAG_DENSE) and sets e to 0 for that bucket;
+    counted as dense_fallbacks. max_density=1 disables it. values / noise / noise_seed /
+    reset_every: as topk.
+    """
+    name = "threshold"
+    variable_size = True
+
+    def __init__(self, lam=None, density=0.01, max_density=0.5, values="fp32", noise=0.0,
+                 noise_seed="rank", reset_every=0):
+        super().__init__(values, noise, noise_seed, reset_every)
+        if lam is not None and not float(lam) > 0.0:
+            raise ValueError(f"lam must be > 0, not {lam!r}")
+        if not 0.0 < float(density) <= 1.0:
+            raise ValueError(f"density must be in (0, 1], not {density!r}")
+        if not 0.0 < float(max_density) <= 1.0:
+            raise ValueError(f"max_density must be in (0, 1], not {max_density!r}")
+        self.lam = None if lam is None else float(lam)
+        self.density, self.max_density = float(density), float(max_density)
+
+    def options(self):
+        lam = {"lam": self.lam} if self.lam is not None else {"density": self.density}
+        return {**lam, "max_density": self.max_density, "values": self.values,
+                **self.perturbation_options()}
+
+    def lam_for(self, layout) -> float:
+        if self.lam is not None:
+            return self.lam
+        return threshold_for(max(self.density * layout.real_numel, 1.0))
+
+    def select(self, p, ctx):
+        idx = (p.abs() >= self.lam_for(ctx.layout)).nonzero().squeeze(1)
+        if idx.numel() > self.max_density * ctx.layout.real_numel:
+            return None
+        return idx
+
+
+# --- Random-k -------------------------------------------------------------------------------------
+
+_RANDOMK_STREAM = 0x72616E646B   # "randk"
+
+
+def sample_without_replacement(d: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """k distinct positions of range(d), uniformly, ascending. For k <= d/4: draws with
+    replacement, kept in draw order until k distinct ones are found (a uniform k-subset, O(k log k));
+    otherwise a permutation prefix (O(d))."""
+    if k >= d:
+        return torch.arange(d)
+    if 4 * k > d:
+        return torch.randperm(d, generator=gen)[:k].sort().values
+    draws = torch.randint(d, (k + k // 4 + 16,), generator=gen)
+    while True:
+        vals, order = torch.sort(draws, stable=True)
+        first = torch.ones_like(vals, dtype=torch.bool)
+        first[1:] = vals[1:] != vals[:-1]
+        if int(first.sum()) >= k:
+            keep = order[first].sort().values[:k]   # the first k distinct draws
+            return draws[keep].sort().values
+        draws = torch.cat([draws, torch.randint(d, (k // 4 + 16,), generator=gen)])
+
+
+class RandomK(Perturbation, Method):
+    """Random-k with error feedback (section 8; the compressor of Avdiukhin & Yaroslavtsev).
+
+    Every rank draws the same k_t = ceil(ratio * d_t) positions per tensor t (or k each) from a
+    generator seeded by (seed, step, bucket offset); p = e + g; send p at those positions;
+    e <- p with those positions zeroed. Only the values travel: one float32 allreduce of
+    sum_t k_t values (4 bytes each); the update puts the mean at the drawn positions.
+
+    EF form without the d/k scaling of the unbiased Random-k: error feedback already returns
+    what was not sent, and the scaled form would multiply the variance by d/k.
+
+    Non-finite gradient on a rank: it sends NaNs, so the sum is NaN on every rank and every rank
+    raises NonFiniteGradientError (an allreduce carries no per-rank flag; the rank is not named).
+    noise / noise_seed / reset_every: perturb.py; on a reset step every rank allreduces its
+    whole p (all ranks reset on the same steps).
+    """
+    name = "randomk"
+    collective = "allreduce"
+    bits_per_coordinate = 32.0
+
+    def __init__(self, ratio=0.01, k=None, noise=0.0, noise_seed="rank", reset_every=0):
+        if k is None and not 0.0 < float(ratio) <= 1.0:
+            raise ValueError(f"ratio must be in (0, 1], not {ratio!r}")
+        if k is not None and (int(k) != k or k < 1):
+            raise ValueError(f"k must be a positive integer, not {k!r}")
+        self.ratio = float(ratio)
+        self.k = None if k is None else int(k)
+        self._init_perturbation(noise, noise_seed, reset_every)
+
+    def options(self):
+        size = {"ratio": self.ratio} if self.k is None else {"k": self.k}
+        return {**size, **self.perturbation_options()}
+
+    def init_state(self, layout):
+        return {"error": torch.zeros(layout.numel)}
+
+    def indices(self, ctx) -> torch.Tensor:
+        """The positions every rank sends this step (int64, ascending); identical on all ranks."""
+        cached = getattr(ctx, "_randomk_indices", None)
+        if cached is not None:
+            return cached
+        gen = torch.Generator().manual_seed(
+            mix_seed(mix_seed(ctx.seed, ctx.offset, ctx.step), 0, _RANDOMK_STREAM))
+        idx = torch.cat([o + sample_without_replacement(s, _per_tensor_k(self.ratio, self.k, s),
+                                                        gen)
+                         for o, s in ctx.layout.segments()])
+        ctx._randomk_indices = idx
+        return idx
+
+    def encode(self, g, state, ctx):
+        dense = self.reset_due(ctx)
+        n = ctx.layout.numel if dense else self.indices(ctx).numel()
+        if ctx.nonfinite:
+            return torch.full((n,), float("nan"))
+        p = state["error"].add_(g)
+        self.add_noise(p, ctx)
+        if dense:
+            ctx.stats["error_resets"] = 1
+            ctx.stats["nnz_sent"] = ctx.layout.real_numel
+            msg = p.clone()
+            p.zero_()
+            return msg
+        idx = self.indices(ctx)
+        msg = p[idx]
+        p[idx] = 0.0
+        ctx.stats["nnz_sent"] = idx.numel()
+        return msg
+
+    def aggregate(self, reduced, state, ctx):
+        if not bool(torch.isfinite(reduced).all()):
+            raise NonFiniteGradientError(
+                f"NaN or Inf in the gradient of at least one rank (bucket {ctx.bucket}, step "
+                f"{ctx.step}, randomk); the step is not applied on any rank. Lower the learning "
+                f"rate, clip gradients, or check the data.")
+        vals = reduced.to(torch.float32)
+        if ctx.average:
+            vals = vals / ctx.size
+        if self.reset_due(ctx):
+            return vals
+        out = torch.zeros(ctx.layout.numel)
+        out[self.indices(ctx)] = vals
+        return out
+
+
+__all__ = ["TopK", "HardThreshold", "RandomK", "topk_indices", "threshold_for",
+           "sample_without_replacement"]
