@@ -236,3 +236,60 @@ def test_compressors_in_stock_horovod_work_or_refuse_clearly(mpi_job):
         for name in ("signsgd", "signum", "ef_signsgd", "fp16"):
             assert r[name]["ours"] is None and r[name]["ours_method"] == name
     assert len({r["signsgd"]["digest"] for r in results}) == 1
+
+
+HOROVOD_API = """
+import torch, horovod.torch as hvd, hvd_signsgd
+from rankcommon import small_model, first_error, batch, digest
+hvd.init()
+r = hvd.rank()
+out = {}
+# gradient clipping the Horovod way: synchronize, clip, then step without a second exchange
+model = small_model()
+opt = hvd_signsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                       named_parameters=model.named_parameters(),
+                                       method="ef_signsgd", min_compress_numel=100)
+norms = []
+for k in range(5):
+    x, y = batch(k, r)
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.synchronize()
+    norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)))
+    with opt.skip_synchronize():
+        opt.step()
+out["clip_digest"] = digest(model)
+out["steps"] = opt.compression_stats()["steps"]
+out["clip_norm"] = float(sum(p.grad.norm() ** 2 for p in model.parameters()) ** 0.5)
+# zero_grad between backward and step would race with the exchange
+x, y = batch(9, r)
+torch.nn.functional.cross_entropy(model(x), y).backward()
+out["zero_grad_race"] = first_error(opt.zero_grad)
+opt.step()
+# warm-up: the first start_step steps go uncompressed, then the method takes over
+model = small_model()
+opt = hvd_signsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.002),
+                                       named_parameters=model.named_parameters(),
+                                       method="signum", min_compress_numel=100, start_step=3)
+sent = []
+for k in range(6):
+    x, y = batch(k, r)
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    sent.append(opt.compression_stats()["bytes_sent"])
+out["warmup_sent"] = sent
+report(out)
+"""
+
+
+def test_synchronize_skip_synchronize_zero_grad_and_warmup(mpi_job):
+    results = mpi_job(HOROVOD_API, np=2, timeout=180).ok()
+    assert results[0]["clip_digest"] == results[1]["clip_digest"]
+    for r in results:
+        assert r["steps"] == 5                       # one exchange per step, not two
+        assert r["clip_norm"] <= 0.01 + 1e-6         # step() did not overwrite clipped grads
+        assert r["zero_grad_race"].startswith("AssertionError")
+        dense, compressed = r["warmup_sent"][0], r["warmup_sent"][-1]
+        assert r["warmup_sent"] == [dense] * 3 + [compressed] * 3
+        assert dense == 4 * (240 + 1551 + 8 + 47) and compressed * 10 < dense
