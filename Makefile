@@ -7,7 +7,7 @@ METHOD ?= signum
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: setup demo test test-unit test-multirank lint bench clean
+.PHONY: setup demo test test-unit test-multirank test-slurm lint bench clean
 
 setup:                 ## MPI, .venv, Horovod (cached build), hvd_signsgd + native kernels, self-check
 	bash native/setup_env.sh
@@ -25,6 +25,9 @@ test-unit:
 
 test-multirank:
 	$(PY) -m pytest tests/multirank -q
+
+test-slurm:            ## starts a real local Slurm cluster (root; installs slurm-wlm + munge)
+	$(PY) -m pytest tests/slurm -q
 
 lint:
 	$(VENV)/bin/ruff check .

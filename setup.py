@@ -13,7 +13,7 @@ from setuptools import Extension, setup
 cflags = ["-O3", "-std=c11", "-ffp-contract=off", "-Wall", "-Wextra", "-Wno-unused-parameter"]
 ldflags = []
 if os.environ.get("HVD_SIGNSGD_SANITIZE") == "1":
-    san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+    san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-wrapv",
            "-fno-omit-frame-pointer", "-O1", "-g"]
     cflags += san
     ldflags += san

@@ -69,7 +69,6 @@ static inline __m256 load8_f32(const uint8_t *p, sg_dtype dt, size_t i) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-
 static void pack_stochastic_avx2(const void *x, sg_dtype dt, size_t n, float c, uint64_t key,
                                  uint64_t offset, uint8_t *out) {
     const uint8_t *p = (const uint8_t *)x;
@@ -89,7 +88,8 @@ static void pack_stochastic_avx2(const void *x, sg_dtype dt, size_t n, float c, 
         __m256i u = _mm256_srli_epi32(mix32_avx2(_mm256_xor_si256(h, hi)), 8);
         /* This loop is compute-bound and too long for the out-of-order window to keep enough
          * misses in flight, so fetch ahead explicitly (prefetches past the end are harmless). */
-        _mm_prefetch((const char *)p + (8 * j + SG_PREFETCH_ELEMS) * sg_elem_size(dt), _MM_HINT_T0);
+        _mm_prefetch((const char *)p + (8 * j + SG_PREFETCH_ELEMS) * sg_elem_size(dt),
+                     _MM_HINT_T0);
         __m256 v = load8_f32(p, dt, 8 * j);
         __m256 t = _mm256_add_ps(half, _mm256_mul_ps(v, cv));
         __m256 positive = _mm256_cmp_ps(_mm256_cvtepi32_ps(u), t, _CMP_LT_OQ);
@@ -205,8 +205,57 @@ static void emit_avx2(const sg_counter *c, size_t ne, size_t n_ranks, int majori
     sg_emit_scalar(c, 32 * chunks, ne, n_ranks, majority, out);
 }
 
+/* Counts one full block, 256 elements (a vector per row) at a time, with the planes in
+ * registers: for each pair of ranks a full adder into plane 0, then the carry ripples up.
+ * `depth` is a constant once inlined (see count_block_avx2), so p[] stays in registers. */
+static inline __attribute__((always_inline)) void
+count_block_depth(const sg_rows *rows, size_t byte0, sg_counter *c, int depth) {
+    const ptrdiff_t stride = rows->stride;
+    c->depth = depth;
+    for (size_t v = 0; v < SG_BLOCK_BYTES / 32; v++) {
+        __m256i p[8];
+        for (int k = 0; k < depth; k++) p[k] = _mm256_setzero_si256();
+        const uint8_t *row = sg_row(rows, 0, byte0 + 32 * v);
+        size_t m = 0;
+        for (; m < rows->n_ranks; m += 2, row += 2 * stride) {
+            __m256i a = _mm256_loadu_si256((const __m256i *)(const void *)row), carry;
+            _mm_prefetch((const char *)row + SG_BLOCK_BYTES, _MM_HINT_T0);
+            if (m + 1 < rows->n_ranks) {
+                __m256i b = _mm256_loadu_si256((const __m256i *)(const void *)(row + stride));
+                __m256i u = _mm256_xor_si256(p[0], a);
+                _mm_prefetch((const char *)row + stride + SG_BLOCK_BYTES, _MM_HINT_T0);
+                carry = _mm256_or_si256(_mm256_and_si256(p[0], a), _mm256_and_si256(u, b));
+                p[0] = _mm256_xor_si256(u, b);
+            } else {  /* odd rank out: a half adder */
+                carry = _mm256_and_si256(p[0], a);
+                p[0] = _mm256_xor_si256(p[0], a);
+            }
+            for (int k = 1; k < depth; k++) {
+                __m256i t = _mm256_and_si256(p[k], carry);
+                p[k] = _mm256_xor_si256(p[k], carry);
+                carry = t;
+            }
+        }
+        for (int k = 0; k < depth; k++)
+            _mm256_storeu_si256((__m256i *)(void *)&c->plane[k][4 * v], p[k]);
+    }
+}
+
+static void count_block_avx2(const sg_rows *rows, size_t byte0, sg_counter *c) {
+    switch (sg_depth(rows->n_ranks)) {
+    case 1: count_block_depth(rows, byte0, c, 1); break;
+    case 2: count_block_depth(rows, byte0, c, 2); break;
+    case 3: count_block_depth(rows, byte0, c, 3); break;
+    case 4: count_block_depth(rows, byte0, c, 4); break;
+    case 5: count_block_depth(rows, byte0, c, 5); break;
+    case 6: count_block_depth(rows, byte0, c, 6); break;
+    case 7: count_block_depth(rows, byte0, c, 7); break;
+    default: count_block_depth(rows, byte0, c, 8); break;
+    }
+}
+
 static void vote_count_avx2(const sg_rows *rows, size_t n, int majority, float *out) {
-    sg_vote_count_blocks(rows, n, majority, out, emit_avx2, to_counts_avx2);
+    sg_vote_count_blocks(rows, n, majority, out, count_block_avx2, emit_avx2, to_counts_avx2);
 }
 
 static void add_signed_avx2(const uint8_t *bits, size_t ne, float w, float *acc) {

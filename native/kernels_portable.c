@@ -15,7 +15,8 @@ static void pack_portable(const void *x, sg_dtype dt, size_t n, uint8_t *out) {
     } else {
         for (size_t j = 0; j < full; j++) {
             unsigned byte = 0;
-            for (unsigned i = 0; i < 8; i++) byte |= (unsigned)(sg_ld16(p + 16 * j + 2 * i) >> 15) << i;
+            for (unsigned i = 0; i < 8; i++)
+                byte |= (unsigned)(sg_ld16(p + 16 * j + 2 * i) >> 15) << i;
             out[j] = (uint8_t)byte;
         }
     }
@@ -43,7 +44,7 @@ static void emit_portable(const sg_counter *c, size_t ne, size_t n_ranks, int ma
 }
 
 static void vote_count_portable(const sg_rows *rows, size_t n, int majority, float *out) {
-    sg_vote_count_blocks(rows, n, majority, out, emit_portable, to_counts_portable);
+    sg_vote_count_blocks(rows, n, majority, out, NULL, emit_portable, to_counts_portable);
 }
 
 static void add_signed_portable(const uint8_t *bits, size_t ne, float w, float *acc) {

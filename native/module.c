@@ -59,7 +59,9 @@ static int select_isa(const char *name) {
     return 0;
 }
 
-static PyObject *py_isa(PyObject *self, PyObject *args) { return PyUnicode_FromString(active->name); }
+static PyObject *py_isa(PyObject *self, PyObject *args) {
+    return PyUnicode_FromString(active->name);
+}
 
 static PyObject *py_set_isa(PyObject *self, PyObject *args) {
     const char *name;
@@ -409,7 +411,8 @@ static PyObject *py_vote(PyObject *self, PyObject *args, PyObject *kw) {
     }
     if (check_count(n) < 0 || get_buffer(go, "gathered", ARG_IN, &g) < 0) return NULL;
     size_t nbytes = sg_nbytes((size_t)n);
-    if (check_bytes_format(&g, "gathered") < 0 || gathered_rows(&g, n_ranks, &rows, &row_len) < 0 ||
+    if (check_bytes_format(&g, "gathered") < 0 ||
+        gathered_rows(&g, n_ranks, &rows, &row_len) < 0 ||
         check_room(row_len, nbytes, "gathered rows", "bytes") < 0 ||
         get_buffer(oo, "out", ARG_OUT, &o) < 0)
         goto done;

@@ -25,6 +25,8 @@ typedef struct {
 /* Turns the planes of one group into per-element counts (counts[i] = or += count of i). */
 typedef void (*sg_to_counts_fn)(const sg_counter *c, size_t nelem, uint32_t *counts,
                                 int accumulate);
+/* Counts all ranks (n_ranks <= 255) over the full block starting at byte0. */
+typedef void (*sg_count_block_fn)(const sg_rows *rows, size_t byte0, sg_counter *c);
 /* When all ranks fit in one group: planes -> votes out[0 .. nelem) directly. */
 typedef void (*sg_emit_fn)(const sg_counter *c, size_t nelem, size_t n_ranks, int majority,
                            float *out);
@@ -71,12 +73,18 @@ static inline void sg_add_two(sg_counter *c, const uint8_t *a, const uint8_t *b)
     sg_ripple(c, 1);
 }
 
+/* Planes needed to count up to n_ranks. */
+static inline int sg_depth(size_t n_ranks) {
+    int depth = 0;
+    while (((size_t)1 << depth) <= n_ranks) depth++;
+    return depth;
+}
+
 /* Counts the set bits of ranks r0 .. r0+nr-1 over bytes byte0 .. byte0+nbytes-1. */
 static inline void sg_count_group(const sg_rows *rows, size_t r0, size_t nr, size_t byte0,
                                   size_t nbytes, sg_counter *c) {
     uint8_t pad_a[SG_BLOCK_BYTES], pad_b[SG_BLOCK_BYTES];
-    int depth = 0;
-    while (((size_t)1 << depth) <= nr) depth++;
+    int depth = sg_depth(nr);
     c->depth = depth;
     memset(c->plane, 0, (size_t)depth * sizeof c->plane[0]);
     size_t m = r0;
@@ -141,13 +149,16 @@ static inline void sg_counts_to_votes(const uint32_t *counts, size_t ne, size_t 
  * group of ranks are added up first. */
 static inline __attribute__((always_inline)) void
 sg_vote_count_blocks(const sg_rows *rows, size_t n, int majority, float *out,
-                     sg_emit_fn emit, sg_to_counts_fn to_counts) {
+                     sg_count_block_fn count_block, sg_emit_fn emit, sg_to_counts_fn to_counts) {
     sg_counter c;
     uint32_t counts[SG_BLOCK_ELEMS];
     for (size_t e0 = 0; e0 < n; e0 += SG_BLOCK_ELEMS) {
         size_t ne = sg_min(SG_BLOCK_ELEMS, n - e0), nbytes = sg_nbytes(ne);
         if (rows->n_ranks <= SG_GROUP_RANKS) {
-            sg_count_group(rows, 0, rows->n_ranks, e0 / 8, nbytes, &c);
+            if (count_block && nbytes == SG_BLOCK_BYTES)
+                count_block(rows, e0 / 8, &c);
+            else
+                sg_count_group(rows, 0, rows->n_ranks, e0 / 8, nbytes, &c);
             emit(&c, ne, rows->n_ranks, majority, out + e0);
             continue;
         }

@@ -1,6 +1,7 @@
 """Bit-packing and voting kernels: native C with a bit-identical torch fallback.
 
-API (both backends give bit-identical bytes and values for every input):
+API (both backends give bit-identical bytes and values for every input; where a result is
+NaN, only its NaN-ness is specified, not its sign or payload):
 
     backend() -> str                      "native" or "torch". The native kernels serve CPU
                                           tensors when the extension imports and
@@ -30,7 +31,7 @@ API (both backends give bit-identical bytes and values for every input):
     unpack_signs(bits, n, scale=1.0, out=None, dtype=torch.float32) -> tensor of n values
                                           -scale where bit i is set, else +scale. scale (float or
                                           0-dim tensor) is rounded to float32, then to the output
-                                          dtype; the minus is an exact sign flip. bits: uint8,
+                                          dtype (RNE); -scale is an exact sign flip. bits: uint8,
                                           >= ceil(n/8) elements (flattened); bits past n ignored.
                                           out: float32/float16/bfloat16, contiguous, same device
                                           as bits, numel >= n; its first n elements (flat order)
@@ -38,7 +39,9 @@ API (both backends give bit-identical bytes and values for every input):
                                           out.numel() == n, else out.view(-1)[:n]; without out, a
                                           new 1-D tensor of dtype.
     vote(bits2d, n, mode="majority", weights=None, out=None) -> float32 tensor of n values
-                                          bits2d: uint8 (n_ranks >= 1, >= ceil(n/8)); rows may have
+                                          bits2d: uint8 (n_ranks, >= ceil(n/8)), 1 <= n_ranks <=
+                                          2^24, e.g. a view [:, hdr:hdr + nbytes] of an
+                                          allgathered buffer of n_ranks payloads; rows may have
                                           any row stride (unit stride inside a row is fastest:
                                           other layouts are copied). s_m = +1 for bit 0, -1 for 1.
                                           mode "sum": sum_m w_m * s_m; mode "majority": the sign
@@ -47,7 +50,10 @@ API (both backends give bit-identical bytes and values for every input):
                                           n_ranks - 2 * (#set bits). weights (a sequence of floats
                                           or a tensor of n_ranks values, converted to float32):
                                           float32 additions ((0.0 + s_0 w_0) + s_1 w_1) + ... in
-                                          rank order. Never unpacks n_ranks float vectors.
+                                          rank order (the native kernel keeps that order while
+                                          vectorizing across elements). Unweighted votes count
+                                          bits (bit-sliced counters), never unpacking n_ranks
+                                          float vectors.
                                           out: as for unpack_signs, but float32.
 
 Everything returned lives on the input's device. Errors: TypeError for wrong dtypes/types,
@@ -61,6 +67,7 @@ import operator
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from . import _cpu, _torch
@@ -70,16 +77,17 @@ __all__ = ["backend", "pack_signs", "pack_stochastic_signs", "unpack_signs", "vo
 
 _native, _native_unavailable = load_native()
 _FORCE_TORCH = os.environ.get("HVD_SIGNSGD_KERNELS", "").strip().lower() == "torch"
+_USE_NATIVE = _native is not None and not _FORCE_TORCH
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def backend():
     """"native" when the C kernels serve CPU tensors, else "torch"."""
-    return "native" if _native is not None and not _FORCE_TORCH else "torch"
+    return "native" if _USE_NATIVE else "torch"
 
 
 def _native_for(t):
-    return t.device.type == "cpu" and backend() == "native"
+    return _USE_NATIVE and t.is_cpu
 
 
 # ---- argument checks shared by both backends -------------------------------------------------
@@ -112,12 +120,12 @@ def _check_n(n):
 
 
 def _output(out, n, dtype, device, allowed):
-    """The tensor to write (a flat view of n elements) and what to return."""
+    """The contiguous tensor of n elements to write (out itself when it has n elements, else
+    a flat view of its first n) - which is also what the kernels return."""
     if out is None:
         if dtype not in allowed:
             raise TypeError(f"dtype must be one of {allowed}, not {dtype}")
-        flat = torch.empty(n, dtype=dtype, device=device)
-        return flat, flat
+        return torch.empty(n, dtype=dtype, device=device)
     _check_tensor(out, "out")
     if out.dtype not in allowed:
         raise TypeError(f"out must be one of {allowed}, not {out.dtype}")
@@ -125,10 +133,10 @@ def _output(out, n, dtype, device, allowed):
         raise ValueError(f"out is on {out.device}, the input on {device}")
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
-    if out.numel() < n:
-        raise ValueError(f"out has {out.numel()} elements, need {n}")
-    flat = out.view(-1)[:n]
-    return flat, (out if out.numel() == n else flat)
+    size = out.numel()
+    if size < n:
+        raise ValueError(f"out has {size} elements, need {n}")
+    return out if size == n else out.view(-1)[:n]
 
 
 def _weights(weights, n_ranks, device):
@@ -136,8 +144,8 @@ def _weights(weights, n_ranks, device):
         return None
     if isinstance(weights, torch.Tensor):
         w = weights.detach().to(device=device, dtype=torch.float32).reshape(-1)
-    elif isinstance(weights, Sequence) and not isinstance(weights, (str, bytes)):
-        w = torch.tensor([float(v) for v in weights], dtype=torch.float32, device=device)
+    elif isinstance(weights, (Sequence, np.ndarray)) and not isinstance(weights, (str, bytes)):
+        w = torch.from_numpy(np.asarray(weights, dtype=np.float32).reshape(-1)).to(device)
     else:
         raise TypeError(f"weights must be None, a sequence or a tensor, not {type(weights)}")
     if w.numel() != n_ranks:
@@ -185,11 +193,11 @@ def unpack_signs(bits, n, scale=1.0, out=None, dtype=torch.float32):
     n = _check_n(n)
     if bits.numel() < _torch.nbytes(n):
         raise ValueError(f"bits has {bits.numel()} bytes, need ceil(n/8) = {_torch.nbytes(n)}")
-    flat, result = _output(out, n, dtype, bits.device, _FLOATS)
+    result = _output(out, n, dtype, bits.device, _FLOATS)
     if _native_for(bits):
-        _cpu.unpack_signs(_native, bits, n, scale, flat)
+        _cpu.unpack_signs(_native, bits, n, scale, result)
     else:
-        _torch.unpack_signs(bits.detach(), n, scale, flat)
+        _torch.unpack_signs(bits, n, scale, result.view(-1))
     return result
 
 
@@ -199,14 +207,14 @@ def vote(bits2d, n, mode="majority", weights=None, out=None):
     n = _check_n(n)
     if mode not in ("majority", "sum"):
         raise ValueError(f"mode must be 'majority' or 'sum', not {mode!r}")
-    if bits2d.dim() != 2 or bits2d.shape[0] < 1:
-        raise ValueError(f"bits2d must be 2-D with at least one row, got {tuple(bits2d.shape)}")
+    if bits2d.dim() != 2 or not 1 <= bits2d.shape[0] <= 1 << 24:
+        raise ValueError(f"bits2d must be 2-D with 1 to 2^24 rows, got {tuple(bits2d.shape)}")
     if bits2d.shape[1] < _torch.nbytes(n):
         raise ValueError(f"bits2d rows have {bits2d.shape[1]} bytes, need {_torch.nbytes(n)}")
     w = _weights(weights, bits2d.shape[0], bits2d.device)
-    flat, result = _output(out, n, torch.float32, bits2d.device, (torch.float32,))
+    result = _output(out, n, torch.float32, bits2d.device, (torch.float32,))
     if _native_for(bits2d):
-        _cpu.vote(_native, bits2d.detach(), n, mode == "majority", w, flat)
+        _cpu.vote(_native, bits2d, n, mode == "majority", w, result)
     else:
-        _torch.vote(bits2d.detach(), n, mode == "majority", w, flat)
+        _torch.vote(bits2d, n, mode == "majority", w, result.view(-1))
     return result

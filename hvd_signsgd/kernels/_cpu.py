@@ -11,7 +11,8 @@ from ._torch import nbytes
 
 def buffer(t):
     """numpy view of a CPU tensor; bfloat16 (no numpy dtype) travels as its int16 bits."""
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     if t.dtype == torch.bfloat16:
         t = t.view(torch.int16)
     return t.numpy()
@@ -34,8 +35,8 @@ def pack_stochastic_signs(native, x, norm, seed, offset):
 
 
 def unpack_signs(native, bits, n, scale, out):
-    """out: a contiguous 1-D CPU tensor of n elements."""
-    native.unpack_signs(buffer(_contiguous(bits.reshape(-1))), n, buffer(out), float(scale))
+    """out: a contiguous CPU tensor of n elements."""
+    native.unpack_signs(buffer(_contiguous(bits)), n, buffer(out), float(scale))
 
 
 def vote(native, rows, n, majority, weights, out):

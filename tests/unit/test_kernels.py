@@ -236,20 +236,17 @@ def make_weights(kind, n_ranks, seed):
 
 
 def naive_vote(rows, n, mode, weights):
-    """Unpack every rank to float32 +-1 and add them up in rank order (numpy)."""
-    rows = rows.contiguous().numpy()
-    signs = 1.0 - 2.0 * np.unpackbits(rows, axis=1, bitorder="little")[:, :n].astype(np.float32)
-    if weights is None:
-        total = signs.sum(axis=0, dtype=np.float32)
-    else:
-        w = np.asarray(weights, dtype=np.float32)
-        total = np.zeros(n, dtype=np.float32)
-        for m in range(rows.shape[0]):
-            total = total + np.where(signs[m] < 0, -w[m], w[m]).astype(np.float32)
-    total = total.astype(np.float32)
+    """Unpack every rank to float32 +-1, then add them up in rank order (plain torch)."""
+    bit_index = torch.arange(8, dtype=torch.uint8)
+    set_bits = (rows.unsqueeze(-1) >> bit_index) & 1  # (n_ranks, nbytes, 8)
+    signs = (1.0 - 2.0 * set_bits.to(torch.float32)).reshape(rows.shape[0], -1)[:, :n]
+    w = torch.ones(rows.shape[0]) if weights is None else torch.as_tensor(weights).float()
+    total = torch.zeros(n)
+    for m in range(rows.shape[0]):
+        total = total + signs[m] * w[m]
     if mode == "majority":
-        total = (np.sign(total) + 0.0).astype(np.float32)
-    return torch.from_numpy(total)
+        total = torch.sign(total) + 0.0  # + 0.0: no -0.0
+    return total
 
 
 @SETTINGS
@@ -317,8 +314,9 @@ def test_vote_native_1d_and_nonfinite_weights():
 
 NORMS = st.one_of(st.sampled_from([1.0, 0.0, 1e-40, 1e-30, math.inf, 3.5]),
                   st.floats(1e-3, 1e3))
-OFFSETS = st.one_of(st.integers(0, 2**40), st.sampled_from([0, 2**32 - 5, 2**32 - 8, 2**32,
-                                                            2**33 - 3]))
+OFFSETS = st.one_of(  # near a 2^32 boundary, the counter's high word changes mid-vector
+    st.integers(0, 2**40), st.just(0),
+    st.builds(lambda k, hi: hi * 2**32 - k, st.integers(-64, 64), st.integers(1, 3)))
 
 
 @SETTINGS
@@ -327,6 +325,8 @@ OFFSETS = st.one_of(st.integers(0, 2**40), st.sampled_from([0, 2**32 - 5, 2**32 
        value_seed=st.integers(0, 2**32 - 1))
 @example(n=BIG, dtype=torch.float32, kind="contiguous", norm=3.0, seed=1, offset=2**32 - 77,
          isa_name=ISAS[-1], value_seed=1)
+@example(n=100, dtype=torch.bfloat16, kind="contiguous", norm=1.0, seed=3, offset=2**32 - 39,
+         isa_name=ISAS[-1], value_seed=3)
 @example(n=BIG, dtype=torch.float16, kind="strided", norm=2.0, seed=2, offset=5,
          isa_name="portable", value_seed=2)
 def test_stochastic_identical(n, dtype, kind, norm, seed, offset, isa_name, value_seed):
@@ -351,6 +351,19 @@ def test_stochastic_tensor_norm_and_edges():
     end = (1 << 63) - n
     assert torch.equal(K.pack_stochastic_signs(x[:10].repeat(200), 2.0, 1, end),
                        T.pack_stochastic_signs(x[:10].repeat(200), 2.0, 1, end))
+
+
+@pytest.mark.parametrize("high", [1, 2, 2**31 - 5])
+def test_stochastic_counter_high_word(high):
+    """Vectors that straddle a multiple of 2^32: every lane must use its own high word."""
+    x = torch.zeros(48)
+    for k in range(1, 41):
+        offset = high * 2**32 - k
+        for seed in range(24):
+            expected = T.pack_stochastic_signs(x, 1.0, seed, offset)
+            for name in ISAS:
+                with isa(name):
+                    assert torch.equal(K.pack_stochastic_signs(x, 1.0, seed, offset), expected)
 
 
 @settings(max_examples=30, deadline=None)
