@@ -37,6 +37,13 @@ DEFAULTS = {
     # EF-signSGD as in its paper, without momentum: with SGD momentum 0.9 on top it was
     # unstable here at every lr we tried (accuracy rose, then fell).
     "ef_signsgd": dict(lr=0.2, momentum=0.0),
+    # Sparsifiers send 1% of the coordinates; threshold's lambda gives about 1% on this model.
+    # Random-k releases bursts of old error that momentum amplifies, so it runs without.
+    "topk": dict(lr=0.1, momentum=0.9, opts={"ratio": 0.01}),
+    "threshold": dict(lr=0.1, momentum=0.9, opts={"lam": 0.07}),
+    "randomk": dict(lr=0.1, momentum=0.0, opts={"ratio": 0.05}),
+    # ECX: SGD(momentum=1-alpha, dampening=1-alpha) is the moving average it compensates for.
+    "ecx": dict(lr=0.03, momentum=0.9, dampening=0.9, opts={"alpha": 0.1}),
 }
 
 
@@ -119,9 +126,11 @@ def main(argv=None):
     lr = args.lr if args.lr is not None else d["lr"]
     momentum = args.momentum if args.momentum is not None else d["momentum"]
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum,
+                          dampening=d.get("dampening", 0.0) if args.momentum is None else 0.0,
                           weight_decay=args.weight_decay)
+    options = {**d.get("opts", {}), **method_options(args.opt)}
     opt = hvd_signsgd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
-                                           method=args.method, **method_options(args.opt))
+                                           method=args.method, **options)
 
     steps_per_epoch = len(ys) // args.batch_size
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)

@@ -75,10 +75,20 @@ class Communicator:
         self.rank = process_set.rank()
         self.counters = Counters()
 
-    def allgather(self, payload: torch.Tensor, name: str) -> Handle:
+    def allgather(self, payload: torch.Tensor, name: str, size_exchange: bool = False) -> Handle:
+        """size_exchange: the payload length differs between ranks (an allgatherv), so count
+        the exchange of sizes it needs: each rank's int64 first dimension, which Horovod's
+        negotiation carries (8 bytes sent, 8 from each other rank; also in
+        extra["size_exchange_bytes"]). Fixed-length payloads need none."""
         assert payload.dtype == torch.uint8 and payload.dim() == 1
-        self.counters.bytes_sent += payload.numel()
-        self.counters.collectives += 1
+        c = self.counters
+        c.bytes_sent += payload.numel()
+        c.collectives += 1
+        if size_exchange:
+            c.bytes_sent += 8
+            c.bytes_received += 8 * (self.size - 1)
+            c.wire_bytes_sent += 8
+            c.extra["size_exchange_bytes"] = c.extra.get("size_exchange_bytes", 0) + 8 * self.size
         h = hvd.allgather_async(payload, name=name, process_set=self.process_set)
         return Handle(self, h, "allgather", payload.numel())
 

@@ -242,8 +242,11 @@ class _CompressedOptimizer(torch.optim.Optimizer):
                 b.ctx.model_norm = norm
         for b in buckets:
             msg = b.active.encode(b.flat, b.state, b.ctx)
+            extra = self._comm.counters.extra
+            for k, v in b.ctx.stats.items():      # method counts (nnz_sent, dense_fallbacks, ...)
+                extra[k] = extra.get(k, 0) + v
             if b.active.collective == "allgather":
-                b.handle = self._comm.allgather(msg, b.name)
+                b.handle = self._comm.allgather(msg, b.name, size_exchange=b.active.variable_size)
             else:
                 f = self.gradient_predivide_factor if b.ctx.average else 1.0
                 b.handle = self._comm.allreduce(msg, b.name, op=hvd.Sum, prescale_factor=1.0 / f,
@@ -358,6 +361,10 @@ class _CompressedOptimizer(torch.optim.Optimizer):
             "total_seconds_encode": tot.seconds_encode,
             "total_seconds_communicate": tot.seconds_communicate,
             "total_seconds_decode": tot.seconds_decode,
+            # counts some methods report (e.g. nnz_sent, dense_fallbacks, error_resets,
+            # size_exchange_bytes): last step under its name, whole run as total_<name>
+            **{k: last.extra.get(k, 0) for k in tot.extra},
+            **{f"total_{k}": v for k, v in tot.extra.items()},
         }
 
     # --- checkpoints --------------------------------------------------------------------------

@@ -12,6 +12,12 @@ SGD_SETTINGS = {
     "stochastic_sign": dict(lr=0.002),
     "ssdm": dict(lr=0.002),
     "ef_signsgd": dict(lr=0.1),
+    "topk": dict(lr=0.05, momentum=0.9),
+    "threshold": dict(lr=0.05, momentum=0.9),
+    "randomk": dict(lr=0.05, momentum=0.9),
+    # ecx: the moving average v = (1 - alpha) v + alpha * update is SGD's momentum with
+    # dampening; alpha = 0.1, the method's default
+    "ecx": dict(lr=0.05, momentum=0.9, dampening=0.9),
 }
 
 

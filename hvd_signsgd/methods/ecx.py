@@ -16,9 +16,12 @@ accumulate through the average. Conservation form: sum_t q_t + delta_T - (1 - al
 = sum_t u_t.
 
 Usage: the moving average is the wrapped optimizer's, torch.optim.SGD(lr, momentum=1 - alpha,
-dampening=1 - alpha) (which computes v_t = (1 - alpha) v_{t-1} + alpha * grad; note its first
-step takes v_1 = grad, a transient that decays as (1 - alpha)^t), with the same alpha given to
-the method. u_t is the gradient (momentum SGD). For STORM, compute
+dampening=1 - alpha) (which computes v_t = (1 - alpha) v_{t-1} + alpha * grad), with the same
+alpha given to the method. torch's first step takes v_1 = grad instead of alpha * grad; the
+identity then holds up to a term decaying as (1 - alpha)^t, or exactly if the momentum buffers
+are set to zeros before the first step (optimizer.state[p]["momentum_buffer"] = zeros). With
+dampening=0 the average is scaled by 1/alpha: the same method with lr / alpha. u_t is the
+gradient (momentum SGD). For STORM, compute
 u_t = storm_direction(g(x_t; xi_t), g(x_{t-1}; xi_t), alpha) yourself, write it into p.grad and
 call optimizer.step() (the wrapper sends whatever p.grad holds; see storm_direction).
 

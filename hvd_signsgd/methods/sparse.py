@@ -38,18 +38,20 @@ from .perturb import Perturbation
 # topk_indices first keeps the candidates above a sampled threshold and selects among them;
 # examples/bench_topk.py measures the two paths.
 SAMPLED_MIN_NUMEL = 1 << 17
-_SAMPLE_PER_K = 128      # sample size m = _SAMPLE_PER_K * d / k: about 128 sample points above
+_SAMPLE_PER_K = 64       # sample size m = _SAMPLE_PER_K * d / k: about 64 sample points above
 _SAMPLE_Z = 4.0          # the true k-th value; the threshold sits z standard deviations lower
 
 
 def _exact_from(a: torch.Tensor, k: int) -> torch.Tensor:
     """Positions (ascending) of the k largest entries of a; ties at the k-th value go to the
     lowest positions."""
-    kth = torch.topk(a, k, largest=True, sorted=False).values.min()
-    ge = a >= kth
-    n_ge = int(ge.sum())
-    if n_ge == k:                 # no ties across the cut (the usual case)
-        return ge.nonzero().squeeze(1)
+    if 64 * k <= a.numel():       # the k-th largest value: torch.topk keeps a small heap here,
+        kth = torch.topk(a, k, sorted=False).values.min()
+    else:                         # and kthvalue's quickselect is faster for larger k
+        kth = torch.kthvalue(a, a.numel() - k + 1).values
+    idx = (a >= kth).nonzero().squeeze(1)
+    if idx.numel() == k:          # no ties across the cut (the usual case)
+        return idx
     gt = a > kth
     eq = a == kth
     need = k - int(gt.sum())
@@ -264,8 +266,8 @@ _RANDOMK_STREAM = 0x72616E646B   # "randk"
 
 def sample_without_replacement(d: int, k: int, gen: torch.Generator) -> torch.Tensor:
     """k distinct positions of range(d), uniformly, ascending. For k <= d/4: draws with
-    replacement, kept in draw order until k distinct ones are found (a uniform k-subset, O(k log k));
-    otherwise a permutation prefix (O(d))."""
+    replacement, kept in draw order until k distinct ones are found (a uniform k-subset,
+    O(k log k)); otherwise a permutation prefix (O(d))."""
     if k >= d:
         return torch.arange(d)
     if 4 * k > d:
