@@ -150,6 +150,15 @@ class _SparseEF(Perturbation, Method):
         return out.div_(ctx.size) if ctx.average else out
 
 
+def _budget(ratio, k):
+    """Validate a per-step budget given as a ratio of the coordinates or as a count k."""
+    if k is None and not 0.0 < float(ratio) <= 1.0:
+        raise ValueError(f"ratio must be in (0, 1], not {ratio!r}")
+    if k is not None and (int(k) != k or k < 1):
+        raise ValueError(f"k must be a positive integer, not {k!r}")
+    return float(ratio), None if k is None else int(k)
+
+
 class TopK(_SparseEF):
     """Top-k with error feedback (Stich et al. 2018 "Mem-SGD"; Aji & Heafield 2017; section 8).
 
@@ -175,12 +184,7 @@ class TopK(_SparseEF):
         super().__init__(values, noise, noise_seed, reset_every)
         if scope not in ("layer", "bucket"):
             raise ValueError(f"scope must be 'layer' or 'bucket', not {scope!r}")
-        if k is None and not 0.0 < float(ratio) <= 1.0:
-            raise ValueError(f"ratio must be in (0, 1], not {ratio!r}")
-        if k is not None and (int(k) != k or k < 1):
-            raise ValueError(f"k must be a positive integer, not {k!r}")
-        self.ratio = float(ratio)
-        self.k = None if k is None else int(k)
+        self.ratio, self.k = _budget(ratio, k)
         self.scope = scope
 
     def options(self):
@@ -304,12 +308,7 @@ class RandomK(Perturbation, Method):
     bits_per_coordinate = 32.0
 
     def __init__(self, ratio=0.01, k=None, noise=0.0, noise_seed="rank", reset_every=0):
-        if k is None and not 0.0 < float(ratio) <= 1.0:
-            raise ValueError(f"ratio must be in (0, 1], not {ratio!r}")
-        if k is not None and (int(k) != k or k < 1):
-            raise ValueError(f"k must be a positive integer, not {k!r}")
-        self.ratio = float(ratio)
-        self.k = None if k is None else int(k)
+        self.ratio, self.k = _budget(ratio, k)
         self._init_perturbation(noise, noise_seed, reset_every)
 
     def options(self):
