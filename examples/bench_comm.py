@@ -20,6 +20,10 @@ split into encode / communicate / decode and byte counts (compression_stats()), 
 each rank's network interface really sent in the timed window (/sys/class/net/<iface>), to be
 compared with compression_stats()'s ring model `wire_bytes_sent`.
 
+The contenders take turns (--rounds): a few steps of each, then a few more of each, so that
+other work on a shared machine weighs on all of them alike. Each step's time is the slowest
+rank's; the summary is the median with min/max over the timed steps.
+
 The gradient's sign flips from step to step (g, -g, g, ...): error-feedback memories then stay
 bounded instead of growing each step, so sparse methods (topk, threshold) send a steady amount,
 as in training, and the sign methods are not affected at all.
@@ -32,14 +36,17 @@ the same steps with no exchange at all: what overlap buys.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import json
 import os
 import platform
+import pstats
 import statistics
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +60,7 @@ import horovod.torch as hvd  # noqa: E402
 import torch  # noqa: E402
 
 DEFAULT_CONTENDERS = ("hvd_fp32,hvd_fp16,none,signsgd,ssdm,ef_signsgd,"
-                      "topk:ratio=0.01,topk:ratio=0.001,threshold")
+                      "topk:ratio=0.01,topk:ratio=0.001,threshold:lam=2.576")
 
 
 # --- gradient sets with real shapes, in forward (registration) order --------------------------
@@ -203,6 +210,19 @@ def unavailable(c: Contender) -> str | None:
     return None
 
 
+def release(opt) -> weakref.ref:
+    """Prepare an optimizer to be dropped; returns a weak reference to check that it was freed.
+
+    hvd_signsgd.DistributedOptimizer registers its hooks as bound methods on the parameters:
+    parameter -> hook -> optimizer -> parameter is a cycle through torch's C++ side that
+    Python's garbage collector cannot break, so a dropped optimizer (with its buckets, error
+    memory and momentum) is never freed. This benchmark builds one per contender and round;
+    without removing the hooks, 4 ranks ran out of memory on BERT-sized buffers."""
+    for handle in getattr(opt, "_hooks", None) or []:
+        handle.remove()
+    return weakref.ref(opt)
+
+
 def make_optimizer(c: Contender, params, named, lr=0.01, momentum=0.0, bucket_cap_mb=25.0):
     base = torch.optim.SGD(params, lr=lr, momentum=momentum)
     if c.kind == "horovod":
@@ -253,6 +273,16 @@ def warmup_steps(first_step_s: float, args) -> int:
     return args.warmup if first_step_s < args.budget_s / 4 else 1
 
 
+def profile_rows(prof, top: int = 14) -> list[dict]:
+    """The functions with the most own time in a cProfile run."""
+    rows = []
+    for (file, line, fn), (_, ncalls, tottime, cumtime, _) in pstats.Stats(prof).stats.items():
+        where = fn if file == "~" else f"{Path(file).parent.name}/{Path(file).name}:{line} {fn}"
+        rows.append({"function": where, "calls": ncalls, "own_s": tottime, "cum_s": cumtime})
+    rows.sort(key=lambda r: -r["own_s"])
+    return rows[:top]
+
+
 def gradient_sources(shapes, seed: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed * 1009 + hvd.rank())
     return [torch.randn(s, generator=gen) for _, s in shapes]
@@ -260,118 +290,226 @@ def gradient_sources(shapes, seed: int) -> list[torch.Tensor]:
 
 # --- sync-only benchmark ------------------------------------------------------------------------
 
-def bench_sync(model_name: str, shapes, grads, c: Contender, args) -> dict:
-    n = sum(g.numel() for g in grads)
-    res = {"model": model_name, "contender": c.label, "kind": c.kind, "numel": n,
-           "ranks": hvd.size()}
-    model = ShapeModel(shapes)
-    params = list(model.params)
-    opt = make_optimizer(c, params, model.named(c.label), bucket_cap_mb=args.bucket_cap_mb)
-    for p in params:
-        p.grad = torch.empty_like(p)
-    is_ours = c.kind == "hvd_signsgd"
-    if is_ours:
-        res["method"] = opt.compression_stats()["method"]
-        res["buckets"] = opt.compression_stats()["buckets"]
+class SyncBench:
+    """One contender on one gradient set, measured in rounds.
 
-    def one_step(i: int) -> tuple[float, dict | None]:
-        sign = 1.0 if i % 2 == 0 else -1.0
-        for p, g in zip(params, grads):
+    The machine is shared (other jobs come and go, and all "hosts" share its cores), so the
+    contenders take turns: round 1 of every contender, then round 2 of every contender, and so
+    on. Each contender then sees about the same mix of quiet and busy periods, which keeps the
+    speed-ups fair even when absolute times drift. Each round builds the optimizer afresh (only
+    one contender's buffers exist at a time: BERT-sized state for 4 ranks would not fit 9 times),
+    runs one untimed warm-up step, then its share of the timed steps."""
+
+    def __init__(self, model_name, shapes, grads, c: Contender, args):
+        self.model_name, self.shapes, self.grads, self.c, self.args = (
+            model_name, shapes, grads, c, args)
+        self.label = c.label
+        self.is_ours = c.kind == "hvd_signsgd"
+        self.last_opt = None
+        self.step = 0                 # steps run so far (the gradient's sign alternates)
+        self.first = None             # the first step's time (slowest rank): sets the plan
+        self.total = self.rounds = 0
+        self.done_rounds = 0
+        self.warm = 0
+        self.times, self.stats = [], []
+        self.tx = self.rx = 0
+        self.window_s = 0.0
+        self.has_iface = True
+        self.profile = None
+        self.info = {}
+
+    def _one_step(self, opt, params, profiler=None):
+        sign = 1.0 if self.step % 2 == 0 else -1.0
+        self.step += 1
+        for p, g in zip(params, self.grads):
             torch.mul(g, sign, out=p.grad)
         agree_max(0.0)                   # everyone starts together
+        if profiler:
+            profiler.enable()
         t0 = time.perf_counter()
         opt.synchronize()
         dt = time.perf_counter() - t0
-        return dt, (opt.compression_stats() if is_ours else None)
+        if profiler:
+            profiler.disable()
+        return dt, (opt.compression_stats() if self.is_ours else None)
 
-    first = agree_max(one_step(0)[0])
-    warm = warmup_steps(first, args)
-    for i in range(1, warm):
-        one_step(i)
-    steps = plan_steps(first, args)
-    agree_max(0.0)
-    before = iface_bytes(args.iface)
-    times, stats = [], []
-    for i in range(warm, warm + steps):
-        dt, st = one_step(i)
-        times.append(dt)
-        stats.append(st)
-    agree_max(0.0)                       # every byte of the last step has arrived everywhere
-    after = iface_bytes(args.iface)
+    def pending(self) -> bool:
+        return self.first is None or self.done_rounds < self.rounds
 
-    mine = {"times": times,
-            "iface_tx": after[0] - before[0] if before and after else None,
-            "iface_rx": after[1] - before[1] if before and after else None}
-    if is_ours:
-        for k in ("bytes_sent", "bytes_received", "wire_bytes_sent", "dense_fp32_bytes",
-                  "seconds_encode", "seconds_communicate", "seconds_decode"):
-            mine[k] = [s[k] for s in stats]
-    ranks = hvd.allgather_object(mine, name=f"bench.gather.{c.label}")
-    per_step = [max(r["times"][i] for r in ranks) for i in range(steps)]
-    res.update(steps=steps, warmup=warm,
-               first_step_s=first, step_times=per_step, time=summary(per_step),
-               rank_times=[r["times"] for r in ranks],
-               iface_tx=[r["iface_tx"] for r in ranks], iface_rx=[r["iface_rx"] for r in ranks])
-    if not is_ours:
-        # Horovod keeps no byte counts: the ring model of its fused allreduce, per rank
-        elem = 2 if c.method == "hvd_fp16" else 4
-        ring = 2 * (hvd.size() - 1) * n * elem // hvd.size()
-        res["wire_bytes_sent"] = [ring * steps] * len(ranks)
-    else:
-        for k in ("bytes_sent", "bytes_received", "wire_bytes_sent", "dense_fp32_bytes"):
-            res[k] = [sum(r[k]) for r in ranks]              # per rank, over the timed steps
-        for k in ("seconds_encode", "seconds_communicate", "seconds_decode"):
-            res[k] = statistics.median(v for r in ranks for v in r[k])
-    return res
+    def run_round(self):
+        args = self.args
+        model = ShapeModel(self.shapes)
+        params = list(model.params)
+        opt = make_optimizer(self.c, params, model.named(self.c.label),
+                             bucket_cap_mb=args.bucket_cap_mb)
+        for p in params:
+            p.grad = torch.empty_like(p)
+        if self.is_ours and not self.info:
+            st = opt.compression_stats()
+            self.info = {"method": st["method"], "buckets": st["buckets"]}
+
+        dt = agree_max(self._one_step(opt, params)[0])    # warm-up of this optimizer
+        if self.first is None:
+            self.first = dt
+            self.warm = warmup_steps(dt, args)
+            self.total = plan_steps(dt, args)
+            # slow steps (100 Mbit/s, BERT): one round, as a round costs a warm-up step
+            cheap = dt < args.budget_s / 4
+            self.rounds = max(1, min(args.rounds, self.total)) if cheap else 1
+            for _ in range(1, self.warm):
+                self._one_step(opt, params)
+        else:
+            self.warm += 1
+        r = self.done_rounds
+        steps = self.total // self.rounds + (1 if r < self.total % self.rounds else 0)
+
+        agree_max(0.0)
+        before, w0 = iface_bytes(args.iface), time.perf_counter()
+        for _ in range(steps):
+            dt, st = self._one_step(opt, params)
+            self.times.append(dt)
+            self.stats.append(st)
+        agree_max(0.0)                   # every byte of the last step has arrived everywhere
+        after = iface_bytes(args.iface)
+        # how long the counters ran: Horovod's control messages flow all the time (see
+        # idle_tx_bytes_per_s), which matters next to small payloads and CPU-bound steps
+        self.window_s += time.perf_counter() - w0
+        if before and after:
+            self.tx += after[0] - before[0]
+            self.rx += after[1] - before[1]
+        else:
+            self.has_iface = False
+        self.done_rounds += 1
+        if self.done_rounds == self.rounds and self.c.method in args.profile.split(","):
+            # one more step under cProfile (the main thread: the optimizer's side, not
+            # Horovod's background thread), outside the timed and counted window
+            prof = cProfile.Profile()
+            dt, _ = self._one_step(opt, params, prof)
+            self.profile = {"step_s": dt, "top": profile_rows(prof)}
+        self.last_opt = release(opt)
+
+    def result(self) -> dict:
+        """Collective: every rank's numbers, combined."""
+        mine = {"times": self.times, "iface_tx": self.tx if self.has_iface else None,
+                "iface_rx": self.rx if self.has_iface else None, "window_s": self.window_s}
+        if self.is_ours:
+            for k in ("bytes_sent", "bytes_received", "wire_bytes_sent", "dense_fp32_bytes",
+                      "seconds_encode", "seconds_communicate", "seconds_decode"):
+                mine[k] = [s[k] for s in self.stats]
+        ranks = hvd.allgather_object(mine, name=f"bench.gather.{self.c.label}")
+        steps = len(self.times)
+        n = sum(g.numel() for g in self.grads)
+        per_step = [max(r["times"][i] for r in ranks) for i in range(steps)]
+        res = {"model": self.model_name, "contender": self.c.label, "kind": self.c.kind,
+               "numel": n, "ranks": hvd.size(), **self.info,
+               "steps": steps, "rounds": self.rounds, "warmup": self.warm,
+               "first_step_s": self.first, "step_times": per_step, "time": summary(per_step),
+               "rank_times": [r["times"] for r in ranks],
+               "iface_tx": [r["iface_tx"] for r in ranks],
+               "iface_rx": [r["iface_rx"] for r in ranks],
+               "window_s": [r["window_s"] for r in ranks]}
+        if self.profile:
+            res["profile"] = self.profile
+        if not self.is_ours:
+            # Horovod keeps no byte counts: the ring model of its fused allreduce, per rank
+            elem = 2 if self.c.method == "hvd_fp16" else 4
+            ring = 2 * (hvd.size() - 1) * n * elem // hvd.size()
+            res["wire_bytes_sent"] = [ring * steps] * len(ranks)
+        else:
+            for k in ("bytes_sent", "bytes_received", "wire_bytes_sent", "dense_fp32_bytes"):
+                res[k] = [sum(r[k]) for r in ranks]          # per rank, over the timed steps
+            for k in ("seconds_encode", "seconds_communicate", "seconds_decode"):
+                res[k] = statistics.median(v for r in ranks for v in r[k])
+        return res
 
 
 # --- end-to-end training steps ------------------------------------------------------------------
 
-def bench_e2e(c: Contender | None, overlap: bool, args) -> dict:
-    torch.manual_seed(args.seed)                      # identical initial model on every rank
-    model = WideMLP(width=args.e2e_width)
-    gen = torch.Generator().manual_seed(args.seed * 7919 + hvd.rank())
-    x = torch.randn(args.e2e_batch, 1024, generator=gen)
-    y = torch.randint(0, 1000, (args.e2e_batch,), generator=gen)
-    params = list(model.parameters())
-    if c is None:
-        opt = torch.optim.SGD(params, lr=0.01)
-    else:
-        opt = make_optimizer(c, params, [(f"e2e.{c.label}.{int(overlap)}.{n}", p)
-                                         for n, p in model.named_parameters()],
-                             bucket_cap_mb=args.bucket_cap_mb)
-    loss_fn = torch.nn.CrossEntropyLoss()
+class E2EBench:
+    """Full training steps of the wide MLP with one contender (None: no exchange at all), with
+    the exchange overlapping backward or not; in rounds, like SyncBench."""
 
-    def one_step() -> float:
-        agree_max(0.0)
-        t0 = time.perf_counter()
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        if overlap:
-            loss.backward()                 # hooks launch exchanges while backward runs
+    def __init__(self, c: Contender | None, overlap: bool, args):
+        self.c, self.overlap, self.args = c, overlap, args
+        self.label = c.label if c else "compute_only"
+        self.last_opt = None
+        self.first = None
+        self.total = self.rounds = self.done_rounds = 0
+        self.times = []
+        self.numel = 0
+
+    def pending(self) -> bool:
+        return self.first is None or self.done_rounds < self.rounds
+
+    def run_round(self):
+        args = self.args
+        torch.manual_seed(args.seed)                  # identical initial model on every rank
+        model = WideMLP(width=args.e2e_width)
+        gen = torch.Generator().manual_seed(args.seed * 7919 + hvd.rank())
+        x = torch.randn(args.e2e_batch, 1024, generator=gen)
+        y = torch.randint(0, 1000, (args.e2e_batch,), generator=gen)
+        params = list(model.parameters())
+        self.numel = sum(p.numel() for p in params)
+        if self.c is None:
+            opt = torch.optim.SGD(params, lr=0.01)
         else:
-            # torch.autograd.grad does not accumulate into .grad, so no hook of either
-            # optimizer fires; step() -> synchronize() then launches every exchange at once
-            for p, g in zip(params, torch.autograd.grad(loss, params)):
-                p.grad = g
-        opt.step()
-        return time.perf_counter() - t0
+            opt = make_optimizer(self.c, params,
+                                 [(f"e2e.{self.label}.{int(self.overlap)}.{n}", p)
+                                  for n, p in model.named_parameters()],
+                                 bucket_cap_mb=args.bucket_cap_mb)
+        loss_fn = torch.nn.CrossEntropyLoss()
 
-    first = agree_max(one_step())
-    for _ in range(1, warmup_steps(first, args)):
-        one_step()
-    steps = plan_steps(first, argparse.Namespace(steps=args.e2e_steps, budget_s=args.budget_s,
-                                                 min_steps=args.min_steps))
-    times = [one_step() for _ in range(steps)]
-    ranks = hvd.allgather_object(times, name="bench.gather.e2e")
-    per_step = [max(r[i] for r in ranks) for i in range(steps)]
-    res = {"contender": c.label if c else "compute_only", "overlap": overlap,
-           "numel": sum(p.numel() for p in params), "batch": args.e2e_batch,
-           "steps": steps, "step_times": per_step, "time": summary(per_step)}
-    return res
+        def one_step() -> float:
+            agree_max(0.0)
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            if self.overlap:
+                loss.backward()             # hooks launch exchanges while backward runs
+            else:
+                # torch.autograd.grad does not accumulate into .grad, so no hook of either
+                # optimizer fires; step() -> synchronize() then launches every exchange at once
+                for p, g in zip(params, torch.autograd.grad(loss, params)):
+                    p.grad = g
+            opt.step()
+            return time.perf_counter() - t0
+
+        dt = agree_max(one_step())                     # warm-up of this optimizer
+        if self.first is None:
+            self.first = dt
+            plan = argparse.Namespace(steps=args.e2e_steps, budget_s=args.budget_s,
+                                      min_steps=args.min_steps)
+            self.total = plan_steps(dt, plan)
+            cheap = dt < args.budget_s / 4
+            self.rounds = max(1, min(args.rounds, self.total)) if cheap else 1
+            for _ in range(1, warmup_steps(dt, args)):
+                one_step()
+        r = self.done_rounds
+        steps = self.total // self.rounds + (1 if r < self.total % self.rounds else 0)
+        self.times += [one_step() for _ in range(steps)]
+        self.done_rounds += 1
+        self.last_opt = release(opt)
+
+    def result(self) -> dict:
+        ranks = hvd.allgather_object(self.times, name="bench.gather.e2e")
+        per_step = [max(r[i] for r in ranks) for i in range(len(self.times))]
+        return {"contender": self.label, "overlap": self.overlap, "numel": self.numel,
+                "batch": self.args.e2e_batch, "steps": len(per_step), "rounds": self.rounds,
+                "step_times": per_step, "time": summary(per_step)}
 
 
 # --- run ----------------------------------------------------------------------------------------
+
+def leak_check(bench, out: dict) -> None:
+    """After a round: the round's optimizer must be gone, or memory grows round by round."""
+    gc.collect()
+    if bench.last_opt() is not None:
+        leaks = out["meta"].setdefault("optimizers_not_freed", {})
+        leaks[bench.label] = leaks.get(bench.label, 0) + 1
+        if hvd.rank() == 0 and leaks[bench.label] == 1:
+            print(f"[bench_comm] WARNING: the {bench.label} optimizer was not freed after its "
+                  f"round (memory leak)", flush=True)
+
 
 def machine_info() -> dict:
     def cmd(*argv):
@@ -406,13 +544,20 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps (at most)")
     p.add_argument("--min-steps", type=int, default=3, help="timed steps (at least, budget "
                    "permitting)")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before the first "
+                   "round (later rounds: 1, for the new optimizer)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="the contenders take turns in this many rounds (fairness on a busy "
+                        "machine); slow contenders run in one")
     p.add_argument("--budget-s", type=float, default=20.0,
                    help="rough time budget of the timed steps of one contender")
     p.add_argument("--bucket-cap-mb", type=float, default=25.0)
+    p.add_argument("--profile", default="signsgd,ssdm,ef_signsgd,topk,threshold",
+                   help="hvd_signsgd methods that get one extra, cProfiled synchronize()")
     p.add_argument("--e2e", action="store_true", help="also time full training steps")
-    p.add_argument("--e2e-contenders", default="hvd_fp32,hvd_fp16,signsgd,ef_signsgd")
-    p.add_argument("--e2e-steps", type=int, default=8)
+    p.add_argument("--e2e-contenders",
+                   default="hvd_fp32,hvd_fp16,signsgd,ef_signsgd,topk:ratio=0.01")
+    p.add_argument("--e2e-steps", type=int, default=6)
     p.add_argument("--e2e-batch", type=int, default=32)
     p.add_argument("--e2e-width", type=int, default=2688)
     p.add_argument("--iface", default=os.environ.get("HSG_NETSIM_IFACE", "net0"),
@@ -436,7 +581,9 @@ def main(argv=None) -> int:
                     "distinct_hosts": len(set(hosts)), "iface": args.iface,
                     "coll": os.environ.get("HSG_NETSIM_COLL", ""),
                     "argv": sys.argv[1:], "machine": machine_info() if rank == 0 else None,
-                    "started": time.strftime("%Y-%m-%d %H:%M:%S")},
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    # other work on the machine distorts every number: keep the evidence
+                    "loadavg_start": Path("/proc/loadavg").read_text().split()[:3]},
            "sync": [], "e2e": []}
 
     def save():
@@ -465,55 +612,71 @@ def main(argv=None) -> int:
         grads = gradient_sources(shapes, args.seed)
         log(f"{model_name}: {len(shapes)} tensors, {numel / 1e6:.2f} M parameters, "
             f"rate {args.rate or '?'}, {hvd.size()} ranks on {len(set(hosts))} hosts")
+        benches = []
         for c in contenders:
             why = unavailable(c)
             if why:
                 log(f"  {c.label:22s} skipped: {why}")
                 out["sync"].append({"model": model_name, "contender": c.label, "skipped": why})
-                save()
+            else:
+                benches.append(SyncBench(model_name, shapes, grads, c, args))
+        save()
+        failed = {}
+        while any(b.pending() for b in benches if b.c.label not in failed):
+            for b in benches:
+                if b.c.label in failed or not b.pending():
+                    continue
+                try:
+                    b.run_round()
+                    leak_check(b, out)
+                    log(f"    {b.c.label:22s} round {b.done_rounds}/{b.rounds}: "
+                        f"{len(b.times)}/{b.total} timed steps, last {1e3 * b.times[-1]:.0f} ms")
+                except Exception as e:
+                    # a method that fails the same way on every rank must not cost the other
+                    # results (one failing on some ranks only hangs: run_bench.sh has a timeout)
+                    failed[b.c.label] = f"{type(e).__name__}: {e}"
+                    log(f"  {b.c.label:22s} FAILED: {failed[b.c.label]}")
+                gc.collect()             # this contender's buffers, before the next one
+        for b in benches:
+            if b.c.label in failed:
+                out["sync"].append({"model": model_name, "contender": b.c.label,
+                                    "failed": failed[b.c.label]})
                 continue
-            try:
-                r = bench_sync(model_name, shapes, grads, c, args)
-            except Exception as e:
-                # a method that fails the same way on every rank must not cost the other
-                # results (one failing on some ranks only hangs: run_bench.sh has a timeout)
-                log(f"  {c.label:22s} FAILED: {type(e).__name__}: {e}")
-                out["sync"].append({"model": model_name, "contender": c.label,
-                                    "failed": f"{type(e).__name__}: {e}"})
-                save()
-                gc.collect()
-                continue
-            gc.collect()                 # the contender's buffers, before the next one
+            r = b.result()
             out["sync"].append(r)
-            save()
             t = r["time"]
-            line = (f"  {c.label:22s} {1e3 * t['median']:9.1f} ms median "
+            line = (f"  {b.c.label:22s} {1e3 * t['median']:9.1f} ms median "
                     f"[{1e3 * t['min']:.1f}-{1e3 * t['max']:.1f}] n={t['n']}; MB/step per "
                     f"rank: wire model {r['wire_bytes_sent'][0] / r['steps'] / 1e6:.3f}")
             if r["iface_tx"][0] is not None:
                 line += f", iface tx {r['iface_tx'][0] / r['steps'] / 1e6:.3f}"
-            if c.kind == "hvd_signsgd":
+            if b.is_ours:
                 line += (f"; enc {1e3 * r['seconds_encode']:.1f} comm "
                          f"{1e3 * r['seconds_communicate']:.1f} dec "
                          f"{1e3 * r['seconds_decode']:.1f} ms")
             log(line)
+        save()
         del grads
         gc.collect()
 
     if args.e2e:
         log(f"e2e: wide MLP, batch {args.e2e_batch} per rank")
-        runs = [(None, False)] + [(c, ov) for c in parse_contenders(args.e2e_contenders)
-                                  for ov in (True, False)]
-        for c, overlap in runs:
-            if c is not None and unavailable(c):
-                continue
-            r = bench_e2e(c, overlap, args)
-            gc.collect()
+        benches = [E2EBench(None, False, args)] + [
+            E2EBench(c, overlap, args) for c in parse_contenders(args.e2e_contenders)
+            if not unavailable(c) for overlap in (True, False)]
+        while any(b.pending() for b in benches):
+            for b in benches:
+                if b.pending():
+                    b.run_round()
+                    leak_check(b, out)
+        for b in benches:
+            r = b.result()
             out["e2e"].append(r)
-            save()
-            log(f"  {r['contender']:22s} overlap={overlap!s:5s} "
+            log(f"  {r['contender']:22s} overlap={r['overlap']!s:5s} "
                 f"{1e3 * r['time']['median']:9.1f} ms/step (n={r['steps']})")
+        save()
     out["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    out["meta"]["loadavg_end"] = Path("/proc/loadavg").read_text().split()[:3]
     save()
     return 0
 

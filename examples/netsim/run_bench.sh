@@ -9,7 +9,7 @@
 #
 # Settings (environment): HOSTS ("2 4"), RATES ("off 10gbit 1gbit 100mbit"; "off" = no
 # limit), MODELS (resnet50,bert_base), CONTENDERS (bench_comm.py's default list), E2E_RATES
-# (rates that also run the end-to-end MLP steps, "off 1gbit"), BENCH_ARGS (more bench_comm.py
+# (rates that also run the end-to-end MLP steps, "1gbit"; empty: none), BENCH_ARGS (more bench_comm.py
 # arguments), OUT (results dir, examples/netsim/results), PYTHON (.venv/bin/python),
 # TIMEOUT_S (per mpirun, 3600), HSG_NETSIM_PREFIX / HSG_NETSIM_SUBNET (see netsim.sh).
 # Output: $OUT/RESULTS.md, $OUT/*.png, $OUT/raw/h<N>-<rate>.json, $OUT/run.log.
@@ -24,13 +24,13 @@ NETSIM=$HERE/netsim.sh
 GIVEN=$(for v in QUICK HOSTS RATES MODELS CONTENDERS E2E_RATES BENCH_ARGS; do
           if [[ -n ${!v:-} ]]; then printf "%s='%s' " "$v" "${!v}"; fi; done)
 if [[ ${QUICK:-0} == 1 ]]; then
-  : "${HOSTS:=4}" "${RATES:=off 1gbit}" "${MODELS:=resnet50}" "${E2E_RATES:=1gbit}"
+  : "${HOSTS:=4}" "${RATES:=off 1gbit}" "${MODELS:=resnet50}" "${E2E_RATES=1gbit}"
 fi
 export HOSTS=${HOSTS:-2 4}
 export RATES=${RATES:-off 10gbit 1gbit 100mbit}
 export MODELS=${MODELS:-resnet50,bert_base}
 export CONTENDERS=${CONTENDERS:-}
-export E2E_RATES=${E2E_RATES:-off 1gbit}
+export E2E_RATES=${E2E_RATES-1gbit}   # empty: no end-to-end runs
 export BENCH_ARGS=${BENCH_ARGS:-}
 export OUT=${OUT:-$HERE/results}
 export PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
