@@ -26,7 +26,10 @@ rank's; the summary is the median with min/max over the timed steps.
 
 The gradient's sign flips from step to step (g, -g, g, ...): error-feedback memories then stay
 bounded instead of growing each step, so sparse methods (topk, threshold) send a steady amount,
-as in training, and the sign methods are not affected at all.
+as in training, and the sign methods are not affected at all. A small fresh-looking part
+(a second random set times 1e-3 (1 + step mod 5)) is added: with g and -g alone, e + g would
+be exactly 0 outside the last step's Top-k set every other step, a tie of millions of
+coordinates that no real gradient produces.
 
 --e2e adds full training steps (forward, backward, exchange, update) of a wide MLP, with the
 exchange overlapping backward (hooks, the normal way) and without (gradients taken with
@@ -283,9 +286,10 @@ def profile_rows(prof, top: int = 14) -> list[dict]:
     return rows[:top]
 
 
-def gradient_sources(shapes, seed: int) -> list[torch.Tensor]:
+def gradient_sources(shapes, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(g, noise) per tensor, random normal, different on every rank."""
     gen = torch.Generator().manual_seed(seed * 1009 + hvd.rank())
-    return [torch.randn(s, generator=gen) for _, s in shapes]
+    return [(torch.randn(s, generator=gen), torch.randn(s, generator=gen)) for _, s in shapes]
 
 
 # --- sync-only benchmark ------------------------------------------------------------------------
@@ -321,8 +325,11 @@ class SyncBench:
     def _one_step(self, opt, params, profiler=None):
         sign = 1.0 if self.step % 2 == 0 else -1.0
         self.step += 1
-        for p, g in zip(params, self.grads):
-            torch.mul(g, sign, out=p.grad)
+        eps = 1e-3 * (1 + self.step % 5)
+        for p, (g, noise) in zip(params, self.grads):
+            torch.add(g, noise, alpha=eps, out=p.grad)   # written in place, as backward
+            if sign < 0:                                   # accumulates into zeroed .grad
+                p.grad.neg_()
         agree_max(0.0)                   # everyone starts together
         if profiler:
             profiler.enable()
@@ -398,7 +405,7 @@ class SyncBench:
                 mine[k] = [s[k] for s in self.stats]
         ranks = hvd.allgather_object(mine, name=f"bench.gather.{self.c.label}")
         steps = len(self.times)
-        n = sum(g.numel() for g in self.grads)
+        n = sum(g.numel() for g, _ in self.grads)
         per_step = [max(r["times"][i] for r in ranks) for i in range(steps)]
         res = {"model": self.model_name, "contender": self.c.label, "kind": self.c.kind,
                "numel": n, "ranks": hvd.size(), **self.info,
@@ -462,7 +469,9 @@ class E2EBench:
         def one_step() -> float:
             agree_max(0.0)
             t0 = time.perf_counter()
-            opt.zero_grad()
+            # zeros in place: with hvd_signsgd the gradients stay views of its buckets (backward
+            # accumulates straight into them); set_to_none would make it copy them in again
+            model.zero_grad(set_to_none=False)   # (Horovod's zero_grad takes no argument)
             loss = loss_fn(model(x), y)
             if self.overlap:
                 loss.backward()             # hooks launch exchanges while backward runs

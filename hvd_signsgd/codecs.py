@@ -73,13 +73,14 @@ class Sign:
         return kernels.unpack_signs(payload.body, n)
 
     def aggregate(self, payloads, n: int, mode: str = "majority",
-                  weights=None) -> torch.Tensor:
+                  weights=None, out=None) -> torch.Tensor:
         """mode "majority": sign of the sum of signs (ties give 0); "mean": the sum divided by
-        the number of ranks; weights scale each rank's signs before summing."""
+        the number of ranks; weights scale each rank's signs before summing. out: a float32
+        buffer of n elements to write into (else a new one)."""
         rows = _gathered_rows(payloads)
         if mode == "majority":
-            return kernels.vote(rows, n, mode="majority", weights=weights)
-        out = kernels.vote(rows, n, mode="sum", weights=weights)
+            return kernels.vote(rows, n, mode="majority", weights=weights, out=out)
+        out = kernels.vote(rows, n, mode="sum", weights=weights, out=out)
         return out.div_(len(payloads)) if mode == "mean" else out
 
 
@@ -115,9 +116,16 @@ class ScaledSign:
         """What this rank's payload decodes to (for the error memory): scale_t * sign(x)."""
         q = torch.zeros_like(x)
         for (o, s), sc in zip(layout.segments(), scales.tolist()):
-            seg = x[o:o + s]
-            q[o:o + s] = torch.where(torch.signbit(seg), -sc, sc)
+            torch.copysign(torch.tensor(sc), x[o:o + s], out=q[o:o + s])
         return q
+
+    @staticmethod
+    def subtract_local(x: torch.Tensor, scales: torch.Tensor, layout: Layout) -> None:
+        """x <- x - scale_t * sign(x), in place (the error-feedback residual), one tensor's
+        segment at a time so that no bucket-sized temporary is allocated."""
+        for (o, s), sc in zip(layout.segments(), scales.tolist()):
+            seg = x[o:o + s]
+            seg.sub_(torch.copysign(torch.tensor(sc), seg))
 
     def encode(self, x, layout: Layout, scales: torch.Tensor, flags: int = 0) -> torch.Tensor:
         h = wire.Header(self.codec, x.numel(), n_scales=len(layout.sizes), flags=flags)
@@ -133,11 +141,13 @@ class ScaledSign:
             out[o:o + s] = signs[o:o + s] * sc
         return out
 
-    def aggregate(self, payloads, layout: Layout) -> torch.Tensor:
-        """Mean over ranks of scale_{m,t} * sign_m, tensor by tensor, from the packed bits."""
+    def aggregate(self, payloads, layout: Layout, out=None) -> torch.Tensor:
+        """Mean over ranks of scale_{m,t} * sign_m, tensor by tensor, from the packed bits.
+        out: a float32 buffer of layout.numel whose gap elements are 0 (else a new one)."""
         rows = _gathered_rows(payloads)
         scales = torch.stack([p.scales for p in payloads])  # (n_ranks, n_tensors)
-        out = torch.zeros(layout.numel, dtype=torch.float32)
+        if out is None:
+            out = torch.zeros(layout.numel, dtype=torch.float32)
         n_ranks = len(payloads)
         for t, (o, s) in enumerate(layout.segments()):
             if s == 0:
@@ -217,9 +227,10 @@ class Sparse:
                                     f"indices outside [0, {h.n})")
         return idx, vals
 
-    def aggregate(self, payloads, n: int, bucket: str = "?") -> torch.Tensor:
-        """Sum over ranks (rank order) of every rank's pairs as a dense float32 vector."""
-        out = torch.zeros(n, dtype=torch.float32)
+    def aggregate(self, payloads, n: int, bucket: str = "?", out=None) -> torch.Tensor:
+        """Sum over ranks (rank order) of every rank's pairs as a dense float32 vector
+        (written into out when given)."""
+        out = torch.zeros(n, dtype=torch.float32) if out is None else out.zero_()
         for p in payloads:
             idx, vals = self.decode(p, bucket)
             if idx is None:

@@ -5,12 +5,15 @@ The data path of one step, top to bottom:
 1. backward: a post-accumulate-grad hook per parameter counts backward passes (Horovod's
    `backward_passes_per_step`); when every parameter of a bucket has its gradient, the bucket
    is launched at once, so communication overlaps the rest of backward:
-       copy the gradients into the bucket's flat float32 buffer
+       the gradients are in the bucket's flat float32 buffer: each float32 p.grad is a view of
+       it after its first step ("gradient as bucket view"), so backward accumulated into it;
+       other gradients are copied in
        -> method.prepare / method.encode (momentum, error memory, packing)
        -> communicator.allgather(payload) (or allreduce for dense methods)
 2. synchronize(): buckets whose gradients never arrived (unused parameters) are launched with
-   zeros, as Horovod does; then each bucket, in a fixed order, waits for its collective,
-   aggregates every rank's payload (identical on every rank) and writes the result into p.grad.
+   zeros, as Horovod does; then each bucket, in a fixed order, waits for its collective and
+   aggregates every rank's payload (identical on every rank) into the bucket, which is p.grad
+   (gradients that are not views get the result copied).
 3. step(): the wrapped optimizer applies the aggregated gradients (learning rate, weight decay
    and, for methods without momentum of their own, momentum).
 """
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 import horovod.torch as hvd
 import torch
 
+from . import kernels
 from .codecs import Layout
 from .communicator import Communicator, Counters
 from .methods import Method, NoCompression, StepContext, make_method
@@ -44,6 +48,8 @@ class _Bucket:
     offset: int             # first element in the whole model (the stochastic-sign RNG position)
     state: dict = field(default_factory=dict)
     flat: torch.Tensor = None
+    views: list = None      # flat's segment for each parameter, shaped like it
+    gaps: torch.Tensor = None   # positions of the alignment gaps (kept 0), or None
     ready: int = 0
     handle: object = None
     ctx: StepContext = None
@@ -162,8 +168,14 @@ class _CompressedOptimizer(torch.optim.Optimizer):
         buckets, offset = [], 0
         for i, (chunk, method) in enumerate(specs):
             layout = Layout.for_sizes([p.numel() for _, p in chunk])
+            flat = torch.zeros(layout.numel)
+            gaps = [j for o, s in layout.segments() for j in range(o + s, (o + s + 7) // 8 * 8)
+                    if j < layout.numel]
             b = _Bucket(i, f"{self._prefix}.b{i}", [p for _, p in chunk], layout, method,
-                        offset, flat=torch.zeros(layout.numel))
+                        offset, flat=flat,
+                        views=[flat[o:o + s].view(p.shape)
+                               for (_, p), o, s in zip(chunk, layout.offsets, layout.sizes)],
+                        gaps=torch.tensor(gaps, dtype=torch.long) if gaps else None)
             b.state = method.init_state(layout)
             b.param_names = [n for n, _ in chunk]
             buckets.append(b)
@@ -210,29 +222,42 @@ class _CompressedOptimizer(torch.optim.Optimizer):
         else:
             self._launch([b])
 
-    def _gradient(self, p):
-        g = p.grad
-        if g is None:
-            g = p.grad = torch.zeros_like(p)
-        if g.is_sparse:
-            if not self.sparse_as_dense:
-                raise TypeError(f"parameter {self._names[p]} has a sparse gradient; pass "
-                                f"sparse_as_dense=True to send it as a dense one")
-            g = g.to_dense()
-        return g
+    def _collect(self, b):
+        """Make sure every gradient of the bucket is in b.flat. A float32 CPU p.grad that is
+        already its view holds the accumulated gradient: nothing to do. Any other (the first
+        step, after zero_grad(set_to_none=True), another dtype or device, a sparse gradient)
+        is copied in, and float32 CPU gradients are replaced by their view, so that the next
+        backward accumulates into the bucket and the result needs no copy back."""
+        for p, view in zip(b.params, b.views):
+            g = p.grad
+            if g is not None and not g.is_sparse and g.data_ptr() == view.data_ptr():
+                continue
+            if g is None:
+                view.zero_()
+            elif g.is_sparse:
+                if not self.sparse_as_dense:
+                    raise TypeError(f"parameter {self._names[p]} has a sparse gradient; pass "
+                                    f"sparse_as_dense=True to send it as a dense one")
+                view.copy_(g.to_dense())
+            else:
+                view.copy_(g)
+            if p.dtype == torch.float32 and p.device.type == "cpu" and (g is None
+                                                                          or not g.is_sparse):
+                p.grad = view
+            elif g is None:
+                p.grad = torch.zeros_like(p)
 
     def _launch(self, buckets):
         """Encode and start the collective of each bucket (all at once for model_scope)."""
         t0 = time.perf_counter()
         for b in buckets:
-            for p, o, s in zip(b.params, b.layout.offsets, b.layout.sizes):
-                b.flat[o:o + s].copy_(self._gradient(p).reshape(-1))
+            self._collect(b)
             b.active = b.method if self._step >= self.start_step else self._dense
             compressed = b.active is not self._dense
             b.ctx = StepContext(step=self._step, rank=self._comm.rank, size=self._comm.size,
                                 bucket=b.name, offset=b.offset, layout=b.layout, seed=self.seed,
-                                average=self.op == hvd.Average,
-                                nonfinite=compressed and not bool(torch.isfinite(b.flat).all()))
+                                average=self.op == hvd.Average, out=b.flat,
+                                nonfinite=compressed and not kernels.all_finite(b.flat))
             b.active.prepare(b.flat, b.state, b.ctx)
         method = buckets[0].active
         if method.model_scope:
@@ -271,11 +296,16 @@ class _CompressedOptimizer(torch.optim.Optimizer):
             result = b.handle.wait()
             t0 = time.perf_counter()
             update = b.active.aggregate(result, b.state, b.ctx)
-            for p, o, s in zip(b.params, b.layout.offsets, b.layout.sizes):
-                if p.grad.is_sparse:   # sparse_as_dense: hand the optimizer a sparse gradient again
-                    p.grad.zero_().add_(update[o:o + s].view_as(p).to(p.dtype).to_sparse())
-                else:
-                    p.grad.copy_(update[o:o + s].view_as(p))
+            if update is not b.flat:
+                b.flat.copy_(update)
+            if b.gaps is not None:
+                b.flat.index_fill_(0, b.gaps, 0.0)
+            for p, view in zip(b.params, b.views):
+                g = p.grad
+                if g.is_sparse:   # sparse_as_dense: hand the optimizer a sparse gradient again
+                    g.zero_().add_(view.to(p.dtype).to_sparse())
+                elif g.data_ptr() != view.data_ptr():
+                    g.copy_(view)
             c.seconds_decode += time.perf_counter() - t0
             c.dense_fp32_bytes += 4 * b.layout.real_numel
             b.handle, b.ready = None, 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .codecs import Layout
 from .methods import StepContext, make_method
 
@@ -44,7 +45,7 @@ class Simulation:
                  else self.flatten(g if isinstance(g, (list, tuple)) else [g]) for g in grads]
         ctxs = [StepContext(step=self.step_count, rank=r, size=self.n, bucket="sim", offset=0,
                             layout=self.layout, seed=self.seed, average=self.average,
-                            nonfinite=not bool(torch.isfinite(f).all()))
+                            nonfinite=not kernels.all_finite(f))
                 for r, f in enumerate(flats)]
         for f, st, ctx in zip(flats, self.states, ctxs):
             m.prepare(f, st, ctx)

@@ -8,9 +8,10 @@ bucket's state on this rank. The optimizer wrapper calls
     msg = method.encode(g, state, ctx)           # the payload; updates the error memory
     update = method.aggregate(gathered, state, ctx)   # identical on every rank
 
-and writes `update` into p.grad; the wrapped optimizer then applies its learning rate, weight
-decay and (where the method has none of its own) momentum. Formulas and their sources are in
-ALGORITHMS.md; the section is named in each docstring.
+and writes `update` into p.grad (nothing to write when it is ctx.out, the bucket itself); the
+wrapped optimizer then applies its learning rate, weight decay and (where the method has none of
+its own) momentum. Formulas and their sources are in ALGORITHMS.md; the section is named in each
+docstring.
 
 Convention for error feedback: the memory holds gradient units (p = e + g; the learning rate is
 applied after aggregation by the wrapped optimizer), as in the DNN code of Sahu et al. and GRACE.
@@ -42,6 +43,9 @@ class StepContext:
     average: bool = True      # Horovod op: Average (True) or Sum (False)
     nonfinite: bool = False   # this rank's gradient for the bucket is not finite
     model_norm: float = 0.0   # filled in for methods with model_scope
+    out: torch.Tensor = None  # optional float32 buffer of layout.numel, gap elements 0, that
+                              # aggregate may fill and return instead of allocating (the wrapper
+                              # passes the bucket, whose views are the parameters' .grad)
     stats: dict = field(default_factory=dict)   # per-step counts the method reports
                                                 # (summed into compression_stats)
 

@@ -140,7 +140,7 @@ class ErrorCompensatedX(Method):
     def aggregate(self, gathered, state, ctx):
         payloads = self._payloads(gathered, ctx, self.codec)
         if self.compressor == "scaled_sign":
-            out = self.codec.aggregate(payloads, ctx.layout)
+            out = self.codec.aggregate(payloads, ctx.layout, out=ctx.out)
             return out if ctx.average else out.mul_(ctx.size)
-        out = self.codec.aggregate(payloads, ctx.layout.numel, ctx.bucket)
+        out = self.codec.aggregate(payloads, ctx.layout.numel, ctx.bucket, out=ctx.out)
         return out.div_(ctx.size) if ctx.average else out

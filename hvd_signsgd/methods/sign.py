@@ -19,8 +19,9 @@ def _sign_aggregate(method, gathered, ctx, weights=None):
     if mode == "norm_weighted":
         # E[norm_m * s~(v_m)] = v_m, so this mean is unbiased for the average momentum.
         weights = torch.stack([p.scales[0] for p in payloads]) / ctx.size
-        return method.codec.aggregate(payloads, ctx.layout.numel, "sum", weights=weights)
-    out = method.codec.aggregate(payloads, ctx.layout.numel, mode, weights=weights)
+        return method.codec.aggregate(payloads, ctx.layout.numel, "sum", weights=weights,
+                                      out=ctx.out)
+    out = method.codec.aggregate(payloads, ctx.layout.numel, mode, weights=weights, out=ctx.out)
     if mode == "mean" and not ctx.average:
         out.mul_(ctx.size)
     return out
@@ -117,8 +118,11 @@ class StochasticSignMethod(SignSGD):
 
     def norm_part(self, g, state, ctx):
         x = self._source(g, state)
-        if self.norm_type == "linf":
-            return float(x.abs().max()) if x.numel() else 0.0
+        if self.norm_type == "linf":    # max |x_i| from min and max: no |x| temporary
+            if not x.numel():
+                return 0.0
+            lo, hi = torch.aminmax(x)
+            return max(-float(lo), float(hi))
         return float(x.double().pow(2).sum())
 
     def combine_norms(self, parts):
@@ -193,10 +197,10 @@ class EFSignSGD(Method):
         p = state["error"].add_(g)                      # p = e + g, in place
         scales = self.codec.scales(p, ctx.layout)
         msg = self.codec.encode(p, ctx.layout, scales)
-        p.sub_(self.codec.decompress_local(p, scales, ctx.layout))   # e <- p - q
+        self.codec.subtract_local(p, scales, ctx.layout)   # e <- p - q
         return msg
 
     def aggregate(self, gathered, state, ctx):
         payloads = self._payloads(gathered, ctx, self.codec)
-        out = self.codec.aggregate(payloads, ctx.layout)
+        out = self.codec.aggregate(payloads, ctx.layout, out=ctx.out)
         return out if ctx.average else out.mul_(ctx.size)

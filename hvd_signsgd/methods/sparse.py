@@ -146,7 +146,7 @@ class _SparseEF(Perturbation, Method):
 
     def aggregate(self, gathered, state, ctx):
         payloads = self._payloads(gathered, ctx, self.codec)
-        out = self.codec.aggregate(payloads, ctx.layout.numel, ctx.bucket)
+        out = self.codec.aggregate(payloads, ctx.layout.numel, ctx.bucket, out=ctx.out)
         return out.div_(ctx.size) if ctx.average else out
 
 
@@ -361,7 +361,7 @@ class RandomK(Perturbation, Method):
             vals = vals / ctx.size
         if self.reset_due(ctx):
             return vals
-        out = torch.zeros(ctx.layout.numel)
+        out = torch.zeros(ctx.layout.numel) if ctx.out is None else ctx.out.zero_()
         out[self.indices(ctx)] = vals
         return out
 

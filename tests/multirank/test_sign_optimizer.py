@@ -93,3 +93,51 @@ def test_digits_accuracy_close_to_sgd_at_a_fraction_of_the_bytes(mpi_job, tmp_pa
         assert r["ranks_identical"] and r["ranks"] == 4
         assert r["test_acc"] >= base["test_acc"] - 0.02, (method, r["test_acc"], base["test_acc"])
         assert r["bytes_sent_per_rank"] * 25 <= base["bytes_sent_per_rank"], method
+
+
+BUCKET_VIEWS = """
+import torch, horovod.torch as hvd, hvd_signsgd
+from rankcommon import SGD_SETTINGS, small_model, batch, digest
+hvd.init()
+out = {}
+for method in ("none", "signsgd", "ef_signsgd", "ssdm", "topk"):
+    runs = {}
+    for set_to_none in (True, False):
+        model = small_model()
+        model[2].double()          # a float64 layer: its gradient cannot be a view
+        opt = torch.optim.SGD(model.parameters(), **SGD_SETTINGS[method])
+        opt = hvd_signsgd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                               method=method, min_compress_numel=100)
+        for k in range(20):
+            x, y = batch(k, hvd.rank())
+            opt.zero_grad(set_to_none=set_to_none)
+            logits = model[2](model[1](model[0](x)).double()).float()
+            loss = torch.nn.functional.cross_entropy(logits, y)
+            loss.backward()
+            opt.step()
+        w32, w64 = model[0].weight, model[2].weight
+        runs["none" if set_to_none else "zeroed"] = {
+            "digest": digest(model),
+            # the float32 weight's gradient lives in a bucket (a larger storage), the
+            # float64 one is the gradient autograd made
+            "view": w32.grad.untyped_storage().nbytes() > w32.grad.numel() * 4,
+            "own64": w64.grad.dtype == torch.float64
+                     and w64.grad.untyped_storage().nbytes() == w64.grad.numel() * 8,
+        }
+    out[method] = runs
+report(out)
+"""
+
+
+def test_gradients_as_bucket_views_change_nothing_but_the_copies(mpi_job):
+    """After a step, float32 gradients are views of the bucket, so backward accumulates into
+    it; zero_grad(set_to_none=True) (new gradients, copied in) and set_to_none=False (the
+    views, zeroed) must train bit-identically, on every rank, also with a float64 layer."""
+    results = mpi_job(BUCKET_VIEWS, np=2, timeout=300).ok()
+    for method in results[0]:
+        digests = {r[method][s]["digest"] for r in results for s in ("none", "zeroed")}
+        assert len(digests) == 1, f"{method}: runs or ranks differ"
+        for r in results:
+            for s in ("none", "zeroed"):
+                assert r[method][s]["view"], (method, s)
+                assert r[method][s]["own64"], (method, s)

@@ -193,3 +193,32 @@ def test_ef_signsgd_scales_are_per_tensor():
     x[0:3] = torch.tensor([1.0, -2.0, 3.0])
     x[8:13] = torch.tensor([0.5, 0.5, -0.5, 0.5, 0.5])
     assert ScaledSign.scales(x, layout).tolist() == [2.0, 0.5]
+
+
+def test_all_finite_is_exact_even_when_the_sum_overflows():
+    all_finite = kernels.all_finite
+    big = torch.full((4,), 3e38)               # finite, but the sum overflows to inf
+    assert all_finite(big)
+    assert all_finite(torch.zeros(0))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(1000)
+        x[517] = bad
+        assert not all_finite(x)
+    x = torch.full((4,), 3e38)
+    x[2] = float("inf")
+    assert not all_finite(x)
+
+
+def test_scaled_sign_subtract_local_equals_p_minus_its_decoding():
+    """The in-place error-feedback residual is bit-identical to p - decompress_local(p),
+    signed zeros included (-0 decodes to -scale, as its sign bit is sent)."""
+    layout = Layout.for_sizes([13, 1, 40])
+    x = torch.randn(layout.numel)
+    x[[0, 16, 30]] = torch.tensor([0.0, -0.0, -0.0])
+    for o, s in layout.segments():        # the gaps stay 0
+        x[o + s:(o + s + 7) // 8 * 8] = 0
+    scales = ScaledSign.scales(x, layout)
+    want = x - ScaledSign.decompress_local(x, scales, layout)
+    got = x.clone()
+    ScaledSign.subtract_local(got, scales, layout)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
