@@ -261,24 +261,30 @@ def check_targets(res: Results, topk1: str) -> list[str]:
         line(f32 / t >= 5, f"`{topk1}` at 1 Gbit/s: {ms(t)} ms, ×{f32 / t:.1f} faster than "
                            f"Horovod fp32 (target ×5)")
 
-    for corrected in (False, True):
-        worst = []
-        for (hn, m, rate, c), r in res.sync.items():
-            if hn == n and m == model and "time" in r and r["kind"] == "hvd_signsgd":
-                ratios = iface_ratio(r, res.idle(n, rate) if corrected else None)
-                if ratios:
-                    worst.append((max(abs(x - 1) for x in ratios), c, rate, min(ratios),
-                                  max(ratios)))
-        what = ("interface bytes minus the background control traffic (the run's idle rate × "
-                "the counting window)" if corrected else "raw interface bytes")
-        if worst:
-            w = max(worst)
-            line(w[0] <= 0.10, f"{what} agree with compression_stats' ring model "
-                               f"`wire_bytes_sent` within 10% for every hvd_signsgd contender, "
-                               f"rank and rate: worst case `{w[1]}` at {rate_title(w[2])}, "
-                               f"ratio {w[3]:.3f}–{w[4]:.3f} over ranks")
-        else:
-            line(None, f"{what} (not on the simulated cluster, or no window recorded)")
+    # bytes: per hvd_signsgd contender, the worst rank and rate
+    per = {}
+    for (hn, m, rate, c), r in res.sync.items():
+        if hn == n and m == model and "time" in r and r["kind"] == "hvd_signsgd":
+            raw = iface_ratio(r)
+            net = iface_ratio(r, res.idle(n, rate))
+            if raw:
+                per.setdefault(c, []).append((raw, net or []))
+    if not per:
+        line(None, "interface bytes against compression_stats (not on the simulated cluster)")
+    for c in res.contenders:
+        if c not in per:
+            continue
+        raw = [x for a, _ in per[c] for x in a]
+        net = [x for _, b in per[c] for x in b]
+        ok = max(abs(x - 1) for x in raw) <= 0.10
+        text = (f"`{c}`: interface tx bytes / compression_stats `wire_bytes_sent` (ring model) "
+                f"= {min(raw):.3f}–{max(raw):.3f} over ranks and rates (target within 10%)")
+        if not ok and net:
+            text += (f"; {min(net):.3f}–{max(net):.3f} after subtracting Horovod's background "
+                     f"control traffic at its idle rate (an estimate: that traffic depends on "
+                     f"how busy Horovod's background thread is), i.e. the excess is control "
+                     f"traffic of the size of this tiny payload, not payload")
+        line(ok, text)
 
     off = next((r for r in res.rates if math.isinf(rate_bits(r))), None)
     base = res.median(n, model, off, "hvd_fp32") if off else None
