@@ -152,9 +152,10 @@ def sync_section(res: Results, n: int, model: str) -> list[str]:
                    for rate in rates)]
     if ours:
         lines += ["hvd_signsgd's own split (compression_stats(), median over steps and ranks), "
-                  "ms: encode / communicate (waiting for the collective) / decode. Encode "
-                  "includes copying the gradients into the bucket; decode includes writing "
-                  "p.grad.", ""]
+                  "ms: encode / communicate (waiting for the collective) / decode. The gradients "
+                  "are views of the buckets (written in place, as backward does after "
+                  "`zero_grad(set_to_none=False)`), so neither includes a copy of them; "
+                  "encode includes the NaN/Inf check.", ""]
         rows = []
         for c in ours:
             cells = []
@@ -449,7 +450,8 @@ def main(argv=None) -> int:
              f"Reproduce (root; sets up the simulated cluster, runs, writes this file and the "
              f"plots, tears down): `{args.command}`", ""]
     lines += machine_lines(res)
-    lines += ["What is timed: p.grad of every parameter is set (random normal), then the "
+    lines += ["What is timed: p.grad of every parameter is written in place (random normal, "
+              "sign flipped every step, plus a small varying part; untimed), then the "
               "optimizer's `synchronize()`, which launches every exchange and waits for it: "
               "`hvd_fp32` / `hvd_fp16` are the stock `hvd.DistributedOptimizer` "
               "(Compression.none / fp16, Horovod's tensor fusion); the other rows are "
