@@ -258,8 +258,12 @@ class _CompressedOptimizer(torch.optim.Optimizer):
                                 bucket=b.name, offset=b.offset, layout=b.layout, seed=self.seed,
                                 average=self.op == hvd.Average, out=b.flat,
                                 nonfinite=compressed and not kernels.all_finite(b.flat))
-            b.active.prepare(b.flat, b.state, b.ctx)
         method = buckets[0].active
+        if method.model_scope and any(b.ctx.nonfinite for b in buckets):
+            for b in buckets:     # no finite whole-model norm: every bucket reports it
+                b.ctx.nonfinite = True
+        for b in buckets:
+            b.active.prepare(b.flat, b.state, b.ctx)
         if method.model_scope:
             norm = method.combine_norms([method.norm_part(b.flat, b.state, b.ctx)
                                          for b in buckets])
@@ -291,6 +295,19 @@ class _CompressedOptimizer(torch.optim.Optimizer):
                 self._launch([b])
         if model_scope:
             self._launch(model_scope)
+        try:
+            self._write_results()
+        except BaseException:
+            self._abandon_step()
+            raise
+        for p in self._delay:
+            self._delay[p] = self.backward_passes_per_step
+        self._finish_step_counters()
+        self._synchronized = True
+        self._launched = False
+
+    def _write_results(self):
+        """Wait for each bucket in a fixed order; its aggregate becomes the gradient."""
         c = self._comm.counters
         for b in self._buckets:
             result = b.handle.wait()
@@ -309,10 +326,21 @@ class _CompressedOptimizer(torch.optim.Optimizer):
             c.seconds_decode += time.perf_counter() - t0
             c.dense_fp32_bytes += 4 * b.layout.real_numel
             b.handle, b.ready = None, 0
+
+    def _abandon_step(self):
+        """After an error in aggregate (NaN/Inf: the same error on every rank), finish the
+        collectives still in flight, so that none writes into a bucket later, and get ready
+        for the next step. The gradients of this step are undefined; nothing is applied."""
+        for b in self._buckets:
+            if b.handle is not None:
+                try:
+                    b.handle.wait()
+                except Exception:  # noqa: BLE001 - the first error is the one to report
+                    pass
+            b.handle, b.ready = None, 0
         for p in self._delay:
             self._delay[p] = self.backward_passes_per_step
-        self._finish_step_counters()
-        self._synchronized = True
+        self._comm.counters = Counters()
         self._launched = False
 
     def _finish_step_counters(self):

@@ -122,7 +122,7 @@ class StochasticSignMethod(SignSGD):
             if not x.numel():
                 return 0.0
             lo, hi = torch.aminmax(x)
-            return max(-float(lo), float(hi))
+            return abs(max(-float(lo), float(hi)))    # abs: +0.0, not -0.0, for all zeros
         return float(x.double().pow(2).sum())
 
     def combine_norms(self, parts):

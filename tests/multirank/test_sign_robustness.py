@@ -293,3 +293,55 @@ def test_synchronize_skip_synchronize_zero_grad_and_warmup(mpi_job):
         dense, compressed = r["warmup_sent"][0], r["warmup_sent"][-1]
         assert r["warmup_sent"] == [dense] * 3 + [compressed] * 3
         assert dense == 4 * (240 + 1551 + 8 + 47) and compressed * 10 < dense
+
+
+NAN_RECOVERY = """
+import torch, horovod.torch as hvd, hvd_signsgd
+from rankcommon import small_model, first_error, batch, digest
+hvd.init()
+r = hvd.rank()
+out = {}
+for method, kw in (("signsgd", {}), ("ef_signsgd", {}),
+                   ("stochastic_sign", {"num_groups": 2}), ("ssdm", {"num_groups": 2})):
+    m = small_model()
+    opt = hvd_signsgd.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.01),
+                                           named_parameters=m.named_parameters(),
+                                           method=method, min_compress_numel=100, **kw)
+    def one_step(k, poison=False):
+        x, y = batch(k, r)
+        opt.zero_grad()
+        # NaN in one layer's gradient only (one bucket of two with num_groups=2)
+        h = m[2].weight.register_hook(lambda g: g * float("nan")) if poison else None
+        try:
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+        finally:
+            if h is not None:
+                h.remove()
+    before = digest(m)
+    errors = [first_error(lambda: one_step(0, poison=(r == 1)))]
+    unchanged = digest(m) == before
+    errors += [first_error(lambda: one_step(k)) for k in (1, 2)]
+    out[method] = {"errors": errors, "unchanged": unchanged, "digest": digest(m),
+                   "moved": digest(m) != before,
+                   "buckets": opt.compression_stats()["compressed_buckets"]}
+report(out)
+"""
+
+
+def test_nan_in_one_bucket_fails_the_step_everywhere_and_training_goes_on(mpi_job):
+    """Rank 1's gradient is NaN in one bucket only. Every rank raises the same error for
+    that step and applies nothing; the same optimizer then keeps training, identically on
+    every rank. With a whole-model norm (stochastic_sign, ssdm over two buckets) the NaN
+    bucket leaves no finite norm for the other bucket either: it must not fail on rank 1
+    alone (that would leave rank 0 waiting)."""
+    results = mpi_job(NAN_RECOVERY, np=2, timeout=240).ok()
+    for method in results[0]:
+        for r in results:
+            first, *rest = r[method]["errors"]
+            assert first and first.startswith("NonFiniteGradientError"), (method, first)
+            assert "rank(s) [1]" in first, (method, first)
+            assert rest == [None, None], (method, rest)
+            assert r[method]["unchanged"] and r[method]["moved"], method
+        assert len({r[method]["digest"] for r in results}) == 1, method
+    assert results[0]["stochastic_sign"]["buckets"] == 2
