@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from . import kernels
 from .methods import METHODS
 
 
@@ -53,7 +54,7 @@ class SignVoteCompressor(MethodCompressor):
     the sign of that average is the majority vote."""
 
     def compress(self, tensor):
-        if not torch.isfinite(tensor).all():
+        if not kernels.all_finite(tensor):
             raise FloatingPointError("NaN or Inf in a gradient given to signsgd compression")
         return torch.where(torch.signbit(tensor), -1.0, 1.0).to(torch.float16), tensor.dtype
 

@@ -298,13 +298,12 @@ class _CompressedOptimizer(torch.optim.Optimizer):
         try:
             self._write_results()
         except BaseException:
-            self._abandon_step()
+            self._drain()
             raise
-        for p in self._delay:
-            self._delay[p] = self.backward_passes_per_step
+        finally:
+            self._end_exchange()
         self._finish_step_counters()
         self._synchronized = True
-        self._launched = False
 
     def _write_results(self):
         """Wait for each bucket in a fixed order; its aggregate becomes the gradient."""
@@ -325,23 +324,30 @@ class _CompressedOptimizer(torch.optim.Optimizer):
                     g.copy_(view)
             c.seconds_decode += time.perf_counter() - t0
             c.dense_fp32_bytes += 4 * b.layout.real_numel
-            b.handle, b.ready = None, 0
+            b.handle = None
 
-    def _abandon_step(self):
+    def _drain(self):
         """After an error in aggregate (NaN/Inf: the same error on every rank), finish the
-        collectives still in flight, so that none writes into a bucket later, and get ready
-        for the next step. The gradients of this step are undefined; nothing is applied."""
+        collectives still in flight, so that none writes into a bucket later. The gradients
+        of this step are undefined, nothing is applied and its counts are dropped."""
         for b in self._buckets:
             if b.handle is not None:
                 try:
                     b.handle.wait()
                 except Exception:  # noqa: BLE001 - the first error is the one to report
                     pass
+        self._comm.counters = Counters()
+
+    def _end_exchange(self):
+        """Ready for the next step's backward passes, whether this one succeeded or not."""
+        for b in self._buckets:
             b.handle, b.ready = None, 0
+        self._reset_delays()
+        self._launched = False
+
+    def _reset_delays(self):
         for p in self._delay:
             self._delay[p] = self.backward_passes_per_step
-        self._comm.counters = Counters()
-        self._launched = False
 
     def _finish_step_counters(self):
         self._last = self._comm.counters
@@ -384,8 +390,7 @@ class _CompressedOptimizer(torch.optim.Optimizer):
 
     def set_backward_passes_per_step(self, passes: int):
         self.backward_passes_per_step = passes
-        for p in self._delay:
-            self._delay[p] = passes
+        self._reset_delays()
 
     # --- statistics ---------------------------------------------------------------------------
 
@@ -459,8 +464,7 @@ class _CompressedOptimizer(torch.optim.Optimizer):
             for b, saved in zip(self._buckets, ours["buckets"]):
                 for k, v in saved.items():
                     b.state[k].copy_(v)
-        for p in self._delay:
-            self._delay[p] = self.backward_passes_per_step
+        self._reset_delays()
 
     def _check_loadable(self, ours):
         if ours is None:

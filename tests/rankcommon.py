@@ -1,5 +1,6 @@
 """Helpers imported by the snippets that tests/multirank runs on every rank."""
 import hashlib
+import os
 
 import torch
 
@@ -58,3 +59,29 @@ def first_error(fn):
     except Exception as e:  # noqa: BLE001 - the test reports whatever happened
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def resume_roundtrip(method, steps, rank, **options):
+    """Train `steps` steps, save model + optimizer state (one file per rank), train `steps`
+    more; then build everything anew, load the files and train the same `steps` steps again.
+    Returns (digest of the uninterrupted run, digest of the resumed run, resumed optimizer)."""
+    import hvd_signsgd
+
+    def build():
+        model = small_model()
+        opt = torch.optim.SGD(model.parameters(), **SGD_SETTINGS[method])
+        return model, hvd_signsgd.DistributedOptimizer(
+            opt, named_parameters=model.named_parameters(), method=method,
+            min_compress_numel=100, seed=11, **options)
+    model, opt = build()
+    train(model, opt, steps, rank=rank)
+    path = os.path.join(os.environ["HVD_TEST_OUT"], f"{method}-{rank}.pt")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
+    train(model, opt, steps, start=steps, rank=rank)
+    uninterrupted = digest(model)
+    model, opt = build()                       # a new job resuming from the checkpoint
+    ckpt = torch.load(path)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["opt"])
+    train(model, opt, steps, start=steps, rank=rank)
+    return uninterrupted, digest(model), opt

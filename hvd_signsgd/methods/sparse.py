@@ -28,6 +28,7 @@ import math
 
 import torch
 
+from .. import kernels
 from ..codecs import Sparse
 from .base import Method, NonFiniteGradientError, mix_seed
 from .perturb import Perturbation
@@ -351,7 +352,7 @@ class RandomK(Perturbation, Method):
         return msg
 
     def aggregate(self, reduced, state, ctx):
-        if not bool(torch.isfinite(reduced).all()):
+        if not kernels.all_finite(reduced):
             raise NonFiniteGradientError(
                 f"NaN or Inf in the gradient of at least one rank (bucket {ctx.bucket}, step "
                 f"{ctx.step}, randomk); the step is not applied on any rank. Lower the learning "

@@ -2,31 +2,13 @@
 import pytest
 
 RESUME = """
-import torch, horovod.torch as hvd, hvd_signsgd, os
-from rankcommon import SGD_SETTINGS, small_model, train, digest
+import horovod.torch as hvd
+from rankcommon import resume_roundtrip
 hvd.init()
-r = hvd.rank()
 out = {}
 for method in ("signum", "ssdm", "ef_signsgd", "stochastic_sign"):
-    def build():
-        model = small_model()
-        opt = torch.optim.SGD(model.parameters(), **SGD_SETTINGS[method])
-        return model, hvd_signsgd.DistributedOptimizer(
-            opt, named_parameters=model.named_parameters(), method=method,
-            min_compress_numel=100, seed=11)
-    model, opt = build()
-    train(model, opt, 20, rank=r)
-    path = os.path.join(os.environ["HVD_TEST_OUT"], f"{method}-{r}.pt")
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
-    train(model, opt, 20, start=20, rank=r)
-    uninterrupted = digest(model)
-
-    model, opt = build()                       # a new job resuming from step 20
-    ckpt = torch.load(path)
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["opt"])
-    train(model, opt, 20, start=20, rank=r)
-    out[method] = {"uninterrupted": uninterrupted, "resumed": digest(model),
+    uninterrupted, resumed, opt = resume_roundtrip(method, 20, hvd.rank())
+    out[method] = {"uninterrupted": uninterrupted, "resumed": resumed,
                    "steps": opt.compression_stats()["steps"]}
 report(out)
 """

@@ -125,31 +125,15 @@ def test_every_rank_bit_identical_after_50_steps(mpi_job, launcher, np):
 
 
 ROBUST = """
-import os, torch, horovod.torch as hvd, hvd_signsgd
-from rankcommon import SGD_SETTINGS, small_model, train, digest, first_error, batch
+import torch, horovod.torch as hvd, hvd_signsgd
+from rankcommon import small_model, first_error, batch, resume_roundtrip
 hvd.init()
 r = hvd.rank()
 out = {}
 for method, options in (("topk", {}), ("threshold", {"lam": 0.02}),
                         ("randomk", {"noise": 0.01, "reset_every": 6}), ("ecx", {})):
-    def build():
-        model = small_model()
-        opt = torch.optim.SGD(model.parameters(), **SGD_SETTINGS[method])
-        return model, hvd_signsgd.DistributedOptimizer(
-            opt, named_parameters=model.named_parameters(), method=method,
-            min_compress_numel=100, seed=11, **options)
-    model, opt = build()
-    train(model, opt, 10, rank=r)
-    path = os.path.join(os.environ["HVD_TEST_OUT"], f"{method}-{r}.pt")
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, path)
-    train(model, opt, 10, start=10, rank=r)
-    uninterrupted = digest(model)
-    model, opt = build()                       # a new job resuming from step 10
-    ckpt = torch.load(path)
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["opt"])
-    train(model, opt, 10, start=10, rank=r)
-    out[method] = {"uninterrupted": uninterrupted, "resumed": digest(model)}
+    uninterrupted, resumed, _ = resume_roundtrip(method, 10, r, **options)
+    out[method] = {"uninterrupted": uninterrupted, "resumed": resumed}
 
 def nan_step(method, **options):
     model = small_model()
