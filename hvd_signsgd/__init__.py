@@ -11,10 +11,11 @@ collectives, byte counts) -> optimizer (hooks, buckets, synchronize).
 """
 from . import kernels
 from .compression import Compression
+from .engine import StepError
 from .methods import METHODS, Method, NonFiniteGradientError, make_method, ssdm_lr_lambda
 from .optimizer import DistributedOptimizer
 from .wire import PayloadError
 
 __all__ = ["DistributedOptimizer", "Compression", "METHODS", "Method", "make_method",
-           "NonFiniteGradientError", "PayloadError", "ssdm_lr_lambda", "kernels"]
+           "NonFiniteGradientError", "PayloadError", "StepError", "ssdm_lr_lambda", "kernels"]
 __version__ = "0.1.0"

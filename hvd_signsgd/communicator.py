@@ -1,9 +1,18 @@
-"""The communicator moves bytes through Horovod's collectives and counts them; it never looks
-inside a payload.
+"""The communicator moves bytes and counts them; it never looks inside a payload.
 
-- `allgather(payload)`: a flat uint8 tensor per rank, of any length (Horovod's allgather is an
-  MPI_Allgatherv / Gloo allgatherv underneath); every rank gets all payloads in rank order.
-- `allreduce(tensor)`: a dense float tensor, summed or averaged (the `none`/`fp16`/Random-k path).
+One small interface, `Communicator`, and one implementation per library that moves bytes:
+`HorovodCommunicator` here (Horovod's collectives: MPI or Gloo underneath). Nothing else in the
+package imports a communication library. What an implementation provides:
+
+- `allgather(payload, name)`: a flat uint8 tensor per rank, of any length (an allgatherv);
+  every rank gets all payloads laid end to end in rank order.
+- `allreduce(tensor, name, prescale, postscale)`: a dense float tensor, summed in place.
+- `control(record, name)`: a blocking int64 sum of a small record (the engine's per-step
+  control exchange); counted as control bytes, not gradient bytes.
+- `allgather_object(obj, name)`: a small control-plane exchange of picklable objects.
+
+With one rank every collective returns its input at once (no library call), so a one-process
+run executes the method exactly as n processes do.
 
 Byte counts are exact for what this rank hands to and receives from each collective:
   allgather: sent = len(own payload), received = sum of the other ranks' payload lengths;
@@ -11,7 +20,7 @@ Byte counts are exact for what this rank hands to and receives from each collect
 These are the numbers a float32 allreduce of the same gradients is compared against. What the
 network carries on top depends on the collective's algorithm (a ring allgather forwards the
 other ranks' payloads; a ring allreduce moves 2(n-1)/n of the tensor each way): see
-`wire_bytes()` for that model.
+`wire_bytes_sent` for that model.
 """
 from __future__ import annotations
 
@@ -19,7 +28,6 @@ import pickle
 import time
 from dataclasses import dataclass, field
 
-import horovod.torch as hvd
 import torch
 
 
@@ -29,6 +37,7 @@ class Counters:
     bytes_received: int = 0
     wire_bytes_sent: int = 0          # ring-algorithm model of what leaves this rank's NIC
     dense_fp32_bytes: int = 0         # a float32 allreduce of the same gradients
+    control_bytes: int = 0            # the per-step control record (sent; received alike)
     seconds_encode: float = 0.0
     seconds_communicate: float = 0.0
     seconds_decode: float = 0.0
@@ -37,23 +46,28 @@ class Counters:
 
     def add(self, other: Counters) -> None:
         for k in ("bytes_sent", "bytes_received", "wire_bytes_sent", "dense_fp32_bytes",
-                  "seconds_encode", "seconds_communicate", "seconds_decode", "collectives"):
+                  "control_bytes", "seconds_encode", "seconds_communicate", "seconds_decode",
+                  "collectives"):
             setattr(self, k, getattr(self, k) + getattr(other, k))
         for k, v in other.extra.items():
             self.extra[k] = self.extra.get(k, 0) + v
 
 
 class Handle:
-    """An in-flight collective. `wait()` returns its result and books its bytes and time."""
+    """An in-flight collective. `wait()` returns its result and books its bytes and time.
+    `wait_fn` is the library's wait, or None for a result known at once (one rank)."""
 
-    def __init__(self, comm: Communicator, hvd_handle, kind: str, nbytes: int):
-        self.comm, self.hvd_handle, self.kind, self.nbytes = comm, hvd_handle, kind, nbytes
-        self._result = None
+    def __init__(self, comm: Communicator, wait_fn, kind: str, nbytes: int, result=None):
+        self.comm, self.wait_fn, self.kind, self.nbytes = comm, wait_fn, kind, nbytes
+        self._result = result
+        self._booked = False
 
     def wait(self) -> torch.Tensor:
-        if self._result is None:
+        if not self._booked:
             t0 = time.perf_counter()
-            self._result = hvd.synchronize(self.hvd_handle)
+            if self.wait_fn is not None:
+                self._result = self.wait_fn()
+            self._booked = True
             c = self.comm.counters
             c.seconds_communicate += time.perf_counter() - t0
             n = self.comm.size
@@ -62,54 +76,118 @@ class Handle:
                 c.bytes_received += total - self.nbytes
                 # a ring allgather forwards every block but the next rank's own
                 c.wire_bytes_sent += total - self.nbytes if n > 1 else 0
-            else:
+            elif n > 1:
                 c.bytes_received += self.nbytes
                 c.wire_bytes_sent += 2 * (n - 1) * self.nbytes // n
         return self._result
 
 
 class Communicator:
-    def __init__(self, process_set=hvd.global_process_set):
-        self.process_set = process_set
-        self.size = process_set.size()
-        self.rank = process_set.rank()
+    """The interface the engine talks to (module docstring). Subclasses implement the
+    `_start_*` methods and `_control` / `_allgather_bytes`; counting is done here."""
+
+    size: int = 1
+    rank: int = 0
+    included: bool = True
+
+    def __init__(self):
         self.counters = Counters()
 
     def allgather(self, payload: torch.Tensor, name: str, size_exchange: bool = False) -> Handle:
         """size_exchange: the payload length differs between ranks (an allgatherv), so count
-        the exchange of sizes it needs: each rank's int64 first dimension, which Horovod's
-        negotiation carries (8 bytes sent, 8 from each other rank; also in
-        extra["size_exchange_bytes"]). Fixed-length payloads need none."""
+        the exchange of sizes it needs: each rank's int64 length (8 bytes sent, 8 from each
+        other rank; also in extra["size_exchange_bytes"]). Fixed-length payloads need none."""
         assert payload.dtype == torch.uint8 and payload.dim() == 1
         c = self.counters
         c.bytes_sent += payload.numel()
         c.collectives += 1
-        if size_exchange:
+        if size_exchange and self.size > 1:
             c.bytes_sent += 8
             c.bytes_received += 8 * (self.size - 1)
             c.wire_bytes_sent += 8
             c.extra["size_exchange_bytes"] = c.extra.get("size_exchange_bytes", 0) + 8 * self.size
-        h = hvd.allgather_async(payload, name=name, process_set=self.process_set)
-        return Handle(self, h, "allgather", payload.numel())
+        if self.size == 1:
+            return Handle(self, None, "allgather", payload.numel(), result=payload)
+        return Handle(self, self._start_allgather(payload, name), "allgather", payload.numel())
 
-    def allreduce(self, tensor: torch.Tensor, name: str, op=hvd.Sum,
-                  prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> Handle:
+    def allreduce(self, tensor: torch.Tensor, name: str, prescale: float = 1.0,
+                  postscale: float = 1.0) -> Handle:
+        """Sum over ranks, in place where the library allows; the scales multiply before and
+        after the sum (Horovod's gradient_predivide_factor)."""
         nbytes = tensor.numel() * tensor.element_size()
         self.counters.bytes_sent += nbytes
         self.counters.collectives += 1
-        h = hvd.allreduce_async_(tensor, name=name, op=op, prescale_factor=prescale_factor,
-                                 postscale_factor=postscale_factor, process_set=self.process_set)
-        return Handle(self, h, "allreduce", nbytes)
+        if self.size == 1:
+            if prescale * postscale != 1.0:
+                tensor.mul_(prescale * postscale)
+            return Handle(self, None, "allreduce", nbytes, result=tensor)
+        return Handle(self, self._start_allreduce(tensor, name, prescale, postscale),
+                      "allreduce", nbytes)
+
+    def control(self, record: torch.Tensor, name: str) -> torch.Tensor:
+        """Blocking int64 sum of `record` over the ranks."""
+        self.counters.control_bytes += record.numel() * 8
+        if self.size == 1:
+            return record
+        return self._control(record, name)
 
     def allgather_object(self, obj, name: str = "hvd_signsgd.control") -> list:
-        """A small control-plane exchange (validation, checkpoints); not counted as gradient
-        bytes. Horovod's own allgather_object has no process_set argument in 0.28."""
+        """A small control-plane exchange (validation, checkpoints); not counted."""
+        if self.size == 1:
+            return [obj]
         data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
-        sizes = hvd.allgather(torch.tensor([data.numel()]), name=name + ".sizes",
-                              process_set=self.process_set).tolist()
-        gathered = hvd.allgather(data, name=name, process_set=self.process_set)
+        sizes = self._allgather_bytes(torch.tensor([data.numel()]), name + ".sizes").tolist()
+        gathered = self._allgather_bytes(data, name)
         out, pos = [], 0
         for n in sizes:
             out.append(pickle.loads(gathered[pos:pos + n].numpy().tobytes()))
             pos += n
         return out
+
+    # --- what an implementation provides ----------------------------------------------------
+
+    def _start_allgather(self, payload, name):
+        """Start an allgather; return a function that waits and returns the result."""
+        raise NotImplementedError
+
+    def _start_allreduce(self, tensor, name, prescale, postscale):
+        raise NotImplementedError
+
+    def _control(self, record, name):
+        raise NotImplementedError
+
+    def _allgather_bytes(self, tensor, name):
+        """Blocking allgather of a small tensor (any dtype)."""
+        raise NotImplementedError
+
+
+class HorovodCommunicator(Communicator):
+    """Horovod's collectives on one process set. On a rank outside the set, size is the set's
+    size, rank is -1 and included is False: such a rank constructs everything but never
+    exchanges (its synchronize() is a no-op, as in Horovod)."""
+
+    def __init__(self, process_set=None):
+        super().__init__()
+        import horovod.torch as hvd
+        self._hvd = hvd
+        self.process_set = process_set if process_set is not None else hvd.global_process_set
+        self.included = bool(self.process_set.included())
+        self.size = self.process_set.size()
+        self.rank = self.process_set.rank() if self.included else -1
+
+    def _start_allgather(self, payload, name):
+        h = self._hvd.allgather_async(payload, name=name, process_set=self.process_set)
+        return lambda: self._hvd.synchronize(h)
+
+    def _start_allreduce(self, tensor, name, prescale, postscale):
+        h = self._hvd.allreduce_async_(tensor, name=name, op=self._hvd.Sum,
+                                       prescale_factor=prescale, postscale_factor=postscale,
+                                       process_set=self.process_set)
+        return lambda: self._hvd.synchronize(h)
+
+    def _control(self, record, name):
+        return self._hvd.allreduce(record, name=name, op=self._hvd.Sum,
+                                   process_set=self.process_set)
+
+    def _allgather_bytes(self, tensor, name):
+        return self._hvd.allgather(tensor, name=name, process_set=self.process_set)

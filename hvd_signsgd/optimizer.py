@@ -1,59 +1,50 @@
 """hvd_signsgd.DistributedOptimizer: Horovod's DistributedOptimizer, with compressed exchange.
 
-The data path of one step, top to bottom:
+This is the Horovod front end of the engine (engine.py). The data path of one step, top to
+bottom:
 
 1. backward: a post-accumulate-grad hook per parameter counts backward passes (Horovod's
    `backward_passes_per_step`); when every parameter of a bucket has its gradient, the bucket
    is launched at once, so communication overlaps the rest of backward:
-       the gradients are in the bucket's flat float32 buffer: each float32 p.grad is a view of
-       it after its first step ("gradient as bucket view"), so backward accumulated into it;
-       other gradients are copied in
-       -> method.prepare / method.encode (momentum, error memory, packing)
-       -> communicator.allgather(payload) (or allreduce for dense methods)
-2. synchronize(): buckets whose gradients never arrived (unused parameters) are launched with
-   zeros, as Horovod does; then each bucket, in a fixed order, waits for its collective and
-   aggregates every rank's payload (identical on every rank) into the bucket, which is p.grad
-   (gradients that are not views get the result copied).
+       the step's control exchange (engine.begin_step, once per step)
+       -> the gradients are in the bucket's flat float32 buffer: each float32 p.grad is a view
+          of it after its first step ("gradient as bucket view"); other gradients are copied in
+       -> engine.launch: method.prepare / method.encode, then the collective
+2. synchronize(): buckets whose gradients never arrived (unused parameters, frozen layers) are
+   launched with zeros, which do not vote (sign(0) = 0), as Horovod allreduces zeros for them;
+   then engine.finish aggregates every bucket (identical on every rank) into its buffer, which is
+   p.grad (gradients that are not views get the result copied). Sparse gradients travel apart
+   (see _SparseExchange).
 3. step(): the wrapped optimizer applies the aggregated gradients (learning rate, weight decay
    and, for methods without momentum of their own, momentum).
+
+Horovod's idioms that call step() or load_state_dict() on some ranks only are local here:
+`hvd.broadcast_optimizer_state` initialises state by calling step() on zero gradients without a
+backward pass; such a step exchanges nothing and changes no parameter (see step()).
 """
 from __future__ import annotations
 
-import hashlib
-import itertools
-import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import horovod.torch as hvd
 import torch
 
-from . import kernels
-from .codecs import Layout
-from .communicator import Communicator, Counters
-from .methods import Method, NoCompression, StepContext, make_method
+from .communicator import HorovodCommunicator
+from .engine import Engine
+from .methods import Method, NoCompression, make_method
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_instances = itertools.count()
 
 
 @dataclass
-class _Bucket:
-    index: int
-    name: str
-    params: list            # parameters in layout order
-    layout: Layout
-    method: Method
-    offset: int             # first element in the whole model (the stochastic-sign RNG position)
-    state: dict = field(default_factory=dict)
-    flat: torch.Tensor = None
-    views: list = None      # flat's segment for each parameter, shaped like it
-    gaps: torch.Tensor = None   # positions of the alignment gaps (kept 0), or None
+class _Slot:
+    """The front end's side of a bucket: its parameters and their views into the buffer."""
+    params: list
+    views: list
+    gaps: torch.Tensor | None   # positions of the alignment gaps (kept 0), or None
     ready: int = 0
-    handle: object = None
-    ctx: StepContext = None
-    active: Method = None   # the method used this step (the dense one during warm-up)
 
 
 def _resolve_method(method, compression, options) -> Method:
@@ -69,14 +60,72 @@ def _resolve_method(method, compression, options) -> Method:
     return make_method("ef_signsgd" if method is None else method, **options)
 
 
+class _SparseExchange:
+    """Sparse gradients (nn.Embedding(sparse=True)) without sparse_as_dense: as in Horovod, each
+    rank's (indices, values) are allgathered and the result is their sparse sum (mean for
+    op=Average) over the voting ranks, so rows no rank touched stay untouched. One allgather a
+    step carries every sparse gradient of the rank (identified by position in the wrapper).
+
+    Which steps have it must be the same on every rank: a rank announces that it has met a
+    sparse gradient in the step's control record, and from the next step on every rank takes
+    part (a step in which only some ranks know densifies the sparse gradients into the bucket,
+    which gives the same result through the zero rule)."""
+
+    def __init__(self, comm, name, params):
+        self.comm, self.name = comm, name
+        self.index = {p: i for i, p in enumerate(params)}
+        self.grads = {}
+        self.handle = None
+
+    def start(self, divisor: int) -> None:
+        parts = []
+        for p, g in self.grads.items():
+            idx = g.indices().to(torch.int64).contiguous()
+            vals = g.values().to(torch.float32).contiguous()
+            head = torch.tensor([self.index[p], idx.shape[0], idx.shape[1]], dtype=torch.int64)
+            parts += [head.view(torch.uint8), idx.view(-1).view(torch.uint8),
+                      vals.view(-1).view(torch.uint8)]
+        parts.append(torch.tensor([-1], dtype=torch.int64).view(torch.uint8))   # end of rank
+        self.divisor = divisor
+        self.handle = self.comm.allgather(torch.cat(parts), f"{self.name}.sparse",
+                                          size_exchange=True)
+
+    def finish(self, params) -> dict:
+        """{parameter: its summed sparse gradient} for every parameter any rank sent."""
+        buf = self.handle.wait()
+        self.handle, self.grads = None, {}
+        pieces, pos = {}, 0
+        while pos < buf.numel():
+            (i,) = buf[pos:pos + 8].view(torch.int64).tolist()
+            pos += 8
+            if i < 0:
+                continue
+            sdim, nnz = buf[pos:pos + 16].view(torch.int64).tolist()
+            pos += 16
+            idx = buf[pos:pos + 8 * sdim * nnz].view(torch.int64).view(sdim, nnz)
+            pos += 8 * sdim * nnz
+            p = params[i]
+            row = p.shape[sdim:]
+            count = nnz * int(torch.Size(row).numel())
+            vals = buf[pos:pos + 4 * count].view(torch.float32).view(nnz, *row)
+            pos += 4 * count
+            pieces.setdefault(p, []).append((idx, vals))
+        out = {}
+        for p, parts in pieces.items():
+            idx = torch.cat([a for a, _ in parts], dim=1)
+            vals = torch.cat([b for _, b in parts]).div_(self.divisor).to(p.dtype)
+            out[p] = torch.sparse_coo_tensor(idx, vals, p.shape)
+        return out
+
+
 class _CompressedOptimizer(torch.optim.Optimizer):
     """Mixed into the user's optimizer class by DistributedOptimizer (see its docstring)."""
 
     def _hvd_init(self, base_cls, named_parameters, method, problem, backward_passes_per_step,
                   op, gradient_predivide_factor, groups, sparse_as_dense, process_set,
-                  bucket_cap_mb, min_compress_numel, start_step, seed, log_every):
+                  bucket_cap_mb, min_compress_numel, start_step, seed, log_every, on_nonfinite):
         self._base_cls = base_cls
-        self._comm = Communicator(process_set)
+        self._comm = HorovodCommunicator(process_set)
         self.process_set = process_set
         self.backward_passes_per_step = backward_passes_per_step
         self.op = op
@@ -86,29 +135,33 @@ class _CompressedOptimizer(torch.optim.Optimizer):
         self.start_step = start_step
         self.seed = seed
         self.log_every = log_every
-        self._step = 0
         self._synchronized = False
         self._should_synchronize = True
         self._launched = False
-        self._totals = Counters()
-        self._last = Counters()
-        self._prefix = f"hvd_signsgd.{next(_instances)}"
-        self._dense = NoCompression()
-
+        self._backward_seen = False
+        self._skip_step = False
+        self._engine = Engine(self._comm, method or NoCompression(), seed=seed,
+                              start_step=start_step, average=op == hvd.Average,
+                              predivide=gradient_predivide_factor, on_nonfinite=on_nonfinite)
         named, param_problem = self._check_parameters(named_parameters)
-        problem = problem or param_problem
-        buckets = [] if problem else self._make_buckets(named, groups, bucket_cap_mb,
-                                                         min_compress_numel)
-        self._validate_across_ranks(problem, buckets)
-        self._buckets = buckets
+        problem = problem or param_problem or (method.check_optimizer(self.param_groups)
+                                               if method is not None else None)
+        self._slots = {}
+        if not problem:
+            self._build(named, groups, bucket_cap_mb, min_compress_numel)
+        if self._comm.included:
+            self._engine.validate(problem, options=(backward_passes_per_step,))
+        elif problem:
+            raise ValueError(f"hvd_signsgd: {problem}")
         self._names = {p: n for n, p in named}
-        self._bucket_of = {p: b for b in buckets for p in b.params}
-        self._delay = {p: backward_passes_per_step for b in buckets for p in b.params}
-        self._compressed = [b for b in buckets if not isinstance(b.method, NoCompression)]
+        self._bucket_of = {p: b for b in self._engine.buckets for p in self._slots[b.index].params}
+        self._delay = {p: backward_passes_per_step for p in self._bucket_of}
+        self._sparse = _SparseExchange(self._comm, self._engine.prefix,
+                                       [p for p, _ in self._bucket_of.items()])
         self._hooks = []
-        if process_set.included() and self._comm.size > 1:
+        if self._comm.included:
             self._hooks = [p.register_post_accumulate_grad_hook(self._hook)
-                           for b in buckets for p in b.params]
+                           for p in self._bucket_of]
 
     # --- construction ----------------------------------------------------------------------
 
@@ -139,69 +192,28 @@ class _CompressedOptimizer(torch.optim.Optimizer):
                             f"float32, float16, bfloat16 and float64 gradients")
         return named, None
 
-    def _make_buckets(self, named, groups, bucket_cap_mb, min_compress_numel):
+    def _build(self, named, groups, bucket_cap_mb, min_compress_numel):
         # Reverse registration order approximates the order gradients arrive in backward.
         ordered = list(reversed(named))
         small = [(n, p) for n, p in ordered if p.numel() < min_compress_numel]
         large = [(n, p) for n, p in ordered if p.numel() >= min_compress_numel]
-        if isinstance(groups, list):
-            member = {id(p): i for i, grp in enumerate(groups) for p in grp}
-            chunks = [[x for x in large if member.get(id(x[1])) == i] for i in range(len(groups))]
-            chunks += [[x] for x in large if id(x[1]) not in member]
-        elif isinstance(groups, int) and groups > 0:
-            k, m = divmod(len(large), groups)
-            bounds = [i * k + min(i, m) for i in range(groups + 1)]
-            chunks = [large[bounds[i]:bounds[i + 1]] for i in range(groups)]
-        else:
-            cap = int(bucket_cap_mb * 2**20 / 4)
-            chunks, cur, cur_n = [], [], 0
-            for x in large:
-                if cur and cur_n + x[1].numel() > cap:
-                    chunks.append(cur)
-                    cur, cur_n = [], 0
-                cur.append(x)
-                cur_n += x[1].numel()
-            chunks.append(cur)
-        specs = [(c, self.method) for c in chunks if c]
+        chunks = [(c, None) for c in _group(large, groups, bucket_cap_mb) if c]
         if small:
-            specs.append((small, self._dense))
-        buckets, offset = [], 0
-        for i, (chunk, method) in enumerate(specs):
-            layout = Layout.for_sizes([p.numel() for _, p in chunk])
-            flat = torch.zeros(layout.numel)
-            gaps = [j for o, s in layout.segments() for j in range(o + s, (o + s + 7) // 8 * 8)
-                    if j < layout.numel]
-            b = _Bucket(i, f"{self._prefix}.b{i}", [p for _, p in chunk], layout, method,
-                        offset, flat=flat,
-                        views=[flat[o:o + s].view(p.shape)
-                               for (_, p), o, s in zip(chunk, layout.offsets, layout.sizes)],
-                        gaps=torch.tensor(gaps, dtype=torch.long) if gaps else None)
-            b.state = method.init_state(layout)
-            b.param_names = [n for n, _ in chunk]
-            buckets.append(b)
-            offset += layout.numel
-        return buckets
+            chunks.append((small, self._engine.dense))
+        self._engine.build([([n for n, _ in c], [p.numel() for _, p in c], m)
+                            for c, m in chunks])
+        for b, (chunk, _) in zip(self._engine.buckets, chunks):
+            params = [p for _, p in chunk]
+            gaps = [j for o, s in b.layout.segments() for j in range(o + s, (o + s + 7) // 8 * 8)
+                    if j < b.layout.numel]
+            self._slots[b.index] = _Slot(
+                params, [b.flat[o:o + s].view(p.shape)
+                         for p, o, s in zip(params, b.layout.offsets, b.layout.sizes)],
+                torch.tensor(gaps, dtype=torch.long) if gaps else None)
 
-    def _validate_across_ranks(self, problem, buckets):
-        method = self.method.describe() if self.method is not None else None
-        desc = [(b.method.describe(), [(n, tuple(p.shape), str(p.dtype))
-                                       for n, p in zip(b.param_names, b.params)])
-                for b in buckets]
-        digest = hashlib.sha256(repr((method, desc, self.start_step,
-                                      self.backward_passes_per_step, int(self.op),
-                                      self.gradient_predivide_factor)).encode()).hexdigest()
-        if self._comm.size == 1 or not self.process_set.included():
-            views = [(problem, digest, desc)]
-        else:
-            views = self._comm.allgather_object((problem, digest, desc),
-                                                name=f"{self._prefix}.validate")
-        problems = [(r, pr) for r, (pr, _, _) in enumerate(views) if pr]
-        if problems:
-            raise ValueError("hvd_signsgd.DistributedOptimizer: " + "; ".join(
-                f"rank {r}: {pr}" for r, pr in problems))
-        if len({d for _, d, _ in views}) > 1:
-            raise ValueError("hvd_signsgd.DistributedOptimizer: the ranks do not agree on the "
-                             "model or the method. " + _first_difference(views))
+    @property
+    def _buckets(self):
+        return self._engine.buckets
 
     # --- step path ---------------------------------------------------------------------------
 
@@ -209,154 +221,138 @@ class _CompressedOptimizer(torch.optim.Optimizer):
         if self._delay[p] <= 0:
             raise AssertionError("Gradients were computed more than backward_passes_per_step "
                                  "times before step(); increase backward_passes_per_step.")
+        self._backward_seen = True
         self._delay[p] -= 1
         if self._delay[p] > 0:
             return
         b = self._bucket_of[p]
-        b.ready += 1
-        if b.ready < len(b.params):
+        slot = self._slots[b.index]
+        slot.ready += 1
+        if slot.ready < len(slot.params):
             return
-        if b.method.model_scope and self._step >= self.start_step:
-            if all(c.ready == len(c.params) for c in self._compressed):
-                self._launch(self._compressed)
+        engine = self._engine
+        if b.method.model_scope and engine.step >= engine.start_step:
+            group = engine.compressed
+            if all(self._slots[c.index].ready == len(self._slots[c.index].params)
+                   for c in group):
+                self._launch(group)
         else:
             self._launch([b])
+
+    def _launch(self, buckets):
+        """The step's control exchange (first launch only), then gradients into the buckets,
+        then encode and send."""
+        try:
+            self._engine.begin_step()
+            for b in buckets:
+                self._collect(b)
+            self._engine.launch(buckets)
+        except BaseException:
+            self._engine.drain()
+            self._end_exchange()
+            raise
+        self._launched = True
 
     def _collect(self, b):
         """Make sure every gradient of the bucket is in b.flat. A float32 CPU p.grad that is
         already its view holds the accumulated gradient: nothing to do. Any other (the first
-        step, after zero_grad(set_to_none=True), another dtype or device, a sparse gradient)
-        is copied in, and float32 CPU gradients are replaced by their view, so that the next
-        backward accumulates into the bucket and the result needs no copy back."""
-        for p, view in zip(b.params, b.views):
+        step, after zero_grad(set_to_none=True), another dtype or device) is copied in, and
+        float32 CPU gradients are replaced by their view, so that the next backward
+        accumulates into the bucket and the result needs no copy back. A missing gradient is
+        zeros, which do not vote. A sparse gradient goes to the sparse exchange (its segment
+        stays zero) once every rank knows about sparse gradients, else it is densified."""
+        slot = self._slots[b.index]
+        for p, view in zip(slot.params, slot.views):
             g = p.grad
             if g is not None and not g.is_sparse and g.data_ptr() == view.data_ptr():
                 continue
             if g is None:
                 view.zero_()
+                p.grad = view if p.dtype == torch.float32 and p.device.type == "cpu" \
+                    else torch.zeros_like(p)
             elif g.is_sparse:
                 if not self.sparse_as_dense:
-                    raise TypeError(f"parameter {self._names[p]} has a sparse gradient; pass "
-                                    f"sparse_as_dense=True to send it as a dense one")
-                view.copy_(g.to_dense())
+                    self._engine.sparse_seen = True
+                if self._engine.sparse_mode and not self.sparse_as_dense:
+                    view.zero_()
+                    self._sparse.grads[p] = g.coalesce()
+                else:
+                    view.copy_(g.to_dense())
             else:
                 view.copy_(g)
-            if p.dtype == torch.float32 and p.device.type == "cpu" and (g is None
-                                                                          or not g.is_sparse):
-                p.grad = view
-            elif g is None:
-                p.grad = torch.zeros_like(p)
-
-    def _launch(self, buckets):
-        """Encode and start the collective of each bucket (all at once for model_scope)."""
-        t0 = time.perf_counter()
-        for b in buckets:
-            self._collect(b)
-            b.active = b.method if self._step >= self.start_step else self._dense
-            compressed = b.active is not self._dense
-            b.ctx = StepContext(step=self._step, rank=self._comm.rank, size=self._comm.size,
-                                bucket=b.name, offset=b.offset, layout=b.layout, seed=self.seed,
-                                average=self.op == hvd.Average, out=b.flat,
-                                nonfinite=compressed and not kernels.all_finite(b.flat))
-        method = buckets[0].active
-        if method.model_scope and any(b.ctx.nonfinite for b in buckets):
-            for b in buckets:     # no finite whole-model norm: every bucket reports it
-                b.ctx.nonfinite = True
-        for b in buckets:
-            b.active.prepare(b.flat, b.state, b.ctx)
-        if method.model_scope:
-            norm = method.combine_norms([method.norm_part(b.flat, b.state, b.ctx)
-                                         for b in buckets])
-            for b in buckets:
-                b.ctx.model_norm = norm
-        for b in buckets:
-            msg = b.active.encode(b.flat, b.state, b.ctx)
-            extra = self._comm.counters.extra
-            for k, v in b.ctx.stats.items():      # method counts (nnz_sent, dense_fallbacks, ...)
-                extra[k] = extra.get(k, 0) + v
-            if b.active.collective == "allgather":
-                b.handle = self._comm.allgather(msg, b.name, size_exchange=b.active.variable_size)
-            else:
-                f = self.gradient_predivide_factor if b.ctx.average else 1.0
-                b.handle = self._comm.allreduce(msg, b.name, op=hvd.Sum, prescale_factor=1.0 / f,
-                                                postscale_factor=f)
-        self._launched = True
-        self._comm.counters.seconds_encode += time.perf_counter() - t0
+                if p.dtype == torch.float32 and p.device.type == "cpu":
+                    p.grad = view
 
     def synchronize(self):
         """Finish every bucket's exchange and write the aggregated gradients into p.grad."""
-        if not self.process_set.included() or self._comm.size == 1:
+        if not self._comm.included:
             self._synchronized = True
             return
-        pending = [b for b in self._buckets if b.handle is None]
-        model_scope = [b for b in pending if b.method.model_scope and self._step >= self.start_step]
+        if self._synchronized and not self._backward_seen:
+            warnings.warn("optimizer.synchronize() called twice in one step; the gradients "
+                          "are already exchanged, nothing is done", stacklevel=2)
+            return
+        engine = self._engine
+        if not engine.buckets:
+            self._synchronized = True
+            return
+        pending = [b for b in engine.buckets if b.handle is None]
+        model_scope = [b for b in pending if b.method.model_scope and
+                       engine.step >= engine.start_step]
         for b in pending:
             if b not in model_scope:
                 self._launch([b])
         if model_scope:
             self._launch(model_scope)
         try:
-            self._write_results()
+            if engine.sparse_mode:
+                self._sparse.start(len(engine.voters) if engine.average else 1)
+            sparse_ranks = engine.sparse_mode
+            outcome = engine.finish()
+            sparse = self._sparse.finish(list(self._bucket_of)) if sparse_ranks else {}
         except BaseException:
-            self._drain()
-            raise
-        finally:
+            engine.drain()
             self._end_exchange()
-        self._finish_step_counters()
+            raise
+        self._end_exchange()
+        if outcome.error is not None:
+            raise outcome.error
+        self._write_results(sparse)
+        self._skip_step = outcome.skipped
         self._synchronized = True
+        self._log()
 
-    def _write_results(self):
-        """Wait for each bucket in a fixed order; its aggregate becomes the gradient."""
-        c = self._comm.counters
-        for b in self._buckets:
-            result = b.handle.wait()
-            t0 = time.perf_counter()
-            update = b.active.aggregate(result, b.state, b.ctx)
-            if update is not b.flat:
-                b.flat.copy_(update)
-            if b.gaps is not None:
-                b.flat.index_fill_(0, b.gaps, 0.0)
-            for p, view in zip(b.params, b.views):
+    def _write_results(self, sparse):
+        for b in self._engine.buckets:
+            slot = self._slots[b.index]
+            if slot.gaps is not None:
+                b.flat.index_fill_(0, slot.gaps, 0.0)
+            for p, view in zip(slot.params, slot.views):
                 g = p.grad
-                if g.is_sparse:   # sparse_as_dense: hand the optimizer a sparse gradient again
-                    g.zero_().add_(view.to(p.dtype).to_sparse())
+                if p in sparse:
+                    p.grad = sparse[p]
+                elif g.is_sparse:   # densified: hand the optimizer a sparse gradient again
+                    p.grad = view.to(p.dtype).to_sparse()
                 elif g.data_ptr() != view.data_ptr():
                     g.copy_(view)
-            c.seconds_decode += time.perf_counter() - t0
-            c.dense_fp32_bytes += 4 * b.layout.real_numel
-            b.handle = None
-
-    def _drain(self):
-        """After an error in aggregate (NaN/Inf: the same error on every rank), finish the
-        collectives still in flight, so that none writes into a bucket later. The gradients
-        of this step are undefined, nothing is applied and its counts are dropped."""
-        for b in self._buckets:
-            if b.handle is not None:
-                try:
-                    b.handle.wait()
-                except Exception:  # noqa: BLE001 - the first error is the one to report
-                    pass
-        self._comm.counters = Counters()
 
     def _end_exchange(self):
         """Ready for the next step's backward passes, whether this one succeeded or not."""
-        for b in self._buckets:
-            b.handle, b.ready = None, 0
+        for slot in self._slots.values():
+            slot.ready = 0
         self._reset_delays()
         self._launched = False
+        self._backward_seen = False
 
     def _reset_delays(self):
         for p in self._delay:
             self._delay[p] = self.backward_passes_per_step
 
-    def _finish_step_counters(self):
-        self._last = self._comm.counters
-        self._totals.add(self._last)
-        self._comm.counters = Counters()
-        self._step += 1
-        if self.log_every and self._step % self.log_every == 0 and self._comm.rank == 0:
+    def _log(self):
+        step = self._engine.step
+        if self.log_every and step % self.log_every == 0 and self._comm.rank == 0:
             s = self.compression_stats()
-            print(f"[hvd_signsgd] step {self._step} {s['method']}: sent {s['bytes_sent']} B "
+            print(f"[hvd_signsgd] step {step} {s['method']}: sent {s['bytes_sent']} B "
                   f"(x{s['compression_ratio']:.1f} less than fp32), encode "
                   f"{1e3 * s['seconds_encode']:.2f} ms, comm "
                   f"{1e3 * s['seconds_communicate']:.2f} ms, decode "
@@ -372,14 +368,39 @@ class _CompressedOptimizer(torch.optim.Optimizer):
             self._should_synchronize = True
 
     def step(self, closure=None):
-        if self._should_synchronize:
+        """Exchange (unless synchronize() already did), then the wrapped optimizer's step.
+
+        A step with no backward pass since the last one and only zero (or no) gradients is
+        Horovod's state initialisation (hvd.broadcast_optimizer_state calls step() that way,
+        on the ranks whose optimizer state is empty only): it exchanges nothing, and the
+        wrapped optimizer initialises its state with the parameters restored, so parameters,
+        the method's state and the step counter stay exactly as they were."""
+        if self._should_synchronize and self._comm.included:
             if self._synchronized:
                 warnings.warn("optimizer.step() called without optimizer.skip_synchronize() "
-                              "after optimizer.synchronize(); synchronizing again.",
-                              stacklevel=2)
-            self.synchronize()
+                              "after optimizer.synchronize(); the gradients were already "
+                              "exchanged, so this step does not exchange again", stacklevel=2)
+            elif not self._backward_seen and not self._launched and self._zero_gradients():
+                return self._initialise_state(closure)
+            else:
+                self.synchronize()
         self._synchronized = False
+        if self._skip_step:        # on_nonfinite="skip": nothing is applied
+            self._skip_step = False
+            return None
         return self._base_cls.step(self, closure)
+
+    def _zero_gradients(self) -> bool:
+        return all(p.grad is None or (not p.grad.is_sparse and not p.grad.any())
+                   for p in self._bucket_of)
+
+    def _initialise_state(self, closure):
+        saved = [p.detach().clone() for p in self._bucket_of]
+        result = self._base_cls.step(self, closure)
+        with torch.no_grad():
+            for p, s in zip(self._bucket_of, saved):
+                p.copy_(s)
+        return result
 
     def zero_grad(self, set_to_none: bool = True):
         if self._launched:
@@ -392,6 +413,44 @@ class _CompressedOptimizer(torch.optim.Optimizer):
         self.backward_passes_per_step = passes
         self._reset_delays()
 
+    def join(self) -> int:
+        """For uneven data: a rank that has run out of batches calls optimizer.join() instead of
+        another step. Until every rank has joined, it takes part in each step of the others
+        with an empty payload (it votes nothing and adds nothing; means are over the ranks
+        that still train) and applies the same update, so its parameters stay identical.
+        Returns when every rank has joined; the return value is the number of steps it took
+        part in. Horovod's hvd.join() cannot carry compressed exchanges (allgathers): with a
+        compressed method it is reported as an error on the other ranks."""
+        if not self._comm.included:
+            return 0
+        engine = self._engine
+        engine.join()
+        steps = 0
+        while True:
+            try:
+                voters = engine.begin_step()
+                if not voters:
+                    engine.drain()
+                    return steps
+                engine.launch([b for b in engine.buckets])
+                if engine.sparse_mode:
+                    self._sparse.start(len(voters) if engine.average else 1)
+                outcome = engine.finish()
+                sparse = self._sparse.finish(list(self._bucket_of)) if engine.sparse_mode \
+                    else {}
+            except BaseException:
+                engine.drain()
+                raise
+            finally:
+                self._end_exchange()
+            steps += 1
+            if outcome.error is None and not outcome.skipped:
+                for p in self._bucket_of:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                self._write_results(sparse)
+                self._base_cls.step(self)
+
     # --- statistics ---------------------------------------------------------------------------
 
     def compression_stats(self) -> dict:
@@ -400,103 +459,56 @@ class _CompressedOptimizer(torch.optim.Optimizer):
         bytes_sent / bytes_received: what this rank handed to / received from the collectives
         in the last step (payloads with headers, or dense tensors); compression_ratio: a
         float32 allreduce of the same gradients (4 bytes per coordinate) over bytes_sent.
-        wire_bytes_sent models what a ring algorithm puts on this rank's link.
+        wire_bytes_sent models what a ring algorithm puts on this rank's link. control_bytes:
+        the step's control record (8 bytes x 4 fields x ranks), not included in bytes_sent.
         """
-        last, tot = self._last, self._totals
-        return {
-            "method": self.method.describe(),
-            "steps": self._step,
-            "ranks": self._comm.size,
-            "buckets": len(self._buckets),
-            "compressed_buckets": len(self._compressed),
-            "bytes_sent": last.bytes_sent,
-            "bytes_received": last.bytes_received,
-            "dense_fp32_bytes": last.dense_fp32_bytes,
-            "compression_ratio": last.dense_fp32_bytes / max(last.bytes_sent, 1),
-            "wire_bytes_sent": last.wire_bytes_sent,
-            "seconds_encode": last.seconds_encode,
-            "seconds_communicate": last.seconds_communicate,
-            "seconds_decode": last.seconds_decode,
-            "total_bytes_sent": tot.bytes_sent,
-            "total_bytes_received": tot.bytes_received,
-            "total_dense_fp32_bytes": tot.dense_fp32_bytes,
-            "total_wire_bytes_sent": tot.wire_bytes_sent,
-            "total_seconds_encode": tot.seconds_encode,
-            "total_seconds_communicate": tot.seconds_communicate,
-            "total_seconds_decode": tot.seconds_decode,
-            # counts some methods report (e.g. nnz_sent, dense_fallbacks, error_resets,
-            # size_exchange_bytes): last step under its name, whole run as total_<name>
-            **{k: last.extra.get(k, 0) for k in tot.extra},
-            **{f"total_{k}": v for k, v in tot.extra.items()},
-        }
+        return self._engine.stats()
 
     # --- checkpoints --------------------------------------------------------------------------
 
     def state_dict(self):
         """The wrapped optimizer's state plus this rank's method state (error memory, momentum,
         step counter; the random streams are a pure function of seed, rank and step).
-        Save one file per rank: the method state differs between ranks."""
+        Save one file per rank to resume the method state exactly; a file saved on rank 0
+        alone resumes rank 0's method state, and the others start theirs fresh."""
         sd = self._base_cls.state_dict(self)
-        sd["hvd_signsgd"] = {
-            "format": 1, "method": self.method.describe(), "rank": self._comm.rank,
-            "world_size": self._comm.size, "step": self._step, "seed": self.seed,
-            "buckets": [{k: v.clone() for k, v in b.state.items()} for b in self._buckets],
-        }
+        sd["hvd_signsgd"] = self._engine.state_section()
         return sd
 
     def load_state_dict(self, state_dict):
-        """Collective: call on every rank. Every rank raises the same clear error if any rank's
-        state does not fit (other world size, other rank, other method or model)."""
+        """Local, as in Horovod: Horovod's resume idiom (rank 0 loads, then
+        hvd.broadcast_optimizer_state) works. What needs the other ranks (world size, rank,
+        method, model) is checked at the next step, where every rank raises the same error.
+        A plain optimizer's state (no hvd_signsgd section) loads with the method state
+        starting fresh."""
         state_dict = dict(state_dict)
         ours = state_dict.pop("hvd_signsgd", None)
-        problem = self._check_loadable(ours)
-        if self._comm.size > 1 and self.process_set.included():
-            problems = self._comm.allgather_object(problem, name=f"{self._prefix}.load")
-        else:
-            problems = [problem]
-        bad = [(r, p) for r, p in enumerate(problems) if p]
-        if bad:
-            raise ValueError("hvd_signsgd: cannot resume: " + "; ".join(
-                f"rank {r}: {p}" for r, p in bad))
         self._base_cls.load_state_dict(self, state_dict)
-        if ours is not None:
-            self._step = ours["step"]
-            for b, saved in zip(self._buckets, ours["buckets"]):
-                for k, v in saved.items():
-                    b.state[k].copy_(v)
+        self._engine.load_section(ours)
         self._reset_delays()
 
-    def _check_loadable(self, ours):
-        if ours is None:
-            return None if not self._compressed else (
-                "the state has no hvd_signsgd section (saved from a plain optimizer?); the "
-                "error memory / momentum cannot be restored")
-        if ours["world_size"] != self._comm.size:
-            return (f"the checkpoint was written by a job of {ours['world_size']} ranks and this "
-                    f"job has {self._comm.size}; error memory and momentum are per rank and "
-                    f"cannot be re-sharded exactly. Resume with {ours['world_size']} ranks.")
-        if ours["rank"] != self._comm.rank:
-            return (f"this rank loaded the state saved by rank {ours['rank']}; load the file "
-                    f"this rank saved (one file per rank)")
-        if ours["method"] != self.method.describe():
-            return (f"the state is for {ours['method']}, this optimizer runs "
-                    f"{self.method.describe()}")
-        shapes = [{k: tuple(v.shape) for k, v in s.items()} for s in ours["buckets"]]
-        mine = [{k: tuple(v.shape) for k, v in b.state.items()} for b in self._buckets]
-        if shapes != mine:
-            return "the method state does not match this model's buckets (another model?)"
-        return None
 
-
-def _first_difference(views) -> str:
-    ref = views[0][2]
-    for r, (_, _, desc) in enumerate(views[1:], start=1):
-        if desc != ref:
-            for i, (a, b) in enumerate(itertools.zip_longest(ref, desc)):
-                if a != b:
-                    return (f"Rank 0 has bucket {i} = {a}, rank {r} has {b}. Every rank must "
-                            f"build the same model and pass the same method and options.")
-    return "The ranks differ in start_step, backward_passes_per_step or op."
+def _group(large, groups, bucket_cap_mb):
+    """The compressed tensors in buckets: Horovod's groups (a list of parameter lists, or a
+    number of groups), else consecutive runs of at most bucket_cap_mb."""
+    if isinstance(groups, list):
+        member = {id(p): i for i, grp in enumerate(groups) for p in grp}
+        chunks = [[x for x in large if member.get(id(x[1])) == i] for i in range(len(groups))]
+        return chunks + [[x] for x in large if id(x[1]) not in member]
+    if isinstance(groups, int) and groups > 0:
+        k, m = divmod(len(large), groups)
+        bounds = [i * k + min(i, m) for i in range(groups + 1)]
+        return [large[bounds[i]:bounds[i + 1]] for i in range(groups)]
+    cap = int(bucket_cap_mb * 2**20 / 4)
+    chunks, cur, cur_n = [], [], 0
+    for x in large:
+        if cur and cur_n + x[1].numel() > cap:
+            chunks.append(cur)
+            cur, cur_n = [], 0
+        cur.append(x)
+        cur_n += x[1].numel()
+    chunks.append(cur)
+    return chunks
 
 
 def DistributedOptimizer(optimizer, named_parameters=None, compression=None,
@@ -504,7 +516,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None,
                          gradient_predivide_factor=1.0, num_groups=0, groups=None,
                          sparse_as_dense=False, process_set=hvd.global_process_set, *,
                          method=None, bucket_cap_mb=25.0, min_compress_numel=128,
-                         start_step=0, seed=0, log_every=0, **method_options):
+                         start_step=0, seed=0, log_every=0, on_nonfinite="raise",
+                         **method_options):
     """Wrap a torch optimizer so that gradients are exchanged compressed.
 
     A drop-in for ``hvd.DistributedOptimizer``: the same arguments with the same meanings, plus
@@ -519,13 +532,21 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None,
         min_compress_numel: tensors with fewer elements travel uncompressed in one fused float32
             allreduce (biases and norms: compressing them saves little and costs accuracy).
         start_step: the first start_step steps run uncompressed (warm-up); the method's state
-            starts at step start_step.
-        seed: global seed of the stochastic methods' random streams.
+            and schedule start at step start_step. For methods whose update is a vote or a
+            mean of signs, warm-up updates are scaled per tensor to a mean |u_i| of 1, the size
+            of a vote, so that lr means the same before and after.
+        seed: global seed of the stochastic methods' random streams; the same on every rank
+            (checked: the per-rank streams are derived from it).
         log_every: rank 0 prints compression_stats() every that many steps (0: never).
+        on_nonfinite: "raise" (default): a NaN/Inf gradient on any rank raises
+            NonFiniteGradientError on every rank; "skip": every gradient of that step becomes
+            NaN, so that torch.amp.GradScaler skips it (Horovod's AMP pattern), and step()
+            applies nothing. Either way the method state is exactly as before the step.
 
     Methods with momentum of their own (signum, ssdm) expect a wrapped optimizer without
     momentum (plain SGD); weight decay of the wrapped optimizer is applied after aggregation.
-    Call state_dict() on every rank and save one file per rank; load_state_dict() is collective.
+    Save state_dict() on every rank (one file per rank) to resume the method state exactly;
+    load_state_dict() is local, so Horovod's rank-0 resume idiom works too.
     """
     if num_groups and groups is None:
         groups = num_groups
@@ -541,6 +562,8 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None,
                              "combines full-precision gradients and has no compressed form")
         if gradient_predivide_factor != 1.0 and op != hvd.Average:
             raise ValueError("gradient_predivide_factor not supported with op != Average")
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', not {on_nonfinite!r}")
         resolved = _resolve_method(method, compression, method_options)
     except ValueError as e:
         problem = str(e)
@@ -555,5 +578,5 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None,
     wrapped._hvd_init(optimizer.__class__, named_parameters, resolved, problem,
                       backward_passes_per_step, op, gradient_predivide_factor, groups,
                       sparse_as_dense, process_set, bucket_cap_mb, min_compress_numel,
-                      start_step, seed, log_every)
+                      start_step, seed, log_every, on_nonfinite)
     return wrapped

@@ -42,6 +42,7 @@ CODEC_NAMES = {v: k for k, v in CODEC_IDS.items()}
 
 FLAG_NONFINITE = 1 << 0   # the sender's gradient had NaN/Inf; body is zero and must not be used
 FLAG_DENSE = 1 << 1       # a sparse codec fell back to sending every coordinate (fp32 body)
+FLAG_JOINED = 1 << 7      # the sender has joined (optimizer.join()): no body, no vote
 
 
 class PayloadError(RuntimeError):
@@ -57,7 +58,7 @@ class Header:
     flags: int = 0
 
     def body_nbytes(self) -> int:
-        if self.flags & FLAG_NONFINITE:
+        if self.flags & (FLAG_NONFINITE | FLAG_JOINED):
             return 0
         if self.codec in ("sign", "scaled_sign", "stochastic_sign"):
             return (self.n + 7) // 8

@@ -48,6 +48,15 @@ class StepContext:
                               # passes the bucket, whose views are the parameters' .grad)
     stats: dict = field(default_factory=dict)   # per-step counts the method reports
                                                 # (summed into compression_stats)
+    n_ranks: int = 0          # ranks in the exchange (payloads to split); 0: size
+    voters: list = None       # the ranks that vote this step (joined ranks do not); size is
+                              # their number, the divisor of every mean
+    method_step: int = None   # steps since compression started (step - start_step);
+                              # None: step
+
+    def __post_init__(self):
+        if self.method_step is None:
+            self.method_step = self.step
 
 
 def check_flags(payloads, ctx: StepContext) -> None:
@@ -96,15 +105,43 @@ class Method:
     def combine_norms(self, parts) -> float:
         raise NotImplementedError
 
+    unit_scale = False                # the update is +-1 per coordinate (a vote or a mean of
+                                      # signs), not in gradient units
+
     def options(self) -> dict:
         return {}
+
+    def check_optimizer(self, param_groups) -> str | None:
+        """A problem with the wrapped optimizer's settings for this method, or None."""
+        return None
+
+    def encode_joined(self, g: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """The payload of a rank that has joined (optimizer.join()): it votes nothing and
+        adds nothing. A header alone for allgather methods; zeros for allreduce methods."""
+        return wire.build(wire.Header(self.codec.codec, ctx.layout.numel,
+                                      flags=wire.FLAG_JOINED))
+
+    def warmup_rescale(self, update: torch.Tensor, layout: Layout) -> None:
+        """During warm-up (start_step) the update is the dense mean gradient. For methods
+        whose compressed update is +-1 per coordinate, scale each tensor to a mean |u_i| of 1,
+        the size of a vote, so that the learning rate means the same before and after
+        compression starts. Methods in gradient units (error feedback) need nothing."""
+        if not self.unit_scale:
+            return
+        for o, s in layout.segments():
+            seg = update[o:o + s]
+            l1 = float(seg.abs().sum())
+            if l1 > 0.0:
+                seg.mul_(s / l1)
 
     def describe(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.options().items())
         return f"{self.name}({opts})"
 
     def _payloads(self, gathered, ctx, codec):
-        payloads = wire.split(gathered, ctx.size, bucket=ctx.bucket, codec=codec.codec,
-                              n=ctx.layout.numel)
+        """The voting ranks' payloads (joined ranks' are dropped); raises on NaN/Inf flags."""
+        payloads = wire.split(gathered, ctx.n_ranks or ctx.size, bucket=ctx.bucket,
+                              codec=codec.codec, n=ctx.layout.numel)
+        payloads = [p for p in payloads if not p.header.flags & wire.FLAG_JOINED]
         check_flags(payloads, ctx)
         return payloads

@@ -19,6 +19,9 @@ class NoCompression(Method):
             return g
         return self.codec.encode(g)
 
+    def encode_joined(self, g, ctx):
+        return g.zero_() if g is ctx.out else torch.zeros_like(g)
+
     def aggregate(self, reduced, state, ctx):
         out = self.codec.decode(reduced)
         return out.div_(ctx.size) if ctx.average else out
@@ -34,6 +37,9 @@ class FP16(NoCompression):
     def encode(self, g, state, ctx):
         # Average before the sum, as hvd.Compression.fp16 users expect no fp16 overflow.
         return (g / ctx.size if ctx.average else g).to(torch.float16)
+
+    def encode_joined(self, g, ctx):
+        return torch.zeros(g.numel(), dtype=torch.float16)
 
     def aggregate(self, reduced, state, ctx):
         return reduced.to(torch.float32)

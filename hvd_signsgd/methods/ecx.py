@@ -100,6 +100,20 @@ class ErrorCompensatedX(Method):
                 "compressor": self.compressor}
         return {**opts, "ratio": self.ratio} if self.compressor == "topk" else opts
 
+    def check_optimizer(self, param_groups):
+        """ECX compensates for the moving average v = (1 - alpha) v + alpha * update, which is
+        torch's SGD with momentum = dampening = 1 - alpha; anything else breaks the identity."""
+        want = 1.0 - self.alpha
+        for i, g in enumerate(param_groups):
+            got = (g.get("momentum", None), g.get("dampening", None), g.get("nesterov", False))
+            if got[0] is None or abs(got[0] - want) > 1e-9 or abs(got[1] - want) > 1e-9 \
+                    or got[2]:
+                return (f"ecx(alpha={self.alpha}) needs the wrapped optimizer to be "
+                        f"torch.optim.SGD(momentum={want:g}, dampening={want:g}) without "
+                        f"nesterov; param group {i} has momentum={got[0]}, "
+                        f"dampening={got[1]}, nesterov={got[2]}")
+        return None
+
     def init_state(self, layout):
         if self.compensation == "none":
             return {}

@@ -46,6 +46,10 @@ class SignSGD(Method):
     def options(self):
         return {"aggregation": self.aggregation}
 
+    @property
+    def unit_scale(self):
+        return self.aggregation != "norm_weighted"
+
     def encode(self, g, state, ctx):
         return self.codec.encode(g, flags=wire.FLAG_NONFINITE if ctx.nonfinite else 0)
 
@@ -167,7 +171,7 @@ class SSDM(StochasticSignMethod):
 
     def prepare(self, g, state, ctx):
         if not ctx.nonfinite:
-            b = self.beta_at(ctx.step)
+            b = self.beta_at(ctx.method_step)     # the schedule starts with compression
             state["momentum"].mul_(b).add_(g, alpha=1.0 - b)
 
     def _source(self, g, state):

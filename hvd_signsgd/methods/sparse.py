@@ -332,6 +332,9 @@ class RandomK(Perturbation, Method):
         ctx._randomk_indices = idx
         return idx
 
+    def encode_joined(self, g, ctx):
+        return torch.zeros(ctx.layout.numel if self.reset_due(ctx) else self.indices(ctx).numel())
+
     def encode(self, g, state, ctx):
         dense = self.reset_due(ctx)
         n = ctx.layout.numel if dense else self.indices(ctx).numel()

@@ -1,0 +1,455 @@
+"""The engine both front ends drive: a method's buckets, their exchange, checks and statistics.
+
+A front end (the Horovod `DistributedOptimizer`, the DDP communication hook) owns the hooks and
+the way gradients reach a bucket's flat buffer. Everything after that is here, once:
+
+    engine = Engine(comm, method, seed=..., start_step=..., on_nonfinite="raise")
+    engine.build(chunks)                      # buckets from [(names, sizes)] lists
+    engine.validate(problem)                  # the same model, method and options everywhere
+    engine.begin_step()                       # the step's control record (below), once a step
+    engine.launch(buckets)                    # encode each bucket, start its collective
+    outcome = engine.finish()                 # wait, aggregate into each bucket's flat buffer
+
+The step protocol. Each step starts with one small control exchange, an allreduce of one
+int64 record per rank (slot r holds rank r's record, the others send zeros):
+    alive (1), the step counter, flags (loaded state, local problem, joined).
+It is an allreduce because Horovod's join can carry allreduces but not allgathers: a rank
+inside `hvd.join()` contributes zeros, so the others see its record missing and raise instead of
+hanging. From the records every rank learns the same facts: which ranks vote this step (not
+joined), the step counter to use (a rank that loaded a checkpoint brings its counter; see
+`_reconcile`), and whether any rank's loaded state is unusable (then every rank raises the same
+error).
+
+Non-finite gradients. A rank whose bucket holds NaN/Inf flags its payload and leaves its state
+alone; ranks with finite gradients have updated theirs by the time the flag arrives. So before
+encoding, the state of each stateful bucket is copied to a backup, and a step in which any rank
+was non-finite restores every bucket from it, on every rank: the method state is exactly as
+before the step. Then on_nonfinite="raise" raises NonFiniteGradientError on every rank, and
+"skip" writes NaN into every gradient (so `torch.amp.GradScaler` sees the overflow and skips
+the step, as with Horovod) and reports `skipped`.
+
+Nothing here imports a communication library: `comm` is a `communicator.Communicator`.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from . import kernels
+from .codecs import Layout
+from .communicator import Counters
+from .methods import Method, NoCompression, NonFiniteGradientError, StepContext
+
+_FLAG_LOADED = 1       # this rank loaded a checkpoint section since the last step
+_FLAG_PROBLEM = 2      # ... and it cannot be used (the message is exchanged separately)
+_FLAG_JOINED = 4       # this rank has joined (optimizer.join()): it sends nothing, votes nothing
+_FLAG_SPARSE = 8       # this rank has seen sparse gradients: the front end's sparse exchange runs
+_RECORD = 4            # int64 fields per rank: alive, step, flags, reserved
+
+
+class StepError(RuntimeError):
+    """A step cannot run: the ranks disagree about something only a step reveals."""
+
+
+@dataclass
+class Bucket:
+    index: int
+    name: str
+    names: list             # parameter names, layout order
+    layout: Layout
+    method: Method
+    offset: int             # first element in the whole model (RNG stream position)
+    flat: torch.Tensor
+    state: dict = field(default_factory=dict)
+    backup: dict = field(default_factory=dict)
+    handle: object = None
+    ctx: StepContext = None
+    active: Method = None   # the method used this step (the dense one during warm-up)
+
+
+@dataclass
+class Outcome:
+    """What a step's exchange came to: applied, or skipped for non-finite gradients."""
+    skipped: bool = False
+    error: NonFiniteGradientError | None = None
+
+
+def layout_digest(*parts) -> str:
+    return hashlib.sha256(repr(parts).encode()).hexdigest()
+
+
+class Engine:
+    """Buckets of one method on one communicator, and the step protocol (module docstring).
+
+    on_nonfinite: "raise" (NonFiniteGradientError on every rank) or "skip" (every gradient
+    becomes NaN, nothing of the method's state changes; the front end skips the step).
+    """
+
+    def __init__(self, comm, method: Method, *, seed: int = 0, start_step: int = 0,
+                 average: bool = True, predivide: float = 1.0, on_nonfinite: str = "raise"):
+        self.comm = comm
+        self.method = method
+        self.dense = NoCompression()
+        self.seed, self.start_step = seed, start_step
+        self.average, self.predivide = average, predivide
+        self.on_nonfinite = on_nonfinite
+        self.buckets: list[Bucket] = []
+        self.step = 0
+        self.prefix = "hvd_signsgd"
+        self.totals, self.last = Counters(), Counters()
+        self._loaded = None          # (step, problem) of a checkpoint section loaded locally
+        self._joined = False
+        self.sparse_seen = False     # set by a front end that met a sparse gradient
+        self.sparse_mode = False     # any rank has: this step has a sparse exchange
+        self._active_ranks = None    # ranks that vote this step (None: before begin_step)
+        self._step_started = False
+        self._launched_any = False
+
+    # --- construction -------------------------------------------------------------------------
+
+    def build(self, chunks) -> None:
+        """chunks: [(names, sizes, method)] in launch order; method None means the engine's."""
+        offset = 0
+        for i, (names, sizes, method) in enumerate(chunks):
+            method = method or self.method
+            layout = Layout.for_sizes(sizes)
+            b = Bucket(i, "", list(names), layout, method, offset,
+                       flat=torch.zeros(layout.numel))
+            b.state = method.init_state(layout)
+            b.backup = {k: torch.empty_like(v) for k, v in b.state.items()}
+            self.buckets.append(b)
+            offset += layout.numel
+        # Collectives are named from what they carry, so that ranks agree on the names
+        # whatever else they have built, and a disagreement is an error, not a hang.
+        self.prefix = "hvd_signsgd." + layout_digest(self.describe_buckets())[:12]
+        for b in self.buckets:
+            b.name = f"{self.prefix}.b{b.index}"
+
+    def describe_buckets(self):
+        return [(b.method.describe(), list(zip(b.names, b.layout.sizes))) for b in self.buckets]
+
+    @property
+    def compressed(self) -> list[Bucket]:
+        return [b for b in self.buckets if not isinstance(b.method, NoCompression)]
+
+    def validate(self, problem: str | None, options: tuple = ()) -> None:
+        """Raise the same ValueError on every rank if any rank has a problem or the ranks
+        differ in model, method or options (seed and start_step included)."""
+        desc = self.describe_buckets()
+        digest = layout_digest(self.method.describe() if self.method else None, desc,
+                               self.seed, self.start_step, self.average, self.predivide,
+                               self.on_nonfinite, options)
+        mine = (problem, digest, desc, (self.seed, self.start_step, options))
+        views = self.comm.allgather_object(mine, name="hvd_signsgd.validate")
+        problems = [(r, pr) for r, (pr, *_) in enumerate(views) if pr]
+        if problems:
+            raise ValueError("hvd_signsgd: " + "; ".join(f"rank {r}: {pr}" for r, pr in problems))
+        if len({v[1] for v in views}) > 1:
+            raise ValueError("hvd_signsgd: the ranks do not agree on the model, the method or "
+                             "its options. " + _first_difference(views))
+
+    # --- the step --------------------------------------------------------------------------------
+
+    @property
+    def step_started(self) -> bool:
+        return self._step_started
+
+    def begin_step(self) -> list[int]:
+        """The control exchange (module docstring), once per step, before any bucket leaves.
+        Returns the ranks that vote this step."""
+        if self._step_started:
+            return self._active_ranks
+        n, r = self.comm.size, self.comm.rank
+        flags = (_FLAG_JOINED if self._joined else 0) | (_FLAG_SPARSE if self.sparse_seen else 0)
+        if self._loaded is not None:
+            flags |= _FLAG_LOADED | (_FLAG_PROBLEM if self._loaded[1] else 0)
+        record = torch.zeros(n * _RECORD, dtype=torch.int64)
+        record[r * _RECORD:(r + 1) * _RECORD] = torch.tensor([1, self.step, flags, 0])
+        records = self.comm.control(record, name=f"{self.prefix}.control").view(n, _RECORD)
+        self._step_started = True
+        alive, steps, flags = records[:, 0].tolist(), records[:, 1].tolist(), records[:, 2].tolist()
+        missing = [k for k in range(n) if not alive[k]]
+        if missing:
+            self._abort_step()
+            raise StepError(
+                f"hvd_signsgd: rank(s) {missing} did not take part in this step's exchange: "
+                f"they are probably inside hvd.join(), which cannot carry compressed exchanges "
+                f"(Horovod's join covers allreduce only). Call optimizer.join() instead of "
+                f"hvd.join() on a rank that has run out of data.")
+        if any(f & _FLAG_PROBLEM for f in flags):
+            self._raise_load_problems(flags)
+        self._reconcile(steps, flags)
+        self.sparse_mode = any(f & _FLAG_SPARSE for f in flags)
+        self._active_ranks = [k for k in range(n) if not flags[k] & _FLAG_JOINED]
+        return self._active_ranks
+
+    def _raise_load_problems(self, flags):
+        mine = self._loaded[1] if self._loaded else None
+        problems = self.comm.allgather_object(mine, name=f"{self.prefix}.problems")
+        self._loaded = None
+        self._abort_step()
+        raise ValueError("hvd_signsgd: cannot resume: " + "; ".join(
+            f"rank {k}: {p}" for k, p in enumerate(problems) if p))
+
+    def _reconcile(self, steps, flags):
+        """After a checkpoint was loaded on some ranks (rank 0 alone, in Horovod's idiom), every
+        rank continues from the loaded step counter; a rank that loaded nothing keeps a fresh
+        method state, and says so once."""
+        loaded = {steps[k] for k in range(len(steps)) if flags[k] & _FLAG_LOADED}
+        if len(loaded) > 1:
+            self._abort_step()
+            raise ValueError(f"hvd_signsgd: cannot resume: the ranks loaded checkpoints of "
+                             f"different steps ({sorted(loaded)}); load the files of one save")
+        if not loaded and len(set(steps)) > 1:
+            self._abort_step()
+            raise StepError(f"hvd_signsgd: the ranks are at different steps ({steps}); every "
+                            f"rank must call step() (or synchronize()) the same number of times")
+        if loaded:
+            (target,) = loaded
+            if self.step != target and self.compressed and any(b.state for b in self.buckets):
+                warnings.warn(f"hvd_signsgd: rank {self.comm.rank} loaded no checkpoint: its "
+                              f"method state (error memory / momentum) starts fresh at step "
+                              f"{target}. Save and load one file per rank to resume it "
+                              f"exactly.", stacklevel=4)
+            self.step = target
+        self._loaded = None
+
+    def join(self) -> None:
+        """From now on this rank sends nothing and votes nothing (optimizer.join())."""
+        self._joined = True
+
+    @property
+    def voters(self) -> list[int]:
+        """The ranks that vote this step (after begin_step)."""
+        return self._active_ranks
+
+    def context(self, b: Bucket, nonfinite: bool) -> StepContext:
+        return StepContext(step=self.step, rank=self.comm.rank, size=len(self._active_ranks),
+                           bucket=b.name, offset=b.offset, layout=b.layout, seed=self.seed,
+                           average=self.average, out=b.flat, nonfinite=nonfinite,
+                           n_ranks=self.comm.size, voters=self._active_ranks,
+                           method_step=self.step - self.start_step)
+
+    def launch(self, buckets: list[Bucket]) -> None:
+        """Encode each bucket's flat buffer and start its collective; all at once for methods
+        with a whole-model norm. begin_step() must have run."""
+        assert self._step_started, "begin_step() first"
+        t0 = time.perf_counter()
+        warm = self.step < self.start_step
+        for b in buckets:
+            b.active = self.dense if warm else b.method
+            compressed = b.active is not self.dense
+            b.ctx = self.context(b, compressed and not self._joined
+                                 and not kernels.all_finite(b.flat))
+        method = buckets[0].active
+        if method.model_scope and any(b.ctx.nonfinite for b in buckets):
+            for b in buckets:     # no finite whole-model norm: every bucket reports it
+                b.ctx.nonfinite = True
+        for b in buckets:
+            for k, v in b.state.items():      # restored if any rank is non-finite
+                b.backup[k].copy_(v)
+            if not self._joined:
+                b.active.prepare(b.flat, b.state, b.ctx)
+        if method.model_scope and not self._joined:
+            norm = method.combine_norms([method.norm_part(b.flat, b.state, b.ctx)
+                                         for b in buckets])
+            for b in buckets:
+                b.ctx.model_norm = norm
+        for b in buckets:
+            self._send(b)
+        self._launched_any = True
+        self.comm.counters.seconds_encode += time.perf_counter() - t0
+
+    def _send(self, b: Bucket) -> None:
+        if self._joined:
+            msg = b.active.encode_joined(b.flat, b.ctx)
+        else:
+            msg = b.active.encode(b.flat, b.state, b.ctx)
+        extra = self.comm.counters.extra
+        for k, v in b.ctx.stats.items():      # method counts (nnz_sent, dense_fallbacks, ...)
+            extra[k] = extra.get(k, 0) + v
+        if b.active.collective == "allgather":
+            b.handle = self.comm.allgather(msg, b.name, size_exchange=b.active.variable_size)
+        else:
+            f = self.predivide if self.average else 1.0
+            b.handle = self.comm.allreduce(msg, b.name, prescale=1.0 / f, postscale=f)
+
+    def finish(self) -> Outcome:
+        """Wait for every bucket in a fixed order and aggregate it into its flat buffer
+        (identical on every rank). A non-finite step restores every bucket's state."""
+        c = self.comm.counters
+        error = None
+        for b in self.buckets:
+            result = b.handle.wait()
+            if error is not None:
+                continue            # finish the collectives in flight; nothing is applied
+            t0 = time.perf_counter()
+            try:
+                update = b.active.aggregate(result, b.state, b.ctx)
+                if b.active is self.dense and self.method is not self.dense and \
+                        not kernels.all_finite(update):
+                    raise NonFiniteGradientError(
+                        f"NaN or Inf in the uncompressed small tensors of at least one rank "
+                        f"(bucket {b.name}, step {self.step})")
+            except NonFiniteGradientError as e:
+                error = e
+                continue
+            if update is not b.flat:
+                b.flat.copy_(update)
+            if b.active is self.dense and b.method is not self.dense:
+                b.method.warmup_rescale(b.flat, b.layout)
+            c.seconds_decode += time.perf_counter() - t0
+            c.dense_fp32_bytes += 4 * b.layout.real_numel
+        for b in self.buckets:
+            b.handle = None
+        if error is not None:
+            self._restore()
+            return self._nonfinite(error)
+        self._end_step(advance=True)
+        return Outcome()
+
+    def _nonfinite(self, error) -> Outcome:
+        self.comm.counters = Counters()
+        self._end_step(advance=False)
+        if self.on_nonfinite == "raise":
+            return Outcome(error=error)
+        for b in self.buckets:
+            b.flat.fill_(float("nan"))
+        self.totals.extra["skipped_steps"] = self.totals.extra.get("skipped_steps", 0) + 1
+        return Outcome(skipped=True)
+
+    def _restore(self):
+        for b in self.buckets:
+            for k, v in b.state.items():
+                v.copy_(b.backup[k])
+
+    def drain(self) -> None:
+        """After an error between launch and finish: wait for what is in flight, so that no
+        collective writes into a bucket later, and restore the method state."""
+        for b in self.buckets:
+            if b.handle is not None:
+                try:
+                    b.handle.wait()
+                except Exception:  # noqa: BLE001 - the first error is the one to report
+                    pass
+                b.handle = None
+        if self._launched_any:
+            self._restore()
+        self.comm.counters = Counters()
+        self._end_step(advance=False)
+
+    def _abort_step(self):
+        self._step_started = False
+        self._launched_any = False
+
+    def _end_step(self, advance: bool) -> None:
+        self._step_started = False
+        self._launched_any = False
+        if not advance:
+            return
+        self.last = self.comm.counters
+        self.totals.add(self.last)
+        self.comm.counters = Counters()
+        self.step += 1
+
+    # --- statistics -----------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """Exact byte counts and times of the last step and of the whole run, for this rank
+        (see DistributedOptimizer.compression_stats)."""
+        last, tot = self.last, self.totals
+        return {
+            "method": self.method.describe(),
+            "steps": self.step,
+            "ranks": self.comm.size,
+            "buckets": len(self.buckets),
+            "compressed_buckets": len(self.compressed),
+            "bytes_sent": last.bytes_sent,
+            "bytes_received": last.bytes_received,
+            "dense_fp32_bytes": last.dense_fp32_bytes,
+            "compression_ratio": last.dense_fp32_bytes / max(last.bytes_sent, 1),
+            "wire_bytes_sent": last.wire_bytes_sent,
+            "control_bytes": last.control_bytes,
+            "seconds_encode": last.seconds_encode,
+            "seconds_communicate": last.seconds_communicate,
+            "seconds_decode": last.seconds_decode,
+            "total_bytes_sent": tot.bytes_sent,
+            "total_bytes_received": tot.bytes_received,
+            "total_dense_fp32_bytes": tot.dense_fp32_bytes,
+            "total_wire_bytes_sent": tot.wire_bytes_sent,
+            "total_control_bytes": tot.control_bytes,
+            "total_seconds_encode": tot.seconds_encode,
+            "total_seconds_communicate": tot.seconds_communicate,
+            "total_seconds_decode": tot.seconds_decode,
+            # counts some methods report (nnz_sent, dense_fallbacks, error_resets,
+            # size_exchange_bytes, skipped_steps): last step under its name, whole run as
+            # total_<name>
+            **{k: last.extra.get(k, 0) for k in tot.extra},
+            **{f"total_{k}": v for k, v in tot.extra.items()},
+        }
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def state_section(self) -> dict:
+        """This rank's method state, for the front end's state_dict()."""
+        return {"format": 1, "method": self.method.describe(), "rank": self.comm.rank,
+                "world_size": self.comm.size, "step": self.step, "seed": self.seed,
+                "buckets": [{k: v.clone() for k, v in b.state.items()} for b in self.buckets]}
+
+    def load_section(self, section: dict | None) -> None:
+        """Local, as Horovod's load_state_dict is: what needs the other ranks (world size,
+        rank, method, model) is checked here and reported to every rank at the next step's
+        control exchange, where every rank raises the same error."""
+        if section is None:
+            if any(b.state for b in self.buckets):
+                warnings.warn("hvd_signsgd: the checkpoint has no hvd_signsgd section (saved "
+                              "from a plain optimizer?); the method state (error memory, "
+                              "momentum) starts fresh", stacklevel=3)
+            return
+        problem = self._check_section(section)
+        if problem is None:
+            for b, saved in zip(self.buckets, section["buckets"]):
+                for k, v in saved.items():
+                    b.state[k].copy_(v)
+        self._loaded = (section["step"], problem)
+        self.step = section["step"]
+
+    def _check_section(self, s) -> str | None:
+        stateful = any(b.state for b in self.buckets)
+        if s["method"] != self.method.describe():
+            return f"the state is for {s['method']}, this optimizer runs {self.method.describe()}"
+        if stateful and s["world_size"] != self.comm.size:
+            return (f"the checkpoint was written by a job of {s['world_size']} ranks and this "
+                    f"job has {self.comm.size}; error memory and momentum are per rank and "
+                    f"cannot be re-sharded exactly. Resume with {s['world_size']} ranks.")
+        if stateful and s["rank"] != self.comm.rank:
+            return (f"this rank loaded the state saved by rank {s['rank']}; load the file "
+                    f"this rank saved (one file per rank)")
+        shapes = [{k: tuple(v.shape) for k, v in saved.items()} for saved in s["buckets"]]
+        mine = [{k: tuple(v.shape) for k, v in b.state.items()} for b in self.buckets]
+        if shapes != mine:
+            return "the method state does not match this model's buckets (another model?)"
+        return None
+
+
+def _first_difference(views) -> str:
+    ref = views[0]
+    for r, v in enumerate(views[1:], start=1):
+        if v[2] != ref[2]:
+            for i, (a, b) in enumerate(itertools.zip_longest(ref[2], v[2])):
+                if a != b:
+                    return (f"Rank 0 has bucket {i} = {a}, rank {r} has {b}. Every rank must "
+                            f"build the same model and pass the same method and options.")
+        if v[3] != ref[3]:
+            return (f"Rank 0 has (seed, start_step, options) = {ref[3]}, rank {r} has {v[3]}. "
+                    f"Pass the same seed on every rank (not seed + rank: the method derives "
+                    f"per-rank streams itself).")
+    return "The ranks differ in an option."
+
+
+__all__ = ["Engine", "Bucket", "Outcome", "StepError", "layout_digest"]
