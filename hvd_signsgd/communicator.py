@@ -171,9 +171,13 @@ class HorovodCommunicator(Communicator):
         import horovod.torch as hvd
         self._hvd = hvd
         self.process_set = process_set if process_set is not None else hvd.global_process_set
-        self.included = bool(self.process_set.included())
-        self.size = self.process_set.size()
-        self.rank = self.process_set.rank() if self.included else -1
+        # From the set's rank list, not size()/rank(): those ask Horovod's background thread,
+        # which may not have registered the set yet right after hvd.init(process_sets=...)
+        # (Horovod 0.28 then raises on some ranks, at random).
+        ranks = list(self.process_set.ranks or range(hvd.size()))
+        self.included = hvd.rank() in ranks
+        self.size = len(ranks)
+        self.rank = ranks.index(hvd.rank()) if self.included else -1
 
     def _start_allgather(self, payload, name):
         h = self._hvd.allgather_async(payload, name=name, process_set=self.process_set)
@@ -191,3 +195,4 @@ class HorovodCommunicator(Communicator):
 
     def _allgather_bytes(self, tensor, name):
         return self._hvd.allgather(tensor, name=name, process_set=self.process_set)
+

@@ -7,8 +7,11 @@ Two ways to use them:
 - `hvd.DistributedOptimizer(opt, compression=hvd_signsgd.Compression.signsgd)` (stock Horovod):
   Horovod allreduces what `compress` returns, so only methods whose aggregate is a plain sum
   of per-rank values can work there, and then not at 1 bit: `signsgd` sends its signs as
-  float16 (16 bits per coordinate) and `decompress` takes the sign of the average, which is
-  exactly the majority vote (ties give 0). `fp16` and `none` behave as Horovod's own. Methods
+  float16 (16 bits per coordinate; a zero gradient sends 0, which does not vote) and
+  `decompress` takes the sign of the average, which is exactly the majority vote (ties give
+  0). A non-finite gradient on any rank sends NaN, so the average is NaN on every rank and
+  every rank raises FloatingPointError in `decompress` (never one rank alone, which would
+  leave the others waiting). `fp16` and `none` behave as Horovod's own. Methods
   with per-rank state (signum, ssdm, ef_signsgd, ...) raise a TypeError naming
   hvd_signsgd.DistributedOptimizer: Horovod's compressor interface has no per-tensor state.
 """
@@ -54,11 +57,15 @@ class SignVoteCompressor(MethodCompressor):
     the sign of that average is the majority vote."""
 
     def compress(self, tensor):
-        if not kernels.all_finite(tensor):
-            raise FloatingPointError("NaN or Inf in a gradient given to signsgd compression")
-        return torch.where(torch.signbit(tensor), -1.0, 1.0).to(torch.float16), tensor.dtype
+        signs = torch.sign(tensor)
+        if not kernels.all_finite(tensor):    # +-inf has a sign, but must not vote
+            signs = signs.masked_fill(~torch.isfinite(tensor), float("nan"))
+        return signs.to(torch.float16), tensor.dtype
 
     def decompress(self, tensor, ctx):
+        if not kernels.all_finite(tensor):
+            raise FloatingPointError("NaN or Inf in the gradient of at least one rank given "
+                                     "to hvd_signsgd.Compression.signsgd; raised on every rank")
         return torch.sign(tensor).to(ctx)
 
 
