@@ -1,14 +1,20 @@
-/* Exact Top-k and hard-threshold selection with the fused error-feedback update, and the
+/* Exact Top-k and hard-threshold selection with the fused error feedback update, and the
  * scatter-add decode (see sg_sparse.h for the contract).
  *
- * Top-k is a radix select on the 31-bit key: one histogram of the top 11 bits over the
- * segment finds the bin holding the k-th largest key; the positions at or above that bin
- * (about k plus one bin's worth) are then scanned into a candidate list, and the remaining
- * two 10-bit digits are resolved on the candidates only. The candidates are in ascending
- * position order, so the last step walks them once and takes every key above the k-th and the
- * first `need` equal to it. If a bin is so crowded that the candidates would not be few
- * (many equal or nearly equal magnitudes), the digits are resolved on the whole segment
- * instead and the final pass scans it in chunks: linear either way, at most 4 + 1 passes. */
+ * Top-k is a radix select on the 31-bit key (digits of 11, 10 and 10 bits), run on a
+ * candidate list when one can be had cheaply:
+ *  1. On large segments, a fixed pseudo-random sample of about 64 d / k keys gives a bound lo
+ *     a few standard deviations below the k-th largest key; one streaming scan (AVX2: 32 keys
+ *     per compare, blocks without a hit skipped) lists the positions with key >= lo. If there
+ *     are at least k of them (and not too many), they contain every key the selection can
+ *     take, ties included, and the whole select runs on them: one pass over the segment.
+ *  2. Otherwise a histogram of the top 11 bits over the segment finds the bin of the k-th
+ *     largest key, and the positions at or above that bin are listed if they are few.
+ *  3. If even that bin is crowded (many equal or nearly equal magnitudes), the digits are
+ *     resolved on the whole segment and the final pass scans it in chunks.
+ * The sample only decides how fast the answer comes, never what it is. The candidates are in
+ * ascending position order, so the last step walks them once and takes every key above the
+ * k-th largest and the first `need` equal to it. */
 #include <stdlib.h>
 
 #include "sg_scalar.h"
@@ -73,6 +79,47 @@ static uint32_t pick(const uint32_t *hist, uint32_t bins, size_t *need, size_t *
     return b;
 }
 
+/* Histogram of the top bits of the keys at the listed positions (one counter set: the
+ * positions are few, and scattered loads dominate). */
+static void hist_top_at(const float *x, const uint32_t *pos, size_t n, uint32_t *hist) {
+    memset(hist, 0, ((size_t)1 << TOP_BITS) * sizeof(uint32_t));
+    for (size_t j = 0; j < n; j++) hist[sg_key(x[pos[j]]) >> TOP_SHIFT]++;
+}
+
+#define SAMPLE_PER_K 64   /* sample points expected above the k-th largest key */
+#define SAMPLE_Z 4      /* the bound sits this many standard deviations lower */
+
+/* Sample position j of s over d elements: one pseudo-random point per stride (fixed, so the
+ * speed does not depend on state; periodic data cannot alias with it). */
+static inline size_t sample_pos(size_t j, size_t stride) {
+    return j * stride + (size_t)sg_mix32((uint32_t)j) % stride;
+}
+
+/* A key probably a little below the k-th largest of x[0 .. d) (top 21 bits of the r-th
+ * largest sample key, r = s k / d + SAMPLE_Z sqrt(s k / d) + 1, rounded); 0 if a sample of
+ * SAMPLE_PER_K d / k points would not be much smaller than the segment. */
+static int sample_bound(const float *x, size_t d, size_t k, uint32_t *hist, uint32_t *lo) {
+    uint64_t s = (uint64_t)SAMPLE_PER_K * d / k;
+    if (s < 1024) s = 1024;
+    if (4 * s > d) return 0;
+    size_t stride = d / (size_t)s;
+    size_t ks = (size_t)(s * k / d), root = 0, above = 0, m;
+    while ((root + 1) * (root + 1) <= ks) root++;   /* ks < 4 SAMPLE_PER_K 2^10: few steps */
+    size_t need = ks + SAMPLE_Z * root + 1;
+    if (need > s) need = (size_t)s;
+    memset(hist, 0, ((size_t)1 << TOP_BITS) * sizeof(uint32_t));
+    for (size_t j = 0; j < s; j++) hist[sg_key(x[sample_pos(j, stride)]) >> TOP_SHIFT]++;
+    uint32_t top = pick(hist, 1u << TOP_BITS, &need, &above, &m);
+    memset(hist, 0, (LOW_MASK + 1) * sizeof(uint32_t));
+    for (size_t j = 0; j < s; j++) {
+        uint32_t key = sg_key(x[sample_pos(j, stride)]);
+        if (key >> TOP_SHIFT == top) hist[(key >> (TOP_SHIFT - LOW_BITS)) & LOW_MASK]++;
+    }
+    uint32_t mid = pick(hist, LOW_MASK + 1, &need, &above, &m);
+    *lo = top << TOP_SHIFT | mid << (TOP_SHIFT - LOW_BITS);
+    return 1;
+}
+
 static int reserve(workspace *w, size_t n) {
     if (n <= w->cand_cap) return 0;
     uint32_t *c = realloc(w->cand, n * sizeof(uint32_t));
@@ -101,12 +148,21 @@ static int topk_segment(const sg_kernels *K, workspace *w, size_t off, size_t d,
         return 0;
     }
     size_t need = k, above = 0, m;
-    hist_top(x, d, w->hist);
-    uint32_t prefix = pick(w->hist, 1u << TOP_BITS, &need, &above, &m) << TOP_SHIFT;
-    uint32_t mask = ((1u << TOP_BITS) - 1u) << TOP_SHIFT;
     const size_t cand_limit = k + d / 8 + 1024;
     const uint32_t *cand = NULL;
     size_t nc = 0;
+    uint32_t lo;
+    if (sample_bound(x, d, k, w->hist, &lo)) {
+        if (reserve(w, cand_limit) < 0) return -1;
+        nc = K->scan_ge(x, d, lo, w->cand, cand_limit);
+        if (nc >= k && nc <= cand_limit) cand = w->cand;   /* else: the sample misled us */
+    }
+    if (cand)
+        hist_top_at(x, cand, nc, w->hist);
+    else
+        hist_top(x, d, w->hist);
+    uint32_t prefix = pick(w->hist, 1u << TOP_BITS, &need, &above, &m) << TOP_SHIFT;
+    uint32_t mask = ((1u << TOP_BITS) - 1u) << TOP_SHIFT;
     for (uint32_t shift = TOP_SHIFT;;) {
         /* key >= prefix (lower digits 0) holds for the `above` keys and the m in the bin */
         if (!cand && shift > 0 && above + m <= cand_limit) {

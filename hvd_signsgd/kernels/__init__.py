@@ -323,6 +323,13 @@ def _segments(segments, n):
 def topk_take(p, segments, idx, vals):
     """Per segment the min(k, size) largest magnitudes, taken into idx/vals (see module doc)."""
     _check_memory(p)
+    if _native_for(p) and isinstance(segments, torch.Tensor):
+        # the extension checks the triples and the count itself (ValueError), in C: cheaper
+        # than these torch ops on a per-bucket call
+        _check_pairs(p, idx, vals, None)
+        _cpu.topk_take(_native, p, segments.detach().to("cpu", torch.int64).reshape(-1, 3),
+                       idx, vals)
+        return
     segs, total = _segments(segments, p.numel())
     _check_pairs(p, idx, vals, total)
     if _native_for(p):

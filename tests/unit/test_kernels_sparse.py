@@ -279,6 +279,9 @@ def test_bad_arguments_raise(name):
         (ValueError, lambda: K.topk_take(p, [(0, 10, 1), (5, 10, 1)], i2, v2)),  # overlap
         (ValueError, lambda: K.topk_take(p, [(15, 10, 2)], i2, v2)),         # past the end
         (ValueError, lambda: K.topk_take(p, [(0, 20, -1)], i2, v2)),
+        (ValueError, lambda: K.topk_take(p, torch.tensor([[0, 20, 3]]), i2, v2)),
+        (ValueError, lambda: K.topk_take(p, torch.tensor([[0, 10, 1], [5, 10, 1]]), i2, v2)),
+        (ValueError, lambda: K.topk_take(p, torch.tensor([[15, 10, 2]]), i2, v2)),
         (ValueError, lambda: K.topk_take(p[::2], [(0, 10, 2)], i2, v2)),     # strided
         (ValueError, lambda: K.threshold_count(p, -1.0)),
         (ValueError, lambda: K.threshold_count(p, math.nan)),
