@@ -95,7 +95,7 @@ def buckets_of(sizes, cap_mb):
 
 def model_step(model, ratio, args):
     """(torch ms, native ms) per step, best of args.repeat, on the model's shapes."""
-    from bench_comm import MODELS   # the shapes; importing it does not start Horovod
+    from bench_comm import MODELS  # the shapes; importing it does not start Horovod
     sizes = [math.prod(shape) for _, shape in MODELS[model]()]
     layouts = buckets_of(sizes, args.bucket_cap_mb)
     method = make_method("topk", ratio=ratio)
