@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from hvd_signsgd import kernels as K
 from hvd_signsgd import make_method, wire
 from hvd_signsgd.codecs import FP16_MAX, Layout, Sparse
+from hvd_signsgd.kernels import _torch as T
 from hvd_signsgd.methods import StepContext
 from hvd_signsgd.methods.sparse import topk_indices
 
@@ -131,6 +132,46 @@ def test_topk_take_backends_identical_and_the_documented_set(n, seed, kind, fp16
     untouched = torch.ones(n, dtype=torch.bool)
     untouched[expected] = False
     assert torch.equal(bits(q[untouched]), bits(p[untouched]))
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(sizes=st.lists(st.integers(4096, 40_000), min_size=1, max_size=3),
+       ratio=st.sampled_from([0.0005, 0.003, 0.01, 0.05, 0.3, 0.9]),
+       seed=st.integers(0, 2**32 - 1), kind=st.sampled_from(["gauss", "ties", "mixed", "narrow"]))
+def test_topk_take_large_segments(sizes, ratio, seed, kind):
+    """Segments large enough for the sampled bound (native/sparse.c, step 1)."""
+    p = values(sum(sizes) + 8 * len(sizes), seed, kind)
+    segs, pos = [], 3
+    for s in sizes:
+        segs.append((pos, s, max(1, math.ceil(ratio * s))))
+        pos += s + 5
+    expected = reference_positions(p, segs)
+    results = [run_topk(name, p, segs, torch.float32) for name in BACKENDS]
+    assert results[0][1].tolist() == expected.tolist()
+    for q, idx, vals in results[1:]:
+        assert torch.equal(idx, results[0][1]) and torch.equal(bits(vals), bits(results[0][2]))
+        assert torch.equal(bits(q), bits(results[0][0]))
+
+
+def test_topk_take_exact_when_the_sample_misleads():
+    """White box: large values exactly at the sample's positions (native/sparse.c sample_pos)
+    make its bound too high (fewer than k candidates), and mostly zeros make it too low (too
+    many); both fall back to the histogram path and stay exact."""
+    d, k = 100_000, 300
+    s = 64 * d // k
+    stride = d // s
+    j = torch.arange(s)
+    sample = j * stride + T._mix32(j) % stride
+    p = torch.rand(d, generator=torch.Generator().manual_seed(0))
+    p[sample[:200]] = 10.0                       # 200 tens, all in the sample; k = 300
+    sparse_p = torch.zeros(d)
+    sparse_p[torch.arange(7, d, 331)] = 1.0      # ~302 nonzeros off the usual sample
+    for vec in (p, sparse_p):
+        expected = reference_positions(vec, [(0, d, k)])
+        for name in BACKENDS:
+            assert run_topk(name, vec, [(0, d, k)], torch.float32)[1].tolist() == \
+                expected.tolist()
 
 
 @pytest.mark.parametrize("name", BACKENDS)
