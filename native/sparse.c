@@ -129,7 +129,7 @@ static int reserve(workspace *w, size_t n) {
     return 0;
 }
 
-/* Take position off + i when its key is above t, or equal to it while *need > 0. */
+/* Take position g when its key is above thr, or equal to it while *need > 0. */
 static inline void take_if(sg_take *t, size_t g, uint32_t key, uint32_t thr, size_t *need) {
     if (key > thr) {
         take_one(t, g);

@@ -1,4 +1,4 @@
-"""Bit-packing and voting kernels: native C with a bit-identical torch fallback.
+"""Bit-packing, voting and sparse (Top-k, threshold) kernels: native C with a bit-identical torch
 
 API (both backends give bit-identical bytes and values for every input; where a result is
 NaN, only its NaN-ness is specified, not its sign or payload):
