@@ -208,6 +208,13 @@ class Sparse:
                           values.to(self.dtype).view(torch.uint8)])
         return wire.build(h, body=body)
 
+    def encode_pairs(self, nnz: int, n: int):
+        """A payload of nnz pairs for a kernel to fill (kernels.topk_take, threshold_take):
+        (payload, idx, vals) with idx the int32 and vals the value (self.dtype) views of its
+        body. Filled with ascending indices, its bytes are those of encode(idx, vals, n)."""
+        payload, body = wire.allocate(wire.Header(self.codec, n, nnz=nnz))
+        return payload, body[:4 * nnz].view(torch.int32), body[4 * nnz:].view(self.dtype)
+
     def encode_dense(self, x: torch.Tensor) -> torch.Tensor:
         return wire.build(wire.Header(self.codec, x.numel(), flags=wire.FLAG_DENSE),
                           body=x.to(torch.float32))
@@ -229,12 +236,19 @@ class Sparse:
 
     def aggregate(self, payloads, n: int, bucket: str = "?", out=None) -> torch.Tensor:
         """Sum over ranks (rank order) of every rank's pairs as a dense float32 vector
-        (written into out when given)."""
-        out = torch.zeros(n, dtype=torch.float32) if out is None else out.zero_()
+        (written into out when given), in one kernels.sparse_sum call: the same float32
+        additions in the same order as zeros + index_add_ / add_ rank by rank. Every rank's
+        indices are checked before anything is written (PayloadError)."""
+        parts = []
         for p in payloads:
-            idx, vals = self.decode(p, bucket)
-            if idx is None:
-                out.add_(vals)
-            elif idx.numel():
-                out.index_add_(0, idx, vals.to(torch.float32))
-        return out
+            h = p.header
+            if h.flags & wire.FLAG_DENSE:
+                parts.append((None, p.body.view(torch.float32)))
+            else:
+                parts.append((p.body[:4 * h.nnz].view(torch.int32),
+                              p.body[4 * h.nnz:].view(self.dtype)))
+        try:
+            return kernels.sparse_sum(parts, n, out=out)
+        except kernels.SparseIndexError as exc:
+            raise wire.PayloadError(f"payload from rank {payloads[exc.part].rank} for bucket "
+                                    f"{bucket} has indices outside [0, {n})") from None

@@ -104,6 +104,18 @@ def build(header: Header, scales: torch.Tensor | None = None,
     return out
 
 
+def allocate(header: Header) -> tuple[torch.Tensor, torch.Tensor]:
+    """A payload for a kernel to fill in place: (payload, body view). The header is written,
+    scales and padding are zero, the body is left uninitialised (the caller writes all of it)."""
+    out = torch.empty(header.nbytes(), dtype=torch.uint8)
+    out[:HEADER_NBYTES] = torch.frombuffer(bytearray(header.pack()), dtype=torch.uint8)
+    b0 = HEADER_NBYTES + 4 * header.n_scales
+    b1 = b0 + header.body_nbytes()
+    out[HEADER_NBYTES:b0].zero_()
+    out[b1:].zero_()
+    return out, out[b0:b1]
+
+
 @dataclass
 class Payload:
     """One rank's payload inside a gathered buffer (views, no copies)."""

@@ -312,9 +312,46 @@ static void vote_weighted_avx2(const sg_rows *rows, size_t n, const float *w, in
     }
 }
 
+/* ---- sparse selection: compare 32 keys at a time, skip blocks without a hit ----------- */
+
+/* Mask of the 32 elements x[0 .. 32) with key >= lo; keys < 2^31, so the signed compare
+ * key > lo - 1 is exact (lo == 0 gives -1: every key passes). */
+static inline uint32_t ge_mask32(const float *x, __m256i bound) {
+    const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
+    uint32_t m = 0;
+    for (unsigned q = 0; q < 4; q++) {
+        __m256i k = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(const void *)(x + 8 * q)),
+                                     abs_mask);
+        m |= (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(k, bound)))
+             << (8 * q);
+    }
+    return m;
+}
+
+static size_t scan_ge_avx2(const float *x, size_t n, uint32_t lo, uint32_t *pos, size_t cap) {
+    const __m256i bound = _mm256_set1_epi32((int)(lo - 1u));
+    size_t c = 0, i = 0;
+    for (; i + 32 <= n; i += 32) {
+        uint32_t m = ge_mask32(x + i, bound);
+        while (m) {
+            if (c < cap) pos[c] = (uint32_t)i + (uint32_t)__builtin_ctz(m);
+            c++;
+            m &= m - 1;
+        }
+    }
+    return sg_scan_ge_scalar(x, i, n, lo, pos, cap, c);
+}
+
+static size_t count_ge_avx2(const float *x, size_t n, uint32_t lo) {
+    const __m256i bound = _mm256_set1_epi32((int)(lo - 1u));
+    size_t c = 0, i = 0;
+    for (; i + 32 <= n; i += 32) c += (size_t)__builtin_popcount(ge_mask32(x + i, bound));
+    return c + sg_count_ge_scalar(x, i, n, lo);
+}
+
 const sg_kernels sg_kernels_avx2 = {
-    "avx2",          pack_avx2,         pack_stochastic_avx2, unpack_avx2,
-    vote_count_avx2, vote_weighted_avx2,
+    "avx2",          pack_avx2,          pack_stochastic_avx2, unpack_avx2,
+    vote_count_avx2, vote_weighted_avx2, scan_ge_avx2,         count_ge_avx2,
 };
 
 #if defined(__clang__)

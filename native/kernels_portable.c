@@ -56,7 +56,16 @@ static void vote_weighted_portable(const sg_rows *rows, size_t n, const float *w
     sg_vote_weighted_blocks(rows, n, w, majority, out, add_signed_portable);
 }
 
+static size_t scan_ge_portable(const float *x, size_t n, uint32_t lo, uint32_t *pos,
+                               size_t cap) {
+    return sg_scan_ge_scalar(x, 0, n, lo, pos, cap, 0);
+}
+
+static size_t count_ge_portable(const float *x, size_t n, uint32_t lo) {
+    return sg_count_ge_scalar(x, 0, n, lo);
+}
+
 const sg_kernels sg_kernels_portable = {
-    "portable",         pack_portable,       pack_stochastic_portable, unpack_portable,
-    vote_count_portable, vote_weighted_portable,
+    "portable",          pack_portable,          pack_stochastic_portable, unpack_portable,
+    vote_count_portable, vote_weighted_portable, scan_ge_portable,         count_ge_portable,
 };

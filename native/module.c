@@ -10,9 +10,11 @@
 #include <Python.h>
 
 #include <float.h>
+#include <math.h>
 #include <stdlib.h>
 
 #include "sg_scalar.h"
+#include "sg_sparse.h"
 
 #if SG_HAVE_AVX2
 #include <cpuid.h>
@@ -442,6 +444,317 @@ done:
     return result;
 }
 
+/* ---- sparse: Top-k / threshold with fused error feedback, scatter-add decode ------------ */
+
+static int check_int_format(const Py_buffer *view, const char *name, Py_ssize_t itemsize) {
+    char code = format_code(view);
+    int ok = view->itemsize == itemsize &&
+             (itemsize == 4 ? (code == 'i' || code == 'l')
+                            : (code == 'q' || code == 'l' || code == 'Q'));
+    if (ok) return 0;
+    PyErr_Format(PyExc_TypeError, "%s must be int%d, got format '%s'", name, (int)(8 * itemsize),
+                 view->format ? view->format : "B");
+    return -1;
+}
+
+/* p: float32, writable, aligned, C-contiguous, at most 2^31 elements (int32 positions). */
+static int get_memory(PyObject *po, Py_buffer *p) {
+    if (get_buffer(po, "p", ARG_OUT, p) < 0) return -1;
+    if (check_float32_aligned(p, "p") < 0 || check_contiguous(p, "p") < 0) return -1;
+    if (p->len / 4 > ((Py_ssize_t)1 << 31)) {
+        PyErr_SetString(PyExc_ValueError, "p has more than 2**31 elements (int32 indices)");
+        return -1;
+    }
+    return 0;
+}
+
+/* idx (int32) and vals (float32 or float16) of exactly `count` elements, writable,
+ * C-contiguous, disjoint from p and from each other; fills t. */
+static int get_pairs(PyObject *io, PyObject *vo, const Py_buffer *p, Py_buffer *iv,
+                     Py_buffer *vv, sg_take *t) {
+    if (get_buffer(io, "idx", ARG_OUT, iv) < 0 || check_int_format(iv, "idx", 4) < 0 ||
+        check_contiguous(iv, "idx") < 0 || get_buffer(vo, "vals", ARG_OUT, vv) < 0)
+        return -1;
+    int vt = float_dtype(vv, "vals");
+    if (vt < 0) return -1;
+    if (vt == SG_BF16) {
+        PyErr_SetString(PyExc_TypeError, "vals must be float32 or float16");
+        return -1;
+    }
+    if (check_contiguous(vv, "vals") < 0) return -1;
+    if ((uintptr_t)iv->buf % 4 != 0 || (vt == SG_F32 && (uintptr_t)vv->buf % 4 != 0)) {
+        PyErr_SetString(PyExc_ValueError, "idx and float32 vals must be 4-byte aligned");
+        return -1;
+    }
+    if (iv->len / 4 != vv->len / vv->itemsize) {
+        PyErr_SetString(PyExc_ValueError, "idx and vals must have the same number of elements");
+        return -1;
+    }
+    if (check_disjoint(p->buf, (size_t)p->len, iv->buf, (size_t)iv->len) < 0 ||
+        check_disjoint(p->buf, (size_t)p->len, vv->buf, (size_t)vv->len) < 0 ||
+        check_disjoint(iv->buf, (size_t)iv->len, vv->buf, (size_t)vv->len) < 0)
+        return -1;
+    t->p = (float *)p->buf;
+    t->idx = (int32_t *)iv->buf;
+    t->vals = vv->buf;
+    t->vt = (sg_dtype)vt;
+    t->cap = (size_t)(iv->len / 4);
+    t->count = 0;
+    return 0;
+}
+
+static void release_all(Py_buffer *views, int n) {
+    for (int i = 0; i < n; i++)
+        if (views[i].obj) PyBuffer_Release(&views[i]);
+}
+
+PyDoc_STRVAR(topk_take_doc,
+"topk_take(p, segments, idx, vals) -> None\n\n"
+"Per segment (offset, size, k) of the int64 buffer segments (3 values each; ranges of p\n"
+"ascending and non-overlapping, k >= 0): the min(k, size) elements of largest magnitude,\n"
+"ties to the lowest position, in ascending position order; segments in the given order.\n"
+"Writes each taken position g (int32) to idx and v = p[g] to vals (float32, or float16 of\n"
+"v clamped to +-65504) and sets p[g] = v - (v as sent). Magnitude is the bit pattern with\n"
+"the sign cleared: +0 == -0, NaN above Inf. p: float32, aligned, C-contiguous, <= 2**31\n"
+"elements; idx (int32) and vals must hold exactly sum(min(k, size)) elements.");
+
+static PyObject *py_topk_take(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"p", "segments", "idx", "vals", NULL};
+    PyObject *po, *so, *io, *vo, *result = NULL;
+    Py_buffer v[4] = {{0}};   /* p, segments, idx, vals */
+    sg_take t;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO:topk_take", kwlist, &po, &so, &io, &vo))
+        return NULL;
+    if (get_memory(po, &v[0]) < 0 || get_buffer(so, "segments", ARG_IN, &v[1]) < 0 ||
+        check_int_format(&v[1], "segments", 8) < 0 || check_contiguous(&v[1], "segments") < 0)
+        goto done;
+    if (v[1].len % 24 != 0) {
+        PyErr_SetString(PyExc_ValueError, "segments must hold (offset, size, k) triples");
+        goto done;
+    }
+    size_t n_segs = (size_t)(v[1].len / 24), n = (size_t)(v[0].len / 4), total = 0, end = 0;
+    int64_t *segs = PyMem_Malloc(v[1].len ? (size_t)v[1].len : 1);
+    if (!segs) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    memcpy(segs, v[1].buf, (size_t)v[1].len);   /* copied: unaligned buffers are allowed */
+    for (size_t s = 0; s < n_segs; s++) {
+        int64_t o = segs[3 * s], z = segs[3 * s + 1], k = segs[3 * s + 2];
+        if (o < 0 || z < 0 || k < 0 || (size_t)o < end || (size_t)z > n || (size_t)o > n - (size_t)z) {
+            PyErr_Format(PyExc_ValueError,
+                         "segment %zu (offset %lld, size %lld, k %lld): need k >= 0 and "
+                         "ascending, non-overlapping ranges inside p (%zu elements)",
+                         s, (long long)o, (long long)z, (long long)k, n);
+            PyMem_Free(segs);
+            goto done;
+        }
+        end = (size_t)(o + z);
+        total += (size_t)(k < z ? k : z);
+    }
+    if (get_pairs(io, vo, &v[0], &v[2], &v[3], &t) < 0) {
+        PyMem_Free(segs);
+        goto done;
+    }
+    if (t.cap != total) {
+        PyErr_Format(PyExc_ValueError, "idx and vals have %zu elements, the segments take %zu",
+                     t.cap, total);
+        PyMem_Free(segs);
+        goto done;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = sg_topk_take(active, segs, n_segs, &t);
+    Py_END_ALLOW_THREADS
+    PyMem_Free(segs);
+    if (rc < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (t.count != total) {
+        PyErr_SetString(PyExc_RuntimeError, "p changed during topk_take");
+        goto done;
+    }
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    release_all(v, 4);
+    return result;
+}
+
+/* lam rounded to float32 (round to nearest even; +inf above the float32 range), as a key. */
+static int threshold_key(double lam, uint32_t *lo) {
+    if (!(lam >= 0.0)) {
+        PyErr_SetString(PyExc_ValueError, "lam must be >= 0 (and not NaN)");
+        return -1;
+    }
+    float f = lam >= 0x1.ffffffp127 ? (float)INFINITY : lam > FLT_MAX ? FLT_MAX : (float)lam;
+    *lo = sg_bits_from_f32(f);
+    return 0;
+}
+
+PyDoc_STRVAR(threshold_count_doc,
+"threshold_count(p, lam) -> int\n\n"
+"Number of elements of the float32 buffer p with |p_i| >= float32(lam) (NaN counts).");
+
+static PyObject *py_threshold_count(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"p", "lam", NULL};
+    PyObject *po, *result = NULL;
+    double lam;
+    uint32_t lo;
+    Py_buffer p;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "Od:threshold_count", kwlist, &po, &lam))
+        return NULL;
+    if (threshold_key(lam, &lo) < 0 || get_buffer(po, "p", ARG_IN, &p) < 0) return NULL;
+    if (check_float32_aligned(&p, "p") == 0 && check_contiguous(&p, "p") == 0) {
+        size_t count;
+        Py_BEGIN_ALLOW_THREADS
+        count = active->count_ge((const float *)p.buf, (size_t)(p.len / 4), lo);
+        Py_END_ALLOW_THREADS
+        result = PyLong_FromSize_t(count);
+    }
+    PyBuffer_Release(&p);
+    return result;
+}
+
+PyDoc_STRVAR(threshold_take_doc,
+"threshold_take(p, lam, idx, vals) -> None\n\n"
+"Takes every position g of p with |p_g| >= float32(lam) (NaN counts), ascending, as\n"
+"topk_take does (idx, vals, p[g] = v - (v as sent)). idx and vals must hold exactly\n"
+"threshold_count(p, lam) elements; otherwise ValueError and p is left unchanged.");
+
+static PyObject *py_threshold_take(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"p", "lam", "idx", "vals", NULL};
+    PyObject *po, *io, *vo, *result = NULL;
+    double lam;
+    uint32_t lo;
+    Py_buffer v[3] = {{0}};
+    sg_take t;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OdOO:threshold_take", kwlist, &po, &lam, &io,
+                                     &vo))
+        return NULL;
+    if (threshold_key(lam, &lo) < 0 || get_memory(po, &v[0]) < 0 ||
+        get_pairs(io, vo, &v[0], &v[1], &v[2], &t) < 0)
+        goto done;
+    size_t found;
+    Py_BEGIN_ALLOW_THREADS
+    found = sg_threshold_take(active, (size_t)(v[0].len / 4), lo, &t);
+    Py_END_ALLOW_THREADS
+    if (found != t.cap) {
+        PyErr_Format(PyExc_ValueError, "idx and vals have %zu elements, but %zu elements of p "
+                     "reach the threshold", t.cap, found);
+        goto done;
+    }
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    release_all(v, 3);
+    return result;
+}
+
+PyDoc_STRVAR(sparse_sum_doc,
+"sparse_sum(parts, n, out) -> int\n\n"
+"out[:n] = the sum, in order, of the parts: each (idx, vals) adds vals[j] (float32 or float16,\n"
+"widened exactly) at idx[j] (int32; unique within a part for an order-independent result);\n"
+"each (None, vals) adds the n float32 vals element-wise. Float32 additions from +0.0.\n"
+"Returns -1, or, leaving out untouched, the number of the first part with an index outside\n"
+"[0, n). out: float32, aligned, C-contiguous, >= n elements, disjoint from the parts.");
+
+typedef struct {
+    const void *idx;   /* NULL: dense */
+    const void *vals;
+    sg_dtype vt;
+    size_t nnz;
+} sparse_part;
+
+static PyObject *py_sparse_sum(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"parts", "n", "out", NULL};
+    PyObject *partso, *oo, *seq = NULL, *result = NULL;
+    Py_ssize_t n, n_parts = 0, n_views = 0;
+    Py_buffer o = {0}, *views = NULL;
+    sparse_part *parts = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OnO:sparse_sum", kwlist, &partso, &n, &oo))
+        return NULL;
+    if (check_count(n) < 0) return NULL;
+    if (!(seq = PySequence_Fast(partso, "parts must be a sequence of (idx, vals) pairs")))
+        return NULL;
+    n_parts = PySequence_Fast_GET_SIZE(seq);
+    views = PyMem_Calloc((size_t)(2 * n_parts + 1), sizeof(Py_buffer));
+    parts = PyMem_Calloc((size_t)n_parts + 1, sizeof(sparse_part));
+    if (!views || !parts) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (get_buffer(oo, "out", ARG_OUT, &o) < 0 || check_float32_aligned(&o, "out") < 0 ||
+        check_contiguous(&o, "out") < 0 ||
+        check_room(o.len / 4, (size_t)n, "out", "elements") < 0)
+        goto done;
+    for (Py_ssize_t r = 0; r < n_parts; r++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, r);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2) {
+            PyErr_Format(PyExc_TypeError, "part %zd must be a tuple (idx or None, vals)", r);
+            goto done;
+        }
+        PyObject *io = PyTuple_GET_ITEM(item, 0), *vo = PyTuple_GET_ITEM(item, 1);
+        Py_buffer *vv = &views[n_views++];
+        if (get_buffer(vo, "vals", ARG_IN, vv) < 0 || check_contiguous(vv, "vals") < 0) goto done;
+        int vt = float_dtype(vv, "vals");
+        if (vt < 0) goto done;
+        size_t count = (size_t)(vv->len / vv->itemsize);
+        if (io == Py_None) {
+            if (vt != SG_F32 || count != (size_t)n) {
+                PyErr_Format(PyExc_ValueError, "part %zd: a dense part needs n = %zd float32 "
+                             "values", r, n);
+                goto done;
+            }
+        } else {
+            Py_buffer *iv = &views[n_views++];
+            if (vt == SG_BF16) {
+                PyErr_SetString(PyExc_TypeError, "vals must be float32 or float16");
+                goto done;
+            }
+            if (get_buffer(io, "idx", ARG_IN, iv) < 0 || check_int_format(iv, "idx", 4) < 0 ||
+                check_contiguous(iv, "idx") < 0)
+                goto done;
+            if ((size_t)(iv->len / 4) != count) {
+                PyErr_Format(PyExc_ValueError, "part %zd: idx and vals differ in length", r);
+                goto done;
+            }
+            if (check_disjoint(o.buf, (size_t)n * 4, iv->buf, (size_t)iv->len) < 0) goto done;
+            parts[r].idx = iv->buf;
+        }
+        if (check_disjoint(o.buf, (size_t)n * 4, vv->buf, (size_t)vv->len) < 0) goto done;
+        parts[r].vals = vv->buf;
+        parts[r].vt = (sg_dtype)vt;
+        parts[r].nnz = count;
+    }
+    Py_ssize_t bad = -1;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t r = 0; r < n_parts && bad < 0; r++)
+        if (parts[r].idx && !sg_indices_in_range(parts[r].idx, parts[r].nnz, (size_t)n)) bad = r;
+    if (bad < 0) {
+        float *dst = (float *)o.buf;
+        memset(dst, 0, (size_t)n * sizeof(float));
+        for (Py_ssize_t r = 0; r < n_parts; r++) {
+            if (parts[r].idx) {
+                sg_scatter_add(dst, parts[r].idx, parts[r].vals, parts[r].vt, parts[r].nnz);
+            } else {
+                const uint8_t *src = (const uint8_t *)parts[r].vals;
+                for (Py_ssize_t i = 0; i < n; i++) dst[i] += sg_f32_from_bits(sg_ld32(src + 4 * i));
+            }
+        }
+    }
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(bad);
+done:
+    if (views) release_all(views, (int)n_views);
+    PyMem_Free(views);
+    PyMem_Free(parts);
+    if (o.obj) PyBuffer_Release(&o);
+    Py_XDECREF(seq);
+    return result;
+}
+
 /* ---- module ------------------------------------------------------------------------------ */
 
 static PyMethodDef methods[] = {
@@ -452,6 +765,14 @@ static PyMethodDef methods[] = {
     {"unpack_signs", (PyCFunction)(void (*)(void))py_unpack_signs, METH_VARARGS | METH_KEYWORDS,
      unpack_signs_doc},
     {"vote", (PyCFunction)(void (*)(void))py_vote, METH_VARARGS | METH_KEYWORDS, vote_doc},
+    {"topk_take", (PyCFunction)(void (*)(void))py_topk_take, METH_VARARGS | METH_KEYWORDS,
+     topk_take_doc},
+    {"threshold_count", (PyCFunction)(void (*)(void))py_threshold_count,
+     METH_VARARGS | METH_KEYWORDS, threshold_count_doc},
+    {"threshold_take", (PyCFunction)(void (*)(void))py_threshold_take,
+     METH_VARARGS | METH_KEYWORDS, threshold_take_doc},
+    {"sparse_sum", (PyCFunction)(void (*)(void))py_sparse_sum, METH_VARARGS | METH_KEYWORDS,
+     sparse_sum_doc},
     {"isa", py_isa, METH_NOARGS, "isa() -> name of the active kernel set"},
     {"set_isa", py_set_isa, METH_VARARGS,
      "set_isa(name) -> previous name; name: 'auto', 'portable' or 'avx2' (for tests)"},
@@ -463,7 +784,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "_native",
-    .m_doc = "Native sign packing and voting kernels of hvd_signsgd (see hvd_signsgd.kernels).\n"
+    .m_doc = "Native sign packing, voting and sparse (Top-k) kernels of hvd_signsgd (see hvd_signsgd.kernels).\n"
              "HVD_SIGNSGD_NATIVE_ISA=auto|portable|avx2 picks the kernel set at import.",
     .m_size = -1,
     .m_methods = methods,

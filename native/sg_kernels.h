@@ -36,6 +36,12 @@ typedef struct {
     /* Weighted vote: out[i] <- ((0 + s_0 w_0) + s_1 w_1) + ... in float32, or its sign. */
     void (*vote_weighted)(const sg_rows *rows, size_t n, const float *w, int majority,
                           float *out);
+    /* Sparse selection by magnitude; key(v) = bits(v) & 0x7FFFFFFF (sg_key), lo <= 2^31-1.
+     * scan_ge: the positions i < n (n < 2^32) with key(x[i]) >= lo, ascending; writes the
+     * first cap of them to pos and returns how many there are (possibly more than cap). */
+    size_t (*scan_ge)(const float *x, size_t n, uint32_t lo, uint32_t *pos, size_t cap);
+    /* count_ge: the number of positions i < n with key(x[i]) >= lo. */
+    size_t (*count_ge)(const float *x, size_t n, uint32_t lo);
 } sg_kernels;
 
 extern const sg_kernels sg_kernels_portable;

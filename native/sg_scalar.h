@@ -72,6 +72,30 @@ static inline float sg_load_value(const void *x, sg_dtype dt, size_t i) {
     return dt == SG_F16 ? sg_f16_to_f32(h) : sg_bf16_to_f32(h);
 }
 
+/* ---- sparse selection by magnitude --------------------------------------------------------
+ * key(v) = bits(v) & 0x7FFFFFFF: for non-NaN v, key(a) < key(b) iff |a| < |b| and key(a) ==
+ * key(b) iff |a| == |b| (+0 and -0 share key 0; subnormals order correctly). +-Inf has key
+ * 0x7F800000; NaNs have larger keys, so they rank above every number (by payload). */
+
+static inline uint32_t sg_key(float v) { return sg_bits_from_f32(v) & 0x7FFFFFFFu; }
+
+static inline size_t sg_scan_ge_scalar(const float *x, size_t from, size_t n, uint32_t lo,
+                                       uint32_t *pos, size_t cap, size_t c) {
+    for (size_t i = from; i < n; i++) {
+        if (sg_key(x[i]) >= lo) {
+            if (c < cap) pos[c] = (uint32_t)i;
+            c++;
+        }
+    }
+    return c;
+}
+
+static inline size_t sg_count_ge_scalar(const float *x, size_t from, size_t n, uint32_t lo) {
+    size_t c = 0;
+    for (size_t i = from; i < n; i++) c += sg_key(x[i]) >= lo;
+    return c;
+}
+
 /* ---- counter-based RNG --------------------------------------------------------------------
  * Mirrors hvd_signsgd/kernels/_torch.py exactly (all arithmetic modulo 2^32 or 2^64):
  *   key = splitmix64(seed)                        (computed once per call, by the binding)

@@ -1,4 +1,4 @@
-"""Bit-packing and voting kernels: native C with a bit-identical torch fallback.
+"""Bit-packing, voting and sparse (Top-k, threshold) kernels: native C with a bit-identical torch
 
 API (both backends give bit-identical bytes and values for every input; where a result is
 NaN, only its NaN-ness is specified, not its sign or payload):
@@ -56,6 +56,42 @@ NaN, only its NaN-ness is specified, not its sign or payload):
                                           float vectors.
                                           out: as for unpack_signs, but float32.
 
+Sparse kernels (Top-k / hard threshold with error feedback, their decode). Magnitude is the bit
+pattern with the sign cleared, compared as an integer: |v| for every non-NaN v (+0 == -0,
+subnormals in order), +-Inf above every finite value and NaN above Inf (the methods never pass
+NaN or Inf; the kernels stay in bounds and follow this order). Ties at a cut go to the lowest
+position. "Taking" position g writes g (int32) to idx and v = p[g] to vals, float32 or
+float16(clamp(v, -65504, 65504)) rounded to nearest even, and sets p[g] = v - (v as sent):
++0.0 for finite float32 values, the rounding residual for float16.
+
+    topk_take(p, segments, idx, vals) -> None
+                                          p: float32, 1-D, contiguous, <= 2^31 elements,
+                                          updated in place. segments: (offset, size, k) triples
+                                          (a sequence or an int64 tensor (S, 3)) of ascending,
+                                          non-overlapping ranges of p, k >= 0. Takes, segment by
+                                          segment, the min(k, size) positions of largest
+                                          magnitude in ascending order (the set of a stable
+                                          descending sort). idx: int32, vals: float32 or float16,
+                                          both 1-D contiguous with exactly sum(min(k, size))
+                                          elements (e.g. views into a payload body). Linear time
+                                          (radix select on the magnitude bits, native/sparse.c).
+    threshold_count(p, lam) -> int        number of i with |p_i| >= float32(lam) (lam >= 0,
+                                          rounded to nearest even; +inf above float32's range;
+                                          the comparison `p.abs() >= lam` makes in torch).
+    threshold_take(p, lam, idx, vals) -> None
+                                          takes every such i, ascending; idx and vals must have
+                                          exactly threshold_count(p, lam) elements (ValueError,
+                                          p unchanged, otherwise).
+    sparse_sum(parts, n, out=None) -> float32 tensor of n values
+                                          the sum in part order of parts (idx int32, vals float32
+                                          or float16): vals[j] added at idx[j] (indices unique
+                                          within a part), or (None, vals): n float32 values added
+                                          element-wise. Float32 additions from +0.0, each
+                                          coordinate in part order: bit-identical to zeros +
+                                          index_add_ / add_ part by part. An index outside
+                                          [0, n) raises SparseIndexError (its .part says which)
+                                          before anything is written. out: as for vote.
+
 Everything returned lives on the input's device. Errors: TypeError for wrong dtypes/types,
 ValueError for wrong sizes, layouts, devices or values.
 
@@ -73,7 +109,9 @@ import torch
 from . import _cpu, _torch
 from ._loader import load_native
 
-__all__ = ["all_finite", "backend", "pack_signs", "pack_stochastic_signs", "unpack_signs", "vote"]
+__all__ = ["SparseIndexError", "all_finite", "backend", "pack_signs", "pack_stochastic_signs",
+           "sparse_sum", "threshold_count", "threshold_take", "topk_take", "unpack_signs",
+           "vote"]
 
 _native, _native_unavailable = load_native()
 _FORCE_TORCH = os.environ.get("HVD_SIGNSGD_KERNELS", "").strip().lower() == "torch"
@@ -225,3 +263,130 @@ def all_finite(x):
     finite values is finite unless it overflows, and only then is the exact, element-wise test
     (which allocates a bool per element, ~15x slower) needed."""
     return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
+# ---- sparse kernels --------------------------------------------------------------------------
+
+
+class SparseIndexError(ValueError):
+    """An index of sparse_sum's part `part` lies outside [0, n)."""
+
+    def __init__(self, part, n):
+        super().__init__(f"part {part} has indices outside [0, {n})")
+        self.part = part
+
+
+def _check_memory(p):
+    _check_tensor(p, "p")
+    if p.dtype != torch.float32:
+        raise TypeError(f"p must be float32, not {p.dtype}")
+    if p.dim() != 1 or not p.is_contiguous():
+        raise ValueError("p must be 1-D and contiguous")
+    if p.numel() > 1 << 31:
+        raise ValueError("p has more than 2**31 elements (int32 indices)")
+
+
+def _check_pairs(p, idx, vals, count):
+    _check_tensor(idx, "idx")
+    _check_tensor(vals, "vals")
+    if idx.dtype != torch.int32:
+        raise TypeError(f"idx must be int32, not {idx.dtype}")
+    if vals.dtype not in (torch.float32, torch.float16):
+        raise TypeError(f"vals must be float32 or float16, not {vals.dtype}")
+    for t, name in ((idx, "idx"), (vals, "vals")):
+        if t.dim() != 1 or not t.is_contiguous():
+            raise ValueError(f"{name} must be 1-D and contiguous")
+        if t.device != p.device:
+            raise ValueError(f"{name} is on {t.device}, p on {p.device}")
+    if count is not None and not idx.numel() == vals.numel() == count:
+        raise ValueError(f"idx and vals have {idx.numel()} and {vals.numel()} elements, the "
+                         f"segments take {count}")
+    if idx.numel() != vals.numel():
+        raise ValueError("idx and vals must have the same number of elements")
+
+
+def _segments(segments, n):
+    """(S, 3) int64 CPU tensor of validated (offset, size, k) triples, and sum(min(k, size))."""
+    if isinstance(segments, torch.Tensor):
+        segs = segments.detach().to("cpu", torch.int64).reshape(-1, 3)
+    else:
+        segs = torch.tensor([[operator.index(v) for v in s] for s in segments],
+                            dtype=torch.int64).reshape(-1, 3)
+    o, s, k = segs.unbind(1)
+    if segs.numel() and (bool((o < 0).any()) or bool((s < 0).any()) or bool((k < 0).any())
+                         or bool((o[1:] < (o + s)[:-1]).any()) or int((o + s).max()) > n):
+        raise ValueError(f"segments must be (offset, size, k) with k >= 0 and ascending, "
+                         f"non-overlapping ranges inside p ({n} elements)")
+    return segs.contiguous(), int(torch.minimum(k, s).sum())
+
+
+def topk_take(p, segments, idx, vals):
+    """Per segment the min(k, size) largest magnitudes, taken into idx/vals (see module doc)."""
+    _check_memory(p)
+    if _native_for(p) and isinstance(segments, torch.Tensor):
+        # the extension checks the triples and the count itself (ValueError), in C: cheaper
+        # than these torch ops on a per-bucket call
+        _check_pairs(p, idx, vals, None)
+        _cpu.topk_take(_native, p, segments.detach().to("cpu", torch.int64).reshape(-1, 3),
+                       idx, vals)
+        return
+    segs, total = _segments(segments, p.numel())
+    _check_pairs(p, idx, vals, total)
+    if _native_for(p):
+        _cpu.topk_take(_native, p, segs, idx, vals)
+    else:
+        _torch.topk_take(p, segs.tolist(), idx, vals)
+
+
+def _check_lam(lam):
+    lam = float(lam)
+    if not lam >= 0.0:
+        raise ValueError(f"lam must be >= 0, got {lam}")
+    return lam
+
+
+def threshold_count(p, lam):
+    """Number of i with |p_i| >= float32(lam)."""
+    _check_memory(p)
+    lam = _check_lam(lam)
+    if _native_for(p):
+        return _cpu.threshold_count(_native, p, lam)
+    return _torch.threshold_count(p, lam)
+
+
+def threshold_take(p, lam, idx, vals):
+    """Takes every i with |p_i| >= float32(lam) into idx/vals (see module doc)."""
+    _check_memory(p)
+    lam = _check_lam(lam)
+    _check_pairs(p, idx, vals, None)
+    if _native_for(p):
+        _cpu.threshold_take(_native, p, lam, idx, vals)
+    else:
+        _torch.threshold_take(p, lam, idx, vals)
+
+
+def sparse_sum(parts, n, out=None):
+    """Sum in part order of sparse (idx, vals) and dense (None, vals) parts (see module doc)."""
+    n = _check_n(n)
+    parts = list(parts)
+    result = _output(out, n, torch.float32, torch.device("cpu") if not parts else
+                     parts[0][1].device, (torch.float32,))
+    for r, part in enumerate(parts):
+        if not (isinstance(part, tuple) and len(part) == 2):
+            raise TypeError(f"part {r} must be a tuple (idx or None, vals)")
+        idx, vals = part
+        _check_tensor(vals, "vals")
+        if vals.dim() != 1 or not vals.is_contiguous() or vals.device != result.device:
+            raise ValueError(f"part {r}: vals must be 1-D, contiguous, on {result.device}")
+        if idx is None:
+            if vals.dtype != torch.float32 or vals.numel() != n:
+                raise ValueError(f"part {r}: a dense part needs n = {n} float32 values")
+        else:
+            _check_pairs(vals, idx, vals, None)
+    if all(_native_for(v) for _, v in parts) and _native_for(result):
+        bad = _cpu.sparse_sum(_native, parts, n, result)
+    else:
+        bad = _torch.sparse_sum(parts, n, result.view(-1))
+    if bad >= 0:
+        raise SparseIndexError(bad, n)
+    return result

@@ -45,3 +45,23 @@ def vote(native, rows, n, majority, weights, out):
         rows = rows.contiguous()
     w = None if weights is None else buffer(_contiguous(weights))
     native.vote(buffer(rows), n, buffer(out), "majority" if majority else "sum", w)
+
+
+def topk_take(native, p, segments, idx, vals):
+    """p, idx, vals: contiguous CPU tensors; segments: int64 (S, 3) CPU tensor."""
+    native.topk_take(buffer(p), buffer(_contiguous(segments)), buffer(idx), buffer(vals))
+
+
+def threshold_count(native, p, lam):
+    return native.threshold_count(buffer(_contiguous(p)), lam)
+
+
+def threshold_take(native, p, lam, idx, vals):
+    native.threshold_take(buffer(p), lam, buffer(idx), buffer(vals))
+
+
+def sparse_sum(native, parts, n, out):
+    """parts: (idx int32 or None, vals) pairs of contiguous CPU tensors. Returns -1 or the
+    first part with an index outside [0, n) (out untouched then)."""
+    return native.sparse_sum([(None if i is None else buffer(i), buffer(v)) for i, v in parts],
+                             n, buffer(out))

@@ -152,3 +152,83 @@ def vote(rows, n, majority, weights, out):
         out.add_(torch.where(unpack_bools(rows[m], n), -w, w))
     if majority:
         out.copy_((out > 0).to(torch.float32) - (out < 0).to(torch.float32))
+
+
+# ---- sparse: Top-k / threshold with fused error feedback, scatter-add decode ----------------
+# The native rules (native/sg_sparse.h): magnitude is the bit pattern with the sign cleared,
+# compared as an integer (|v| for non-NaN v, +0 == -0, NaN above Inf); ties at the cut go to
+# the lowest position; a taken v is sent as float32 or float16(clamp(v, +-65504)) and the
+# memory keeps v - (v as sent).
+
+FP16_MAX = 65504.0
+
+
+def magnitude_keys(x):
+    return x.view(torch.int32) & 0x7FFFFFFF
+
+
+def topk_positions(keys, k):
+    """Ascending positions of the k largest keys, ties to the lowest positions."""
+    d = keys.numel()
+    if k >= d:
+        return torch.arange(d, device=keys.device)
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long, device=keys.device)
+    kth = torch.kthvalue(keys, d - k + 1).values
+    gt = keys > kth
+    eq = keys == kth
+    keep = gt | (eq & (eq.cumsum(0) <= k - gt.sum()))
+    return keep.nonzero().squeeze(1)
+
+
+def take(p, pos, idx, vals):
+    """Writes pos (int64, global) to idx and p[pos] to vals; p[pos] -= the value as sent."""
+    v = p[pos]
+    if vals.dtype == torch.float32:
+        q = v
+        vals.copy_(v)
+    else:
+        h = v.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
+        vals.copy_(h)
+        q = h.to(torch.float32)
+    p[pos] = v - q
+    idx.copy_(pos)
+
+
+def topk_take(p, segments, idx, vals):
+    """segments: list of (offset, size, k) triples, validated."""
+    keys = magnitude_keys(p)
+    pos = [o + topk_positions(keys[o:o + s], k) for o, s, k in segments]
+    pos = torch.cat(pos) if pos else torch.zeros(0, dtype=torch.long, device=p.device)
+    take(p, pos, idx, vals)
+
+
+def threshold_key(lam):
+    """The key of float32(lam): round to nearest even, +inf above the float32 range."""
+    return int(torch.tensor(lam, dtype=torch.float64).to(torch.float32).view(torch.int32))
+
+
+def threshold_count(p, lam):
+    return int((magnitude_keys(p) >= threshold_key(lam)).sum())
+
+
+def threshold_take(p, lam, idx, vals):
+    pos = (magnitude_keys(p) >= threshold_key(lam)).nonzero().squeeze(1)
+    if pos.numel() != idx.numel():
+        raise ValueError(f"idx and vals have {idx.numel()} elements, but {pos.numel()} elements "
+                         f"of p reach the threshold")
+    take(p, pos, idx, vals)
+
+
+def sparse_sum(parts, n, out):
+    """As the native sparse_sum: -1, or the first part with an index outside [0, n)."""
+    for r, (idx, _) in enumerate(parts):
+        if idx is not None and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            return r
+    out.zero_()
+    for idx, vals in parts:
+        if idx is None:
+            out.add_(vals)
+        elif idx.numel():
+            out.index_add_(0, idx, vals.to(torch.float32))
+    return -1

@@ -116,7 +116,9 @@ class _SparseEF(Perturbation, Method):
     def init_state(self, layout):
         return {"error": torch.zeros(layout.numel)}
 
-    def select(self, p: torch.Tensor, ctx) -> torch.Tensor:
+    def take(self, p: torch.Tensor, ctx):
+        """The pairs payload for p, with e <- p - q applied to the sent positions in the same
+        pass (kernels.topk_take / threshold_take); None for threshold's dense fallback."""
         raise NotImplementedError
 
     def encode(self, g, state, ctx):
@@ -131,18 +133,12 @@ class _SparseEF(Perturbation, Method):
             msg = self.codec.encode_dense(p)
             p.zero_()
             return msg
-        idx = self.select(p, ctx)
-        if idx is None:                                  # threshold's dense fallback
+        msg = self.take(p, ctx)                          # e <- p - q (0 for float32 values)
+        if msg is None:                                  # threshold's dense fallback
             ctx.stats["dense_fallbacks"] = 1
             ctx.stats["nnz_sent"] = ctx.layout.real_numel
             msg = self.codec.encode_dense(p)
             p.zero_()
-            return msg
-        vals = p[idx]
-        q = self.codec.quantize(vals)
-        msg = self.codec.encode(idx, q, n)
-        p[idx] = vals - q                                # e <- p - q (0 for float32 values)
-        ctx.stats["nnz_sent"] = idx.numel()
         return msg
 
     def aggregate(self, gathered, state, ctx):
@@ -173,8 +169,9 @@ class TopK(_SparseEF):
     (bucket_cap_mb), and no layer is starved by another layer's larger gradients; Sahu et al.
     use layer-wise Top-k as their main baseline. Payload length is fixed by the layout.
 
-    Selection: exactly the k largest |p_i|, ties broken towards the lowest index (topk_indices;
-    on large tensors a sampled threshold narrows the candidates first, see bench_topk.py).
+    Selection: exactly the k largest |p_i|, ties broken towards the lowest index (the set of
+    topk_indices), by kernels.topk_take: a linear-time radix select per tensor with the EF
+    update fused in, one call per bucket (examples/bench_topk.py measures it).
     values="fp16" sends float16 values (48 instead of 64 bits per pair); the rounding residual
     stays in e. noise / noise_seed / reset_every: perturb.py.
     """
@@ -187,6 +184,7 @@ class TopK(_SparseEF):
             raise ValueError(f"scope must be 'layer' or 'bucket', not {scope!r}")
         self.ratio, self.k = _budget(ratio, k)
         self.scope = scope
+        self._segments = {}
 
     def options(self):
         size = {"ratio": self.ratio} if self.k is None else {"k": self.k}
@@ -199,12 +197,27 @@ class TopK(_SparseEF):
             return [_per_tensor_k(self.ratio, self.k, layout.real_numel)]
         return [_per_tensor_k(self.ratio, self.k, s) for s in layout.sizes]
 
-    def select(self, p, ctx):
-        a = p.abs()
-        if self.scope == "bucket":
-            return topk_indices(a, self.counts(ctx.layout)[0])
-        return torch.cat([o + topk_indices(a[o:o + s], k)
-                          for (o, s), k in zip(ctx.layout.segments(), self.counts(ctx.layout))])
+    def segments(self, layout) -> torch.Tensor:
+        """(offset, size, k) per selection range as an int64 (S, 3) tensor: the layout's
+        tensors (scope="layer") or the whole flat buffer, gaps included (scope="bucket")."""
+        key = (layout, self.scope)
+        cached = self._segments.get(key)
+        if cached is None:
+            if self.scope == "bucket":
+                rows = [(0, layout.numel, self.counts(layout)[0])]
+            else:
+                rows = [(o, s, k) for (o, s), k in zip(layout.segments(), self.counts(layout))]
+            cached = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+            self._segments[key] = cached
+        return cached
+
+    def take(self, p, ctx):
+        segs = self.segments(ctx.layout)
+        nnz = int(torch.minimum(segs[:, 1], segs[:, 2]).sum()) if segs.numel() else 0
+        msg, idx, vals = self.codec.encode_pairs(nnz, ctx.layout.numel)
+        kernels.topk_take(p, segs, idx, vals)
+        ctx.stats["nnz_sent"] = nnz
+        return msg
 
 
 def threshold_for(k: float) -> float:
@@ -257,11 +270,15 @@ class HardThreshold(_SparseEF):
             return self.lam
         return threshold_for(max(self.density * layout.real_numel, 1.0))
 
-    def select(self, p, ctx):
-        idx = (p.abs() >= self.lam_for(ctx.layout)).nonzero().squeeze(1)
-        if idx.numel() > self.max_density * ctx.layout.real_numel:
+    def take(self, p, ctx):
+        lam = self.lam_for(ctx.layout)
+        nnz = kernels.threshold_count(p, lam)             # |p_i| >= lam in float32, as torch
+        if nnz > self.max_density * ctx.layout.real_numel:
             return None
-        return idx
+        msg, idx, vals = self.codec.encode_pairs(nnz, ctx.layout.numel)
+        kernels.threshold_take(p, lam, idx, vals)
+        ctx.stats["nnz_sent"] = nnz
+        return msg
 
 
 # --- Random-k -------------------------------------------------------------------------------------

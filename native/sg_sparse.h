@@ -1,0 +1,41 @@
+/* Sparse kernels (sparse.c): exact Top-k and hard-threshold selection by magnitude with the
+ * error-feedback update fused into the compaction, and the scatter-add decode. Written once
+ * in portable C; the streaming scans go through the ISA table (scan_ge, count_ge).
+ *
+ * Selection order is by key(v) = bits(v) & 0x7FFFFFFF (sg_key in sg_scalar.h): |v| for every
+ * non-NaN v, +0 == -0; NaN ranks above +-Inf. Ties at the cut go to the lowest position. */
+#ifndef SG_SPARSE_H
+#define SG_SPARSE_H
+
+#include "sg_kernels.h"
+
+#define SG_FP16_MAX 65504.0f
+
+/* Where the selected pairs go. Taking position g writes idx = g and val = v = p[g] (float32,
+ * or float16 of v clamped to +-65504, round to nearest even), then sets p[g] = v - q with q
+ * the value as sent (float32(float16 bits) for float16; v itself for float32). */
+typedef struct {
+    float *p;
+    int32_t *idx;
+    void *vals;       /* float32 or float16 bits, as vt says */
+    sg_dtype vt;      /* SG_F32 or SG_F16 */
+    size_t cap;       /* room in idx and vals */
+    size_t count;     /* pairs taken so far (never written past cap) */
+} sg_take;
+
+/* Top-k per segment: segs holds n_segs triples (offset, size, k) of non-overlapping ascending
+ * ranges of p; for each, the min(k, size) largest keys (ties to the lowest position), taken in
+ * ascending position order. Returns 0, or -1 when out of memory (then nothing is taken). */
+int sg_topk_take(const sg_kernels *K, const int64_t *segs, size_t n_segs, sg_take *t);
+
+/* Hard threshold over p[0 .. n): positions with key(p[i]) >= lo. Scans the positions into
+ * t->idx first; only when there are exactly t->cap of them are the values written and p
+ * updated. Returns the number found (p is untouched when it differs from t->cap). */
+size_t sg_threshold_take(const sg_kernels *K, size_t n, uint32_t lo, sg_take *t);
+
+/* Decode: out[idx[j]] += value j (float32, or float16 widened exactly), j ascending. idx may
+ * be unaligned; every idx[j] must be in [0, n) (sg_indices_in_range). */
+void sg_scatter_add(float *out, const void *idx, const void *vals, sg_dtype vt, size_t nnz);
+int sg_indices_in_range(const void *idx, size_t nnz, size_t n);
+
+#endif /* SG_SPARSE_H */

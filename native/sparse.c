@@ -1,0 +1,252 @@
+/* Exact Top-k and hard-threshold selection with the fused error feedback update, and the
+ * scatter-add decode (see sg_sparse.h for the contract).
+ *
+ * Top-k is a radix select on the 31-bit key (digits of 11, 10 and 10 bits), run on a
+ * candidate list when one can be had cheaply:
+ *  1. On large segments, a fixed pseudo-random sample of about 64 d / k keys gives a bound lo
+ *     a few standard deviations below the k-th largest key; one streaming scan (AVX2: 32 keys
+ *     per compare, blocks without a hit skipped) lists the positions with key >= lo. If there
+ *     are at least k of them (and not too many), they contain every key the selection can
+ *     take, ties included, and the whole select runs on them: one pass over the segment.
+ *  2. Otherwise a histogram of the top 11 bits over the segment finds the bin of the k-th
+ *     largest key, and the positions at or above that bin are listed if they are few.
+ *  3. If even that bin is crowded (many equal or nearly equal magnitudes), the digits are
+ *     resolved on the whole segment and the final pass scans it in chunks.
+ * The sample only decides how fast the answer comes, never what it is. The candidates are in
+ * ascending position order, so the last step walks them once and takes every key above the
+ * k-th largest and the first `need` equal to it. */
+#include <stdlib.h>
+
+#include "sg_scalar.h"
+#include "sg_sparse.h"
+
+#define TOP_BITS 11u
+#define TOP_SHIFT 20u
+#define LOW_BITS 10u
+#define LOW_MASK ((1u << LOW_BITS) - 1u)
+#define N_HIST 4 /* sub-histograms of the first pass: repeated bins do not serialize */
+#define CHUNK 4096
+
+typedef struct {
+    uint32_t *hist;   /* N_HIST << TOP_BITS counters */
+    uint32_t *cand;   /* candidate positions */
+    size_t cand_cap;
+    uint32_t chunk[CHUNK];
+} workspace;
+
+static inline void take_one(sg_take *t, size_t g) {
+    if (t->count >= t->cap) return;
+    float v = t->p[g];
+    t->idx[t->count] = (int32_t)g;
+    if (t->vt == SG_F32) {
+        ((float *)t->vals)[t->count] = v;
+        t->p[g] = v - v;
+    } else {   /* NaN passes the clamp unchanged, as torch.clamp does */
+        float c = v < -SG_FP16_MAX ? -SG_FP16_MAX : (v > SG_FP16_MAX ? SG_FP16_MAX : v);
+        uint16_t h = sg_f32_to_f16(c);
+        sg_st16((uint8_t *)t->vals + 2 * t->count, h);
+        t->p[g] = v - sg_f16_to_f32(h);
+    }
+    t->count++;
+}
+
+/* Histogram of the top TOP_BITS of the keys of x[0 .. n) into hist[0 .. 1 << TOP_BITS). */
+static void hist_top(const float *x, size_t n, uint32_t *hist) {
+    const size_t bins = (size_t)1 << TOP_BITS;
+    memset(hist, 0, N_HIST * bins * sizeof(uint32_t));
+    size_t i = 0;
+    for (; i + N_HIST <= n; i += N_HIST)
+        for (size_t h = 0; h < N_HIST; h++) hist[h * bins + (sg_key(x[i + h]) >> TOP_SHIFT)]++;
+    for (; i < n; i++) hist[sg_key(x[i]) >> TOP_SHIFT]++;
+    for (size_t b = 0; b < bins; b++)
+        for (size_t h = 1; h < N_HIST; h++) hist[b] += hist[h * bins + b];
+}
+
+/* The bin b holding the need-th largest key (counting down from the top bin): moves the
+ * counts of the bins above b from need to above; *m = hist[b]. If the counts fall short
+ * (impossible unless x changes during the call) it stops at bin 0. */
+static uint32_t pick(const uint32_t *hist, uint32_t bins, size_t *need, size_t *above,
+                     size_t *m) {
+    size_t cum = 0;
+    uint32_t b = bins - 1;
+    for (; b > 0; b--) {
+        if (cum + hist[b] >= *need) break;
+        cum += hist[b];
+    }
+    *above += cum;
+    *need -= cum < *need ? cum : *need;
+    *m = hist[b];
+    return b;
+}
+
+/* Histogram of the top bits of the keys at the listed positions (one counter set: the
+ * positions are few, and scattered loads dominate). */
+static void hist_top_at(const float *x, const uint32_t *pos, size_t n, uint32_t *hist) {
+    memset(hist, 0, ((size_t)1 << TOP_BITS) * sizeof(uint32_t));
+    for (size_t j = 0; j < n; j++) hist[sg_key(x[pos[j]]) >> TOP_SHIFT]++;
+}
+
+#define SAMPLE_PER_K 64   /* sample points expected above the k-th largest key */
+#define SAMPLE_Z 4      /* the bound sits this many standard deviations lower */
+
+/* Sample position j of s over d elements: one pseudo-random point per stride (fixed, so the
+ * speed does not depend on state; periodic data cannot alias with it). */
+static inline size_t sample_pos(size_t j, size_t stride) {
+    return j * stride + (size_t)sg_mix32((uint32_t)j) % stride;
+}
+
+/* A key probably a little below the k-th largest of x[0 .. d) (top 21 bits of the r-th
+ * largest sample key, r = s k / d + SAMPLE_Z sqrt(s k / d) + 1, rounded); 0 if a sample of
+ * SAMPLE_PER_K d / k points would not be much smaller than the segment. */
+static int sample_bound(const float *x, size_t d, size_t k, uint32_t *hist, uint32_t *lo) {
+    uint64_t s = (uint64_t)SAMPLE_PER_K * d / k;
+    if (s < 1024) s = 1024;
+    if (4 * s > d) return 0;
+    size_t stride = d / (size_t)s;
+    size_t ks = (size_t)(s * k / d), root = 0, above = 0, m;
+    while ((root + 1) * (root + 1) <= ks) root++;   /* ks < 4 SAMPLE_PER_K 2^10: few steps */
+    size_t need = ks + SAMPLE_Z * root + 1;
+    if (need > s) need = (size_t)s;
+    memset(hist, 0, ((size_t)1 << TOP_BITS) * sizeof(uint32_t));
+    for (size_t j = 0; j < s; j++) hist[sg_key(x[sample_pos(j, stride)]) >> TOP_SHIFT]++;
+    uint32_t top = pick(hist, 1u << TOP_BITS, &need, &above, &m);
+    memset(hist, 0, (LOW_MASK + 1) * sizeof(uint32_t));
+    for (size_t j = 0; j < s; j++) {
+        uint32_t key = sg_key(x[sample_pos(j, stride)]);
+        if (key >> TOP_SHIFT == top) hist[(key >> (TOP_SHIFT - LOW_BITS)) & LOW_MASK]++;
+    }
+    uint32_t mid = pick(hist, LOW_MASK + 1, &need, &above, &m);
+    *lo = top << TOP_SHIFT | mid << (TOP_SHIFT - LOW_BITS);
+    return 1;
+}
+
+static int reserve(workspace *w, size_t n) {
+    if (n <= w->cand_cap) return 0;
+    uint32_t *c = realloc(w->cand, n * sizeof(uint32_t));
+    if (!c) return -1;
+    w->cand = c;
+    w->cand_cap = n;
+    return 0;
+}
+
+/* Take position g when its key is above thr, or equal to it while *need > 0. */
+static inline void take_if(sg_take *t, size_t g, uint32_t key, uint32_t thr, size_t *need) {
+    if (key > thr) {
+        take_one(t, g);
+    } else if (key == thr && *need > 0) {
+        (*need)--;
+        take_one(t, g);
+    }
+}
+
+static int topk_segment(const sg_kernels *K, workspace *w, size_t off, size_t d, size_t k,
+                        sg_take *t) {
+    const float *x = t->p + off;
+    if (k == 0 || d == 0) return 0;
+    if (k >= d) {
+        for (size_t i = 0; i < d; i++) take_one(t, off + i);
+        return 0;
+    }
+    size_t need = k, above = 0, m;
+    const size_t cand_limit = k + d / 8 + 1024;
+    const uint32_t *cand = NULL;
+    size_t nc = 0;
+    uint32_t lo;
+    if (sample_bound(x, d, k, w->hist, &lo)) {
+        if (reserve(w, cand_limit) < 0) return -1;
+        nc = K->scan_ge(x, d, lo, w->cand, cand_limit);
+        if (nc >= k && nc <= cand_limit) cand = w->cand;   /* else: the sample misled us */
+    }
+    if (cand)
+        hist_top_at(x, cand, nc, w->hist);
+    else
+        hist_top(x, d, w->hist);
+    uint32_t prefix = pick(w->hist, 1u << TOP_BITS, &need, &above, &m) << TOP_SHIFT;
+    uint32_t mask = ((1u << TOP_BITS) - 1u) << TOP_SHIFT;
+    for (uint32_t shift = TOP_SHIFT;;) {
+        /* key >= prefix (lower digits 0) holds for the `above` keys and the m in the bin */
+        if (!cand && shift > 0 && above + m <= cand_limit) {
+            if (reserve(w, above + m) < 0) return -1;
+            nc = K->scan_ge(x, d, prefix, w->cand, above + m);
+            if (nc > above + m) nc = above + m;
+            cand = w->cand;
+        }
+        if (shift == 0) break;
+        shift -= LOW_BITS;
+        uint32_t *h = w->hist;
+        memset(h, 0, (LOW_MASK + 1) * sizeof(uint32_t));
+        if (cand) {
+            for (size_t j = 0; j < nc; j++) {
+                uint32_t key = sg_key(x[cand[j]]);
+                if ((key & mask) == prefix) h[(key >> shift) & LOW_MASK]++;
+            }
+        } else {
+            for (size_t i = 0; i < d; i++) {
+                uint32_t key = sg_key(x[i]);
+                if ((key & mask) == prefix) h[(key >> shift) & LOW_MASK]++;
+            }
+        }
+        prefix |= pick(h, LOW_MASK + 1, &need, &above, &m) << shift;
+        mask |= LOW_MASK << shift;
+    }
+    /* prefix is now the k-th largest key; take all above it and the first `need` equal */
+    if (cand) {
+        for (size_t j = 0; j < nc; j++)
+            take_if(t, off + cand[j], sg_key(x[cand[j]]), prefix, &need);
+        return 0;
+    }
+    for (size_t start = 0; start < d; start += CHUNK) {
+        size_t len = d - start < CHUNK ? d - start : CHUNK;
+        size_t got = K->scan_ge(x + start, len, prefix, w->chunk, CHUNK);
+        for (size_t j = 0; j < got; j++) {
+            size_t i = start + w->chunk[j];
+            take_if(t, off + i, sg_key(x[i]), prefix, &need);
+        }
+    }
+    return 0;
+}
+
+int sg_topk_take(const sg_kernels *K, const int64_t *segs, size_t n_segs, sg_take *t) {
+    workspace *w = malloc(sizeof(workspace));
+    if (!w) return -1;
+    w->hist = malloc((N_HIST << TOP_BITS) * sizeof(uint32_t));
+    w->cand = NULL;
+    w->cand_cap = 0;
+    int rc = w->hist ? 0 : -1;
+    for (size_t s = 0; s < n_segs && rc == 0; s++)
+        rc = topk_segment(K, w, (size_t)segs[3 * s], (size_t)segs[3 * s + 1],
+                          (size_t)segs[3 * s + 2], t);
+    free(w->cand);
+    free(w->hist);
+    free(w);
+    return rc;
+}
+
+size_t sg_threshold_take(const sg_kernels *K, size_t n, uint32_t lo, sg_take *t) {
+    /* positions into idx (uint32 and int32 share a representation below 2^31) */
+    size_t found = K->scan_ge(t->p, n, lo, (uint32_t *)(void *)t->idx, t->cap);
+    if (found != t->cap) return found;
+    for (size_t j = 0; j < found; j++) {
+        size_t g = (size_t)t->idx[j];
+        t->count = j;   /* take_one rewrites idx[j] with the same position */
+        take_one(t, g);
+    }
+    return found;
+}
+
+void sg_scatter_add(float *out, const void *idx, const void *vals, sg_dtype vt, size_t nnz) {
+    const uint8_t *ib = (const uint8_t *)idx, *vb = (const uint8_t *)vals;
+    if (vt == SG_F32) {
+        for (size_t j = 0; j < nnz; j++)
+            out[sg_ld32(ib + 4 * j)] += sg_f32_from_bits(sg_ld32(vb + 4 * j));
+    } else {
+        for (size_t j = 0; j < nnz; j++) out[sg_ld32(ib + 4 * j)] += sg_f16_to_f32(sg_ld16(vb + 2 * j));
+    }
+}
+
+int sg_indices_in_range(const void *idx, size_t nnz, size_t n) {
+    const uint8_t *ib = (const uint8_t *)idx;
+    uint32_t bad = 0;
+    for (size_t j = 0; j < nnz; j++) bad |= (size_t)sg_ld32(ib + 4 * j) >= n;   /* < 0 wraps */
+    return !bad;
+}
