@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One-shot, idempotent set-up: MPI, a .venv in the repo with PyTorch, Horovod (built with the
 # C++17 fix and cached), mpi4py and hvd_signsgd (editable, native extension compiled), then a
-# self-check. Called by `make setup` (and so by `make demo` / `make test`).
+# self-check. Called by `make setup` (and so by `make demo` / `make test`). It prints one
+# `== setup:` line per step; a tool's output (pip, apt, compilers) is shown only when its step
+# fails, in full, and the script then exits non-zero (native/steps.sh).
 #
 # Env: PYTHON            interpreter to create the venv from (default python3)
 #      TORCH_SPEC         pip requirement for PyTorch (default torch==2.13.0)
