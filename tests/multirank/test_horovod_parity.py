@@ -527,7 +527,7 @@ def test_seed_per_rank_raises_on_every_rank(errors_job, method):
 
 # --- checkpoints as Horovod writes them: rank 0 saves, rank 0 loads and broadcasts ------------
 
-RANK0_CHECKPOINT = """
+CHECKPOINTS = """
 hvd.init()
 R = hvd.rank()
 
@@ -564,16 +564,8 @@ def rank0_checkpoint(method):
     return res
 
 
-run_checks([rank0_checkpoint], ["none", "signsgd", "ef_signsgd"])
-"""
-
-PLAIN_CHECKPOINT = """
-hvd.init()
-R = hvd.rank()
-
-
 def plain_checkpoint_into_compressed(method):
-    # a checkpoint of a plain hvd.DistributedOptimizer run resumes a compressed run
+    # a checkpoint of a plain hvd.DistributedOptimizer run resumes a run of ours
     path = os.path.join(os.environ["HVD_TEST_OUT"], f"plain-{method}.pt")
     model = mlp()
     opt = hvd.DistributedOptimizer(sgd(model, "none", momentum=0.9),
@@ -604,24 +596,19 @@ def plain_checkpoint_into_compressed(method):
     return res
 
 
-run_checks([plain_checkpoint_into_compressed], ["signsgd", "ef_signsgd"])
+run_checks([rank0_checkpoint, plain_checkpoint_into_compressed], ["none", "signsgd", "ef_signsgd"])
 """
 
 
 @pytest.fixture(scope="module")
-def rank0_checkpoint_job():
-    return start(RANK0_CHECKPOINT, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def plain_checkpoint_job():
-    return start(PLAIN_CHECKPOINT, timeout=60)
+def checkpoint_job():
+    return start(CHECKPOINTS, timeout=60)
 
 
 @pytest.mark.parametrize("method", cases(METHODS, {
     m: "load_state_dict on rank 0 alone hangs (it is collective)" for m in METHODS}))
-def test_rank_0_loads_the_checkpoint_and_broadcasts_it(rank0_checkpoint_job, method):
-    res = entry(rank0_checkpoint_job, f"rank0_checkpoint/{method}")
+def test_rank_0_loads_the_checkpoint_and_broadcasts_it(checkpoint_job, method):
+    res = entry(checkpoint_job, f"rank0_checkpoint/{method}")
     for r in res:
         assert r["steps_at_resume"] == 3 and r["resumed_steps"] == r["uninterrupted_steps"], r
     assert all_equal(r["resumed"] for r in res)
@@ -630,10 +617,10 @@ def test_rank_0_loads_the_checkpoint_and_broadcasts_it(rank0_checkpoint_job, met
         assert [r["resumed"] for r in res] == [r["uninterrupted"] for r in res]
 
 
-@pytest.mark.parametrize("method", cases(COMPRESSED, {
-    m: "load_state_dict on rank 0 alone hangs (it is collective)" for m in COMPRESSED}))
-def test_plain_horovod_checkpoint_resumes_a_compressed_run(plain_checkpoint_job, method):
-    res = entry(plain_checkpoint_job, f"plain_checkpoint_into_compressed/{method}")
+@pytest.mark.parametrize("method", cases(METHODS, {
+    m: "load_state_dict on rank 0 alone hangs (it is collective)" for m in METHODS}))
+def test_plain_horovod_checkpoint_resumes_our_run(checkpoint_job, method):
+    res = entry(checkpoint_job, f"plain_checkpoint_into_compressed/{method}")
     for r in res:
         assert r["params_restored"] and r["momentum_restored"], r
     assert all_equal(r["digest"] for r in res)
