@@ -651,7 +651,7 @@ def outside_rank_trains_locally(method):
     return res
 
 
-run_checks([outside_rank_trains_locally], ["signsgd", "ef_signsgd"])
+run_checks([outside_rank_trains_locally], ["none", "signsgd", "ef_signsgd"])
 """
 
 
@@ -660,8 +660,8 @@ def process_set_job():
     return start(PROCESS_SET, np=3, timeout=120)
 
 
-@pytest.mark.parametrize("method", cases(COMPRESSED, {
-    m: "a rank outside the process set cannot construct the wrapper" for m in COMPRESSED}))
+@pytest.mark.parametrize("method", cases(METHODS, {
+    m: "a rank outside the process set cannot construct the wrapper" for m in METHODS}))
 def test_process_set_of_two_out_of_three(process_set_job, method):
     res = entry(process_set_job, f"outside_rank_trains_locally/{method}")
     assert res[0]["digest"] == res[1]["digest"] != res[2]["digest"], res
