@@ -6,14 +6,16 @@ A normal Horovod PyTorch script; the only hvd_signsgd line is the optimizer wrap
     mpirun -np 4 --oversubscribe python examples/train_digits.py --method ef_signsgd --epochs 10
     srun --mpi=pmix python examples/train_digits.py --method ssdm
 
-Rank 0 shows a progress bar (loss, accuracy, bytes sent per step), prints a final RESULT line and
-writes the run's metrics as JSON (--out).
+Rank 0 shows progress (loss, accuracy, bytes sent per step): a bar on a terminal; otherwise (under
+horovodrun, mpirun or Slurm, where stderr is a pipe and every redraw would become a line) four plain
+lines per epoch. It prints a final RESULT line and writes the run's metrics as JSON (--out).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 import time
 
 import horovod.torch as hvd
@@ -110,6 +112,46 @@ def accuracy(model, x, y) -> float:
         return (model(x).argmax(1) == y).float().mean().item()
 
 
+class Progress:
+    """Rank 0's progress: a tqdm bar when stderr is a terminal, else four plain lines per epoch
+    on stdout, at 25/50/75/100% of it (launchers prefix every line, and a bar redraw is one)."""
+
+    def __init__(self, desc: str, epochs: int, steps_per_epoch: int, bar: bool):
+        self.desc, self.epochs, self.steps = desc, epochs, steps_per_epoch
+        self.marks = {-(-k * steps_per_epoch // 4) for k in range(1, 4)} - {0, steps_per_epoch}
+        self.last = ""
+        self.bar = None
+        if bar:
+            from tqdm import tqdm
+            self.bar = tqdm(total=epochs * steps_per_epoch, unit="step", dynamic_ncols=True,
+                            desc=desc)
+
+    def step(self, epoch, i, loss, correct, seen, stats):
+        """After step i (0-based) of epoch (0-based): this batch's loss, the epoch's running
+        train accuracy (correct / seen) and compression_stats()."""
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", sent=f"{stats['bytes_sent']}B/step",
+                                 ratio=f"x{stats['compression_ratio']:.1f}")
+            self.bar.update()
+            return
+        self.last = (f"{self.desc} epoch {epoch + 1}/{self.epochs} step {i + 1}/{self.steps} "
+                     f"loss {loss:.3f} train_acc {correct / max(seen, 1):.3f} sent "
+                     f"{stats['bytes_sent']} B/step (x{stats['compression_ratio']:.1f} less "
+                     f"than fp32)")
+        if i + 1 in self.marks:
+            print(self.last, flush=True)
+
+    def epoch_end(self, epoch, test_acc):
+        if self.bar is not None:
+            self.bar.set_description(f"{self.desc} epoch {epoch + 1} acc {test_acc:.3f}")
+        else:
+            print(f"{self.last} test_acc {test_acc:.3f}", flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
 def main(argv=None):
     args = parse_args(argv)
     hvd.init()
@@ -134,38 +176,36 @@ def main(argv=None):
 
     steps_per_epoch = len(ys) // args.batch_size
     gen = torch.Generator().manual_seed(args.seed * 1000 + rank)
-    bar = None
+    progress = None
     if rank == 0 and not args.no_progress:
-        from tqdm import tqdm
-        bar = tqdm(total=args.epochs * steps_per_epoch, unit="step", dynamic_ncols=True,
-                   desc=f"{args.method} x{size}")
+        progress = Progress(f"{args.method} x{size}", args.epochs, steps_per_epoch,
+                            bar=sys.stderr.isatty())
     history, t0 = [], time.time()
     for epoch in range(args.epochs):
         model.train()
         perm = torch.randperm(len(ys), generator=gen)
-        total_loss = 0.0
+        total_loss, correct, seen = 0.0, 0, 0
         for i in range(steps_per_epoch):
             idx = perm[i * args.batch_size:(i + 1) * args.batch_size]
             opt.zero_grad()
-            loss = F.cross_entropy(model(xs[idx]), ys[idx])
+            logits = model(xs[idx])
+            loss = F.cross_entropy(logits, ys[idx])
             loss.backward()
             opt.step()
             total_loss += loss.item()
-            if bar is not None:
-                s = opt.compression_stats()
-                bar.set_postfix(loss=f"{loss.item():.3f}", sent=f"{s['bytes_sent']}B/step",
-                                ratio=f"x{s['compression_ratio']:.1f}")
-                bar.update()
+            if progress is not None:
+                correct += int((logits.detach().argmax(1) == ys[idx]).sum())
+                seen += len(idx)
+                progress.step(epoch, i, loss.item(), correct, seen, opt.compression_stats())
         stats = opt.compression_stats()
         history.append({"epoch": epoch + 1, "train_loss": total_loss / steps_per_epoch,
                         "test_acc": accuracy(model, xte, yte),
                         "bytes_sent": stats["total_bytes_sent"],
                         "fp32_bytes": stats["total_dense_fp32_bytes"]})
-        if bar is not None:
-            bar.set_description(f"{args.method} x{size} epoch {epoch + 1} "
-                                f"acc {history[-1]['test_acc']:.3f}")
-    if bar is not None:
-        bar.close()
+        if progress is not None:
+            progress.epoch_end(epoch, history[-1]["test_acc"])
+    if progress is not None:
+        progress.close()
 
     stats = opt.compression_stats()
     checksum = sum(float(p.detach().double().sum()) for p in model.parameters())

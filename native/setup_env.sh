@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One-shot, idempotent set-up: MPI, a .venv in the repo with PyTorch, Horovod (built with the
 # C++17 fix and cached), mpi4py and hvd_signsgd (editable, native extension compiled), then a
-# self-check. Called by `make setup` (and so by `make demo` / `make test`).
+# self-check. Called by `make setup` (and so by `make demo` / `make test`). It prints one
+# `== setup:` line per step; a tool's output (pip, apt, compilers) is shown only when its step
+# fails, in full, and the script then exits non-zero (native/steps.sh).
 #
 # Env: PYTHON            interpreter to create the venv from (default python3)
 #      TORCH_SPEC         pip requirement for PyTorch (default torch==2.13.0)
@@ -12,7 +14,9 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
-say() { printf '\n== setup: %s\n' "$*"; }
+# say (our steps) and run_step (a tool's output shown only if it fails)
+# shellcheck source=steps.sh
+source "$ROOT/native/steps.sh"
 
 as_root() { [ "$(id -u)" = 0 ]; }
 apt_install() {
@@ -31,7 +35,7 @@ command -v make >/dev/null || need+=(make)
 if [ ${#need[@]} -gt 0 ]; then
     if as_root && command -v apt-get >/dev/null; then
         say "installing ${need[*]} from the OS packages"
-        apt_install "${need[@]}"
+        run_step "apt-get install ${need[*]}" apt_install "${need[@]}"
     else
         cat >&2 <<EOF
 setup: missing ${need[*]}.
@@ -47,36 +51,41 @@ fi
 # --- 2. the virtual environment ---------------------------------------------------------------
 if [ ! -x "$PY" ]; then
     say "creating $VENV"
-    "${PYTHON:-python3}" -m venv "$VENV"
+    run_step "create the virtual environment" "${PYTHON:-python3}" -m venv "$VENV"
 fi
-"$PY" -m pip install --quiet --upgrade pip setuptools wheel
+run_step "upgrade pip, setuptools, wheel" \
+    "$PY" -m pip install --upgrade pip setuptools wheel
 if ! "$PY" -c "import torch" 2>/dev/null; then
     say "installing $TORCH_SPEC"
-    "$PY" -m pip install --quiet "$TORCH_SPEC"
+    run_step "pip install $TORCH_SPEC" "$PY" -m pip install "$TORCH_SPEC"
 fi
 say "installing Python dependencies"
 # Horovod's build needs cloudpickle/psutil/pyyaml/packaging importable (no build isolation).
-"$PY" -m pip install --quiet numpy mpi4py pytest hypothesis ruff scikit-learn tqdm matplotlib \
+run_step "pip install the Python dependencies" \
+    "$PY" -m pip install numpy mpi4py pytest hypothesis ruff scikit-learn tqdm matplotlib \
     cloudpickle psutil pyyaml packaging
 
 # --- 3. Horovod 0.28.1 with the C++17 fix, cached -----------------------------------------
-say "Horovod"
 bash "$ROOT/native/horovod/build_horovod.sh" "$PY"
 
 # --- 4. hvd_signsgd itself, editable, with the native kernels ------------------------------
 say "installing hvd_signsgd (editable, native extension)"
-"$PY" -m pip install --quiet --no-build-isolation --no-deps -e "$ROOT"
+run_step "pip install -e (hvd_signsgd and its native extension)" \
+    "$PY" -m pip install --no-build-isolation --no-deps -e "$ROOT"
 
 # --- 5. check ourselves ------------------------------------------------------------------------
-say "self-check"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-check=$("$VENV/bin/horovodrun" --check-build)
-echo "$check"
+rc=0
+check=$("$VENV/bin/horovodrun" --check-build 2>&1) || rc=$?
 for fw in PyTorch MPI Gloo; do
-    if ! grep -q "\[X\] $fw" <<<"$check"; then
-        echo "setup: horovodrun --check-build does not show $fw enabled" >&2
+    if [ $rc != 0 ] || ! grep -q "\[X\] $fw" <<<"$check"; then
+        printf '== setup: FAILED: horovodrun --check-build (exit %d) does not show %s enabled:\n%s\n' \
+            "$rc" "$fw" "$check" >&2
         exit 1
     fi
 done
-"$PY" -c 'import hvd_signsgd.kernels as k; assert k.backend() == "native", k.backend(); print("hvd_signsgd kernels:", k.backend())'
+run_step "load the native kernels" "$PY" -c \
+    'import hvd_signsgd.kernels as k; assert k.backend() == "native", k.backend()'
+hvd_version=$("$PY" -c 'import horovod; print(horovod.__version__)')
+say "self-check passed: Horovod $hvd_version with PyTorch, MPI and Gloo; native kernels load"
 say "done: activate with 'source .venv/bin/activate'"

@@ -44,8 +44,8 @@ mkdir -p "$RUN_DIR"
 read -r -a _extra <<< "$SCRIPT_ARGS"
 TRAIN_CMD=("$PYTHON" "$REPO/examples/train_digits.py" --method "$METHOD" --epochs "$EPOCHS"
            --out "$RUN_DIR/train_digits-$METHOD-job$SLURM_JOB_ID.json")
-# A progress bar in a batch log is one line rewritten with \r thousands of times; off unless
-# asked for (PROGRESS=1). The RESULT line and the JSON in RUN_DIR carry the numbers.
+# Progress (four lines per epoch in a batch log) is off unless asked for (PROGRESS=1). The
+# RESULT line and the JSON in RUN_DIR carry the numbers.
 [ "$PROGRESS" = 1 ] || TRAIN_CMD+=(--no-progress)
 TRAIN_CMD+=("${_extra[@]}")
 

@@ -16,6 +16,9 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 VERSION=0.28.1
 PATCH="$HERE/cxx17.patch"
 CACHE=${HVD_SIGNSGD_CACHE:-$HOME/.cache/hvd_signsgd}
+# say and run_step: pip's and the compiler's output only when their step fails
+# shellcheck source=../steps.sh
+source "$HERE/../steps.sh"
 
 torch_tag=$("$PY" -c 'import torch, sys; print(f"torch{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}")')
 patch_tag=$(sha256sum "$PATCH" | cut -c1-12)
@@ -23,24 +26,29 @@ WHEEL_DIR="$CACHE/wheels/horovod-$VERSION-$torch_tag-$patch_tag"
 
 installed=$("$PY" -c 'import importlib.metadata as m; print(m.version("horovod"))' 2>/dev/null || true)
 if [ "$installed" = "$VERSION" ] && "$PY" -c 'import horovod.torch' 2>/dev/null; then
-    echo "build_horovod: horovod $VERSION already installed"
+    say "horovod $VERSION already installed"
     exit 0
 fi
 
 if ! ls "$WHEEL_DIR"/horovod-*.whl >/dev/null 2>&1; then
-    echo "build_horovod: no cached wheel in $WHEEL_DIR; building from the sdist (about 8 min on 2 cores)"
+    say "building Horovod $VERSION from its sdist, no cached wheel in $WHEEL_DIR" \
+        "(about 8 min on 2 cores; the compiler's output is shown only if it fails)"
     work=$(mktemp -d)
     trap 'rm -rf "$work"' EXIT
-    "$PY" -m pip download --quiet --no-deps --no-binary :all: "horovod==$VERSION" -d "$work"
-    tar xzf "$work/horovod-$VERSION.tar.gz" -C "$work"
-    (cd "$work/horovod-$VERSION" && patch -p1 --forward < "$PATCH")
+    run_step "download the Horovod $VERSION sdist" \
+        "$PY" -m pip download --no-deps --no-binary :all: "horovod==$VERSION" -d "$work"
+    run_step "unpack the sdist" tar xzf "$work/horovod-$VERSION.tar.gz" -C "$work"
+    run_step "apply $PATCH" patch -d "$work/horovod-$VERSION" -p1 --forward -i "$PATCH"
     mkdir -p "$WHEEL_DIR.tmp"
-    HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
-    HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
-    MAKEFLAGS=${MAKEFLAGS:--j$(nproc)} \
-        "$PY" -m pip wheel --no-build-isolation --no-deps -w "$WHEEL_DIR.tmp" "$work/horovod-$VERSION"
+    run_step "build the Horovod wheel" env \
+        HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
+        HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 \
+        MAKEFLAGS="${MAKEFLAGS:--j$(nproc)}" \
+        "$PY" -m pip wheel --no-build-isolation --no-deps -w "$WHEEL_DIR.tmp" \
+        "$work/horovod-$VERSION"
     rm -rf "$WHEEL_DIR" && mv "$WHEEL_DIR.tmp" "$WHEEL_DIR"
 fi
 
-"$PY" -m pip install --quiet --no-deps --force-reinstall "$WHEEL_DIR"/horovod-*.whl
-echo "build_horovod: installed $(ls "$WHEEL_DIR"/horovod-*.whl)"
+run_step "pip install the Horovod wheel" \
+    "$PY" -m pip install --no-deps --force-reinstall "$WHEEL_DIR"/horovod-*.whl
+say "installed $(basename "$(ls "$WHEEL_DIR"/horovod-*.whl)") (cached in $WHEEL_DIR)"

@@ -1,10 +1,12 @@
 """The examples, run the way a user runs them, so that they cannot rot (issue 6).
 
 - examples/train_digits.py under horovodrun (MPI), horovodrun --gloo and plain mpirun: the
-  RESULT line reports 2 ranks, a compression ratio above 10 and bit-identical ranks; the
-  plain-mpirun run also shows the progress bar, and its accuracy history must equal the
-  in-process simulation of examples/reproduce_paper.py (what makes that script's numbers the
-  numbers of a real run).
+  RESULT line reports 2 ranks, a compression ratio above 10 and bit-identical ranks. Under
+  horovodrun and mpirun rank 0 shows its progress, which must be four plain lines per epoch
+  and no bar redraws (stderr is a pipe there: each redraw would become a launcher line); on a
+  terminal it is a bar. The plain-mpirun run's accuracy history must equal the in-process
+  simulation of examples/reproduce_paper.py (what makes that script's numbers the numbers of
+  a real run).
 - examples/migrate/: the two scripts differ in the import and the optimizer line only, both
   train on 2 ranks, and the hvd_signsgd one sends over 20x less than float32.
 - examples/compare_methods.py --quick and examples/reproduce_paper.py --quick write their tables
@@ -14,12 +16,17 @@ from __future__ import annotations
 
 import ast
 import difflib
+import fcntl
 import json
 import os
+import pty
 import re
 import signal
+import struct
 import subprocess
 import sys
+import termios
+import threading
 import time
 
 import pytest
@@ -60,10 +67,25 @@ def run_script(argv, timeout):
 
 # --- train_digits.py under the three launchers ----------------------------------------------------
 
+def assert_few_plain_progress_lines(job, epochs):
+    """Rank 0's progress under a launcher: 4 lines per epoch (25/50/75/100%), no bar."""
+    raw = job.stdout + job.stderr
+    assert "\r" not in raw, "a progress bar redraws under the launcher:\n" + raw[-3000:]
+    lines = [line.strip() for line in untagged(raw).splitlines() if line.strip()]
+    progress = [line for line in lines if line.startswith("signum x2 epoch ")]
+    for e in range(1, epochs + 1):
+        mine = [line for line in progress if line.startswith(f"signum x2 epoch {e}/{epochs} ")]
+        assert len(mine) == 4, (e, progress)
+        assert re.search(r" loss [0-9.]+ train_acc [0-9.]+ sent \d+ B/step .* test_acc [0-9.]+$",
+                         mine[-1]), mine[-1]
+    # Besides progress: the RESULT and "wrote" lines, and room for a launcher warning or two.
+    assert len(lines) <= 4 * epochs + 4, "\n".join(lines)
+
+
 @pytest.mark.parametrize("launcher", ["horovodrun", "gloo", "mpirun"])
 def test_train_digits_result_line(mpi_job, launcher, tmp_path):
     out = tmp_path / "result.json"
-    progress = launcher == "mpirun"     # one run with rank 0's tqdm bar, to see it not crash
+    progress = launcher != "gloo"       # gloo checks --no-progress
     args = ["--epochs", "2", "--out", out] + ([] if progress else ["--no-progress"])
     job = mpi_job(script=EXAMPLES / "train_digits.py", np=2, launcher=launcher, args=args,
                   timeout=300)
@@ -75,7 +97,10 @@ def test_train_digits_result_line(mpi_job, launcher, tmp_path):
     history = json.loads(out.read_text())["history"]
     assert len(history) == 2 and history[-1]["bytes_sent"] > 0
     if progress:
-        assert "signum x2" in job.stderr + "".join(job.rank_stderr), job.diagnostics()
+        assert_few_plain_progress_lines(job, epochs=2)
+    else:
+        assert " epoch " not in untagged(job.stdout + job.stderr), job.diagnostics()
+    if launcher == "mpirun":
         # The simulation in reproduce_paper.py replays this run step for step (same data,
         # shards, batches, bucket layout and codecs): the same accuracy after every epoch.
         sys.path.insert(0, str(EXAMPLES))
@@ -85,6 +110,45 @@ def test_train_digits_result_line(mpi_job, launcher, tmp_path):
             sys.path.remove(str(EXAMPLES))
         sim = reproduce_paper.run_digits(reproduce_paper.DigitsRun("signum", ranks=2, epochs=2))
         assert sim["test_acc"] == [h["test_acc"] for h in history], (sim, history)
+
+
+def test_train_digits_draws_a_bar_on_a_terminal(tmp_path):
+    """One process (no launcher) with stderr on a pseudo-terminal: tqdm's bar, redrawn with
+    carriage returns, and no plain progress lines."""
+    master, slave = pty.openpty()
+    # 24 x 100 characters: a new pseudo-terminal is 0 x 0, where tqdm draws nothing
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    proc = subprocess.Popen([sys.executable, EXAMPLES / "train_digits.py", "--epochs", "1",
+                             "--out", tmp_path / "r.json"], stdout=subprocess.PIPE,
+                            stderr=slave, stdin=subprocess.DEVNULL, text=True, env=job_env(),
+                            start_new_session=True, cwd=str(tmp_path))
+    os.close(slave)
+    chunks = []
+
+    def drain():    # the terminal's buffer is small: read while the bar is drawn
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:     # EIO: the other end is closed
+                return
+            if not data:
+                return
+            chunks.append(data)
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        stdout, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, _ = proc.communicate()
+        pytest.fail("train_digits.py timed out:\n" + stdout[-3000:])
+    reader.join(10)
+    os.close(master)
+    terminal = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0, stdout[-3000:] + terminal[-3000:]
+    assert "\r" in terminal and "signum x1" in terminal, terminal[-3000:]
+    assert " epoch 1/1 step " not in stdout, stdout
+    assert parse_result(stdout)["ranks"] == "1", stdout
 
 
 # --- examples/migrate -----------------------------------------------------------------------------
