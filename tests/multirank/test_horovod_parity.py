@@ -12,8 +12,7 @@ under real MPI (the common checks also under horovodrun --gloo).
 
 Several checks run in one job (a job start costs seconds). Each rank reports after every
 check, so a check that hangs or crashes shows up as the first missing entry, and the job's
-timeout turns a hang into a failure. Tests marked xfail(strict=True) describe behaviour that
-is not there yet (issue 11); they start failing, as a reminder to drop the mark, once it is.
+timeout turns a hang into a failure.
 """
 from __future__ import annotations
 
@@ -24,15 +23,6 @@ from harness import run_job
 
 METHODS = ["none", "signsgd", "ef_signsgd"]
 COMPRESSED = ["signsgd", "ef_signsgd"]
-
-
-def xfail(reason):
-    return pytest.mark.xfail(reason=f"issue 11: {reason}", strict=True)
-
-
-def cases(methods, failing):
-    """methods as pytest params; those in `failing` (method -> reason) are marked xfail."""
-    return [pytest.param(m, marks=xfail(failing[m])) if m in failing else m for m in methods]
 
 
 # Shared by every job (after the harness prelude, which defines report()).
@@ -372,10 +362,7 @@ def common_job(request):
     return start(COMMON_CHECKS, launcher=request.param, timeout=240)
 
 
-@pytest.mark.parametrize("method", cases(METHODS, {
-    "none": "broadcast_optimizer_state's zero-gradient step counts as a step",
-    "signsgd": "broadcast_optimizer_state's zero-gradient step moves the weights by lr",
-    "ef_signsgd": "broadcast_optimizer_state's zero-gradient step counts as a step"}))
+@pytest.mark.parametrize("method", METHODS)
 def test_broadcast_after_wrap_changes_nothing(common_job, method):
     res = entry(common_job, f"broadcast_after_wrap/{method}")
     for r in res:
@@ -428,10 +415,7 @@ def test_clipping_between_synchronize_and_step(common_job, method):
     assert all_equal(r["digest"] for r in res)
 
 
-@pytest.mark.parametrize("method", cases(METHODS, {
-    "none": "step() after synchronize() exchanges again and counts a second step",
-    "signsgd": "step() after synchronize() re-encodes the clipped gradients",
-    "ef_signsgd": "step() after synchronize() re-encodes the clipped gradients"}))
+@pytest.mark.parametrize("method", METHODS)
 def test_step_after_synchronize_warns_and_changes_nothing(common_job, method):
     res = entry(common_job, f"step_without_skip_synchronize/{method}")
     for r in res:
@@ -516,8 +500,7 @@ def test_bad_named_parameters_raise_on_every_rank(errors_job, check, method):
     assert all_equal(r["error"] for r in res)
 
 
-@pytest.mark.parametrize("method", cases(COMPRESSED, {
-    m: "a different seed on each rank is not detected" for m in COMPRESSED}))
+@pytest.mark.parametrize("method", COMPRESSED)
 def test_seed_per_rank_raises_on_every_rank(errors_job, method):
     res = entry(errors_job, f"seed_per_rank/{method}")
     assert all((r["error"] or "").startswith("ValueError") and "seed" in r["error"]
@@ -605,20 +588,20 @@ def checkpoint_job():
     return start(CHECKPOINTS, timeout=60)
 
 
-@pytest.mark.parametrize("method", cases(METHODS, {
-    m: "load_state_dict on rank 0 alone hangs (it is collective)" for m in METHODS}))
+@pytest.mark.parametrize("method", METHODS)
 def test_rank_0_loads_the_checkpoint_and_broadcasts_it(checkpoint_job, method):
     res = entry(checkpoint_job, f"rank0_checkpoint/{method}")
+    # rank 0 loaded step 3; the others take it over at the next step's control exchange
+    assert res[0]["steps_at_resume"] == 3
     for r in res:
-        assert r["steps_at_resume"] == 3 and r["resumed_steps"] == r["uninterrupted_steps"], r
+        assert r["resumed_steps"] == r["uninterrupted_steps"], r
     assert all_equal(r["resumed"] for r in res)
     if method != "ef_signsgd":
         # no per-rank state (the error memory of ef_signsgd is: rank 1's is not in the file)
         assert [r["resumed"] for r in res] == [r["uninterrupted"] for r in res]
 
 
-@pytest.mark.parametrize("method", cases(METHODS, {
-    m: "load_state_dict on rank 0 alone hangs (it is collective)" for m in METHODS}))
+@pytest.mark.parametrize("method", METHODS)
 def test_plain_horovod_checkpoint_resumes_our_run(checkpoint_job, method):
     res = entry(checkpoint_job, f"plain_checkpoint_into_compressed/{method}")
     for r in res:
@@ -660,8 +643,7 @@ def process_set_job():
     return start(PROCESS_SET, np=3, timeout=120)
 
 
-@pytest.mark.parametrize("method", cases(METHODS, {
-    m: "a rank outside the process set cannot construct the wrapper" for m in METHODS}))
+@pytest.mark.parametrize("method", METHODS)
 def test_process_set_of_two_out_of_three(process_set_job, method):
     res = entry(process_set_job, f"outside_rank_trains_locally/{method}")
     assert res[0]["digest"] == res[1]["digest"] != res[2]["digest"], res
@@ -697,9 +679,7 @@ def one_process_job():
     return start(ONE_PROCESS, np=1, timeout=120)
 
 
-@pytest.mark.parametrize("method", cases(["signsgd", "signum", "ef_signsgd"], {
-    m: "with one process the method is skipped (plain local SGD)"
-    for m in ("signsgd", "signum", "ef_signsgd")}))
+@pytest.mark.parametrize("method", ["signsgd", "signum", "ef_signsgd"])
 def test_one_process_runs_the_method(one_process_job, method):
     (r,) = entry(one_process_job, f"single_process/{method}")
     assert r["steps"] == 3, r
@@ -790,8 +770,7 @@ def test_sparse_embedding_sent_as_dense(sparse_job, check, method):
     assert all_equal(r["digest"] for r in res)
 
 
-@pytest.mark.parametrize("method", cases(METHODS, {
-    m: "sparse gradients need sparse_as_dense=True" for m in METHODS}))
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("check", ["sgd_sparse", "adam_sparse"])
 def test_sparse_embedding_without_sparse_as_dense(sparse_job, check, method):
     res = entry(sparse_job, f"{check}/{method}")
@@ -834,9 +813,7 @@ def join_job():
     return start(JOIN, timeout=60)
 
 
-@pytest.mark.parametrize("method", cases(METHODS, {
-    m: "an allgather while a rank has joined kills Horovod's background loop there "
-       "(unordered_map::at) and the other rank hangs" for m in COMPRESSED}))
+@pytest.mark.parametrize("method", METHODS)
 def test_join_with_uneven_batches(join_job, method):
     """Either a clear error (naming join) or a clean finish; never a hang or a crash."""
     res = entry(join_job, f"uneven_batches/{method}")
