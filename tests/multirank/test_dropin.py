@@ -450,7 +450,8 @@ from rankcommon import SGD_SETTINGS, small_model, batch, digest
 hvd.init()
 rank = hvd.rank()
 out = {}
-for method in ("signsgd", "ef_signsgd", "topk", "randomk", "none"):
+for method in ("signsgd", "signum", "stochastic_sign", "ssdm", "ef_signsgd", "topk",
+               "threshold", "randomk", "ecx", "fp16", "none"):
     model = small_model()
     opt = hvd_signsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(),
                                                            **SGD_SETTINGS[method]),
@@ -505,3 +506,28 @@ def test_hvd_join_with_a_compressed_method_is_an_error_not_a_hang(mpi_job):
     assert results[0]["error"] is None
     assert results[1]["error"].startswith("StepError") and "optimizer.join()" in \
         results[1]["error"]
+
+
+STOCK_NAN = """
+import torch, horovod.torch as hvd, hvd_signsgd
+from rankcommon import small_model, batch, first_error
+hvd.init()
+model = small_model()
+opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
+                               named_parameters=model.named_parameters(),
+                               compression=hvd_signsgd.Compression.signsgd)
+def step(poison):
+    x, y = batch(0, hvd.rank())
+    opt.zero_grad()
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    (loss * float("nan") if poison else loss).backward()
+    opt.step()
+report({"error": first_error(lambda: step(hvd.rank() == 1))})
+"""
+
+
+def test_stock_horovod_compressor_raises_on_every_rank_for_nan(mpi_job):
+    """Through stock hvd.DistributedOptimizer, a NaN on one rank must not leave the others
+    waiting: it travels as NaN and every rank raises."""
+    for r in mpi_job(STOCK_NAN, np=3, timeout=120).ok():
+        assert r["error"] and r["error"].startswith("FloatingPointError"), r
