@@ -291,8 +291,8 @@ class Engine:
             t0 = time.perf_counter()
             try:
                 update = b.active.aggregate(result, b.state, b.ctx)
-                if b.active is self.dense and self.method is not self.dense and \
-                        not kernels.all_finite(update):
+                if b.active is self.dense and not isinstance(self.method, NoCompression) \
+                        and not kernels.all_finite(update):
                     raise NonFiniteGradientError(
                         f"NaN or Inf in the uncompressed small tensors of at least one rank "
                         f"(bucket {b.name}, step {self.step})")
