@@ -109,6 +109,7 @@ class Engine:
         self._active_ranks = None    # ranks that vote this step (None: before begin_step)
         self._step_started = False
         self._launched_any = False
+        self.launch_times = []       # (bucket indices, start, end) of this step's encodes
 
     # --- construction -------------------------------------------------------------------------
 
@@ -172,6 +173,7 @@ class Engine:
         record[r * _RECORD:(r + 1) * _RECORD] = torch.tensor([1, self.step, flags, 0])
         records = self.comm.control(record, name=f"{self.prefix}.control").view(n, _RECORD)
         self._step_started = True
+        self.launch_times = []
         alive, steps, flags = records[:, 0].tolist(), records[:, 1].tolist(), records[:, 2].tolist()
         missing = [k for k in range(n) if not alive[k]]
         if missing:
@@ -263,7 +265,9 @@ class Engine:
         for b in buckets:
             self._send(b)
         self._launched_any = True
-        self.comm.counters.seconds_encode += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.comm.counters.seconds_encode += t1 - t0
+        self.launch_times.append(([b.index for b in buckets], t0, t1))
 
     def _send(self, b: Bucket) -> None:
         if self._joined:

@@ -5,7 +5,8 @@ bottom:
 
 1. backward: a post-accumulate-grad hook per parameter counts backward passes (Horovod's
    `backward_passes_per_step`); when every parameter of a bucket has its gradient, the bucket
-   is launched at once, so communication overlaps the rest of backward:
+   is handed to a launch worker thread (overlap=True), so that encoding and communication
+   overlap the rest of backward:
        the step's control exchange (engine.begin_step, once per step)
        -> the gradients are in the bucket's flat float32 buffer: each float32 p.grad is a view
           of it after its first step ("gradient as bucket view"); other gradients are copied in
@@ -25,6 +26,7 @@ backward pass; such a step exchanges nothing and changes no parameter (see step(
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -45,6 +47,7 @@ class _Slot:
     views: list
     gaps: torch.Tensor | None   # positions of the alignment gaps (kept 0), or None
     ready: int = 0
+    launched: bool = False
 
 
 def _resolve_method(method, compression, options) -> Method:
@@ -123,7 +126,8 @@ class _CompressedOptimizer(torch.optim.Optimizer):
 
     def _hvd_init(self, base_cls, named_parameters, method, problem, backward_passes_per_step,
                   op, gradient_predivide_factor, groups, sparse_as_dense, process_set,
-                  bucket_cap_mb, min_compress_numel, start_step, seed, log_every, on_nonfinite):
+                  bucket_cap_mb, min_compress_numel, start_step, seed, log_every, on_nonfinite,
+                  overlap):
         self._base_cls = base_cls
         self._comm = HorovodCommunicator(process_set)
         self.process_set = process_set
@@ -159,9 +163,12 @@ class _CompressedOptimizer(torch.optim.Optimizer):
         self._sparse = _SparseExchange(self._comm, self._engine.prefix,
                                        [p for p, _ in self._bucket_of.items()])
         self._hooks = []
+        self._worker, self._inflight = None, []
         if self._comm.included:
             self._hooks = [p.register_post_accumulate_grad_hook(self._hook)
                            for p in self._bucket_of]
+            if overlap and self._comm.size > 1:
+                self._worker = ThreadPoolExecutor(1, thread_name_prefix="hvd_signsgd-launch")
 
     # --- construction ----------------------------------------------------------------------
 
@@ -240,18 +247,40 @@ class _CompressedOptimizer(torch.optim.Optimizer):
             self._launch([b])
 
     def _launch(self, buckets):
-        """The step's control exchange (first launch only), then gradients into the buckets,
-        then encode and send."""
+        """Start the buckets' exchange: on the launch worker when overlap is on, so that
+        encoding runs while backward computes the next gradients; else here, in the hook.
+        A worker's error is raised by synchronize()."""
+        for b in buckets:
+            self._slots[b.index].launched = True
+        self._launched = True
+        if self._worker is not None:
+            self._inflight.append(self._worker.submit(self._launch_now, buckets))
+            return
         try:
-            self._engine.begin_step()
-            for b in buckets:
-                self._collect(b)
-            self._engine.launch(buckets)
+            self._launch_now(buckets)
         except BaseException:
             self._engine.drain()
             self._end_exchange()
             raise
-        self._launched = True
+
+    def _launch_now(self, buckets):
+        """The step's control exchange (first launch only), then gradients into the buckets,
+        then encode and send."""
+        self._engine.begin_step()
+        for b in buckets:
+            self._collect(b)
+        self._engine.launch(buckets)
+
+    def _wait_launches(self):
+        errors = []
+        for f in self._inflight:
+            try:
+                f.result()
+            except BaseException as e:  # noqa: BLE001 - every launch must end before drain
+                errors.append(e)
+        self._inflight = []
+        if errors:
+            raise errors[0]
 
     def _collect(self, b):
         """Make sure every gradient of the bucket is in b.flat. A float32 CPU p.grad that is
@@ -296,15 +325,16 @@ class _CompressedOptimizer(torch.optim.Optimizer):
         if not engine.buckets:
             self._synchronized = True
             return
-        pending = [b for b in engine.buckets if b.handle is None]
-        model_scope = [b for b in pending if b.method.model_scope and
-                       engine.step >= engine.start_step]
-        for b in pending:
-            if b not in model_scope:
-                self._launch([b])
-        if model_scope:
-            self._launch(model_scope)
         try:
+            self._wait_launches()
+            pending = [b for b in engine.buckets if not self._slots[b.index].launched]
+            model_scope = [b for b in pending if b.method.model_scope and
+                           engine.step >= engine.start_step]
+            for b in pending:
+                if b not in model_scope:
+                    self._launch_now([b])
+            if model_scope:
+                self._launch_now(model_scope)
             if engine.sparse_mode:
                 self._sparse.start(len(engine.voters) if engine.average else 1)
             sparse_ranks = engine.sparse_mode
@@ -339,7 +369,7 @@ class _CompressedOptimizer(torch.optim.Optimizer):
     def _end_exchange(self):
         """Ready for the next step's backward passes, whether this one succeeded or not."""
         for slot in self._slots.values():
-            slot.ready = 0
+            slot.ready, slot.launched = 0, False
         self._reset_delays()
         self._launched = False
         self._backward_seen = False
@@ -517,7 +547,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None,
                          sparse_as_dense=False, process_set=hvd.global_process_set, *,
                          method=None, bucket_cap_mb=25.0, min_compress_numel=128,
                          start_step=0, seed=0, log_every=0, on_nonfinite="raise",
-                         **method_options):
+                         overlap=True, **method_options):
     """Wrap a torch optimizer so that gradients are exchanged compressed.
 
     A drop-in for ``hvd.DistributedOptimizer``: the same arguments with the same meanings, plus
@@ -542,6 +572,9 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None,
             NonFiniteGradientError on every rank; "skip": every gradient of that step becomes
             NaN, so that torch.amp.GradScaler skips it (Horovod's AMP pattern), and step()
             applies nothing. Either way the method state is exactly as before the step.
+        overlap: encode and start each bucket's exchange on a worker thread as soon as its
+            gradients are ready, while backward computes the next ones (the kernels release
+            the GIL); False does it inside the backward hook. Results are identical.
 
     Methods with momentum of their own (signum, ssdm) expect a wrapped optimizer without
     momentum (plain SGD); weight decay of the wrapped optimizer is applied after aggregation.
@@ -578,5 +611,5 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None,
     wrapped._hvd_init(optimizer.__class__, named_parameters, resolved, problem,
                       backward_passes_per_step, op, gradient_predivide_factor, groups,
                       sparse_as_dense, process_set, bucket_cap_mb, min_compress_numel,
-                      start_step, seed, log_every, on_nonfinite)
+                      start_step, seed, log_every, on_nonfinite, overlap)
     return wrapped

@@ -531,3 +531,47 @@ def test_stock_horovod_compressor_raises_on_every_rank_for_nan(mpi_job):
     waiting: it travels as NaN and every rank raises."""
     for r in mpi_job(STOCK_NAN, np=3, timeout=120).ok():
         assert r["error"] and r["error"].startswith("FloatingPointError"), r
+
+
+OVERLAP = """
+import time, torch, horovod.torch as hvd, hvd_signsgd
+hvd.init()
+out = {}
+for overlap in (True, False):
+    torch.manual_seed(0)
+    # each layer in 8 column blocks, so that backward is 8 nodes a layer: a tensor hook on
+    # each block's weight stamps autograd's progress often
+    layers = [[torch.nn.Linear(1024, 128) for _ in range(8)] for _ in range(4)]
+    named = [(f"l{i}.{j}.{n}", p) for i, l in enumerate(layers) for j, b in enumerate(l)
+             for n, p in b.named_parameters()]
+    opt = hvd_signsgd.DistributedOptimizer(
+        torch.optim.SGD([p for _, p in named], lr=0.01), named_parameters=named,
+        method="ef_signsgd", min_compress_numel=2000,
+        groups=[[b.weight for b in l] for l in layers], overlap=overlap)
+    events = []
+    for l in layers:
+        for b in l:
+            b.weight.register_hook(lambda g: events.append(time.perf_counter()))
+    inside = 0
+    for k in range(4):
+        events.clear()
+        h = torch.randn(512, 1024, generator=torch.Generator().manual_seed(k + hvd.rank()))
+        for l in layers:
+            h = torch.tanh(torch.cat([b(h) for b in l], 1))
+        opt.zero_grad()
+        h.sum().backward()
+        opt.step()
+        spans = [(t0, t1) for _, t0, t1 in opt._engine.launch_times]
+        inside += sum(1 for t in events for t0, t1 in spans if t0 < t < t1)
+    out["on" if overlap else "off"] = inside
+report(out)
+"""
+
+
+def test_encoding_overlaps_backward(mpi_job):
+    """Timestamps, not wall time: with overlap on, autograd computes gradients (tensor hooks
+    fire) while a bucket is being encoded on the launch worker; with it off, encoding runs
+    inside the hook and nothing of backward happens during it."""
+    for r in mpi_job(OVERLAP, np=2, timeout=240).ok():
+        assert r["off"] == 0, r
+        assert r["on"] > 0, r
