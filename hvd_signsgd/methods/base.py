@@ -68,6 +68,16 @@ def check_flags(payloads, ctx: StepContext) -> None:
             f"gradients, or check the data.")
 
 
+def as_mean(total: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    """A sum over the voting ranks as Horovod's op asks: the mean (op=Average) or the sum."""
+    return total.div_(ctx.size) if ctx.average else total
+
+
+def as_sum(mean: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    """A mean over the voting ranks as Horovod's op asks: itself (Average) or the sum."""
+    return mean if ctx.average else mean.mul_(ctx.size)
+
+
 def mix_seed(seed: int, rank: int, step: int) -> int:
     """A 63-bit stream id from (global seed, rank, step); SplitMix-style mixing."""
     z = (seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9 + step * 0x94D049BB133111EB)
@@ -145,3 +155,65 @@ class Method:
         payloads = [p for p in payloads if not p.header.flags & wire.FLAG_JOINED]
         check_flags(payloads, ctx)
         return payloads
+
+
+class ErrorFeedback:
+    """The error-feedback memory, one component for every compressor that needs it (GRACE's
+    "memory"; ALGORITHMS.md section 0):
+
+        p = e + g          compensate(): in place, so p IS the memory buffer
+        q = C(p)           the compressor sends q and leaves p - q in that buffer
+        e <- p - q
+
+    so sum_t q_t + e_T = sum_t g_t on every rank (the conservation invariant). The memory holds
+    gradient units (the learning rate acts after aggregation; see the module docstring). A
+    compressor gets error feedback by composition: an `ErrorFeedbackMethod` whose `compress`
+    writes the residual into p (the fused kernels do it in the same pass as the packing or
+    the selection).
+    """
+
+    @staticmethod
+    def init_state(layout) -> dict:
+        return {"error": torch.zeros(layout.numel)}
+
+    @staticmethod
+    def compensate(g: torch.Tensor, state: dict) -> torch.Tensor:
+        return state["error"].add_(g)
+
+
+class ErrorFeedbackMethod(Method):
+    """A compressor with the ErrorFeedback memory: subclasses give `compress(p, ctx)` (payload;
+    leaves p - q in p) and `encode_nonfinite(ctx)`; `perturb(p, ctx)` may add to p first, and
+    `send_whole(ctx)` may ask for p to be sent dense this step (perturb.py's reset)."""
+    memory = ErrorFeedback()
+
+    def init_state(self, layout):
+        return self.memory.init_state(layout)
+
+    def encode(self, g, state, ctx):
+        if ctx.nonfinite:          # memory untouched; every rank raises (or skips)
+            return self.encode_nonfinite(ctx)
+        p = self.memory.compensate(g, state)
+        self.perturb(p, ctx)
+        if self.send_whole(ctx):
+            ctx.stats["error_resets"] = 1
+            ctx.stats["nnz_sent"] = ctx.layout.real_numel
+            msg = self.compress_whole(p, ctx)
+            p.zero_()
+            return msg
+        return self.compress(p, ctx)
+
+    def perturb(self, p, ctx) -> None:
+        pass
+
+    def send_whole(self, ctx) -> bool:
+        return False
+
+    def compress(self, p, ctx) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compress_whole(self, p, ctx) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_nonfinite(self, ctx) -> torch.Tensor:
+        raise NotImplementedError

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..codecs import Dense
-from .base import Method
+from .base import Method, as_mean
 
 
 class NoCompression(Method):
@@ -23,8 +23,7 @@ class NoCompression(Method):
         return g.zero_() if g is ctx.out else torch.zeros_like(g)
 
     def aggregate(self, reduced, state, ctx):
-        out = self.codec.decode(reduced)
-        return out.div_(ctx.size) if ctx.average else out
+        return as_mean(self.codec.decode(reduced), ctx)
 
 
 class FP16(NoCompression):

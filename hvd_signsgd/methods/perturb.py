@@ -70,3 +70,10 @@ class Perturbation:
 
     def reset_due(self, ctx: StepContext) -> bool:
         return bool(self.reset_every) and (ctx.step + 1) % self.reset_every == 0
+
+    # the ErrorFeedbackMethod hooks
+    def perturb(self, p: torch.Tensor, ctx: StepContext) -> None:
+        self.add_noise(p, ctx)
+
+    def send_whole(self, ctx: StepContext) -> bool:
+        return self.reset_due(ctx)

@@ -1,6 +1,7 @@
 """Sparsifiers with error feedback: Top-k, hard threshold, Random-k (ALGORITHMS.md sections 5, 8).
 
-All three keep an error memory in gradient units, as the rest of the package (base.py):
+All three keep the error-feedback memory of base.py (ErrorFeedback, one component for every
+compressor that needs one), in gradient units:
 
     p = e + g (+ noise, perturb.py);   q = C(p);   e <- p - q;   send q
 
@@ -30,7 +31,7 @@ import torch
 
 from .. import kernels
 from ..codecs import Sparse
-from .base import Method, NonFiniteGradientError, mix_seed
+from .base import ErrorFeedbackMethod, NonFiniteGradientError, as_mean, mix_seed
 from .perturb import Perturbation
 
 # --- Top-k selection ------------------------------------------------------------------------------
@@ -100,8 +101,9 @@ def _per_tensor_k(ratio, k, size):
     return min(size, math.ceil(ratio * size) if k is None else k)
 
 
-class _SparseEF(Perturbation, Method):
-    """Shared by topk and threshold: error memory, perturbation, pairs over an allgather."""
+class _SparseEF(Perturbation, ErrorFeedbackMethod):
+    """Shared by topk and threshold: pairs over an allgather, with the error-feedback memory
+    and perturbation."""
     bits_per_coordinate = 64.0     # per SENT coordinate: int32 index + float32 value
 
     def __init__(self, values="fp32", noise=0.0, noise_seed="rank", reset_every=0):
@@ -113,26 +115,18 @@ class _SparseEF(Perturbation, Method):
             self.bits_per_coordinate = 48.0
         self._init_perturbation(noise, noise_seed, reset_every)
 
-    def init_state(self, layout):
-        return {"error": torch.zeros(layout.numel)}
-
     def take(self, p: torch.Tensor, ctx):
         """The pairs payload for p, with e <- p - q applied to the sent positions in the same
         pass (kernels.topk_take / threshold_take); None for threshold's dense fallback."""
         raise NotImplementedError
 
-    def encode(self, g, state, ctx):
-        n = ctx.layout.numel
-        if ctx.nonfinite:          # memory untouched; every rank raises in aggregate
-            return self.codec.encode_nonfinite(n)
-        p = state["error"].add_(g)                       # p = e + g, in place
-        self.add_noise(p, ctx)
-        if self.reset_due(ctx):                          # send the whole memory once, e <- 0
-            ctx.stats["error_resets"] = 1
-            ctx.stats["nnz_sent"] = ctx.layout.real_numel
-            msg = self.codec.encode_dense(p)
-            p.zero_()
-            return msg
+    def encode_nonfinite(self, ctx):
+        return self.codec.encode_nonfinite(ctx.layout.numel)
+
+    def compress_whole(self, p, ctx):
+        return self.codec.encode_dense(p)
+
+    def compress(self, p, ctx):
         msg = self.take(p, ctx)                          # e <- p - q (0 for float32 values)
         if msg is None:                                  # threshold's dense fallback
             ctx.stats["dense_fallbacks"] = 1
@@ -143,8 +137,8 @@ class _SparseEF(Perturbation, Method):
 
     def aggregate(self, gathered, state, ctx):
         payloads = self._payloads(gathered, ctx, self.codec)
-        out = self.codec.aggregate(payloads, ctx.layout.numel, ctx.bucket, out=ctx.out)
-        return out.div_(ctx.size) if ctx.average else out
+        return as_mean(self.codec.aggregate(payloads, ctx.layout.numel, ctx.bucket,
+                                            out=ctx.out), ctx)
 
 
 def _budget(ratio, k):
@@ -305,7 +299,7 @@ def sample_without_replacement(d: int, k: int, gen: torch.Generator) -> torch.Te
         draws = torch.cat([draws, torch.randint(d, (k // 4 + 16,), generator=gen)])
 
 
-class RandomK(Perturbation, Method):
+class RandomK(Perturbation, ErrorFeedbackMethod):
     """Random-k with error feedback (section 8; the compressor of Avdiukhin & Yaroslavtsev).
 
     Every rank draws the same k_t = ceil(ratio * d_t) positions per tensor t (or k each) from a
@@ -333,9 +327,6 @@ class RandomK(Perturbation, Method):
         size = {"ratio": self.ratio} if self.k is None else {"k": self.k}
         return {**size, **self.perturbation_options()}
 
-    def init_state(self, layout):
-        return {"error": torch.zeros(layout.numel)}
-
     def indices(self, ctx) -> torch.Tensor:
         """The positions every rank sends this step (int64, ascending); identical on all ranks."""
         cached = getattr(ctx, "_randomk_indices", None)
@@ -352,19 +343,14 @@ class RandomK(Perturbation, Method):
     def encode_joined(self, g, ctx):
         return torch.zeros(ctx.layout.numel if self.reset_due(ctx) else self.indices(ctx).numel())
 
-    def encode(self, g, state, ctx):
-        dense = self.reset_due(ctx)
-        n = ctx.layout.numel if dense else self.indices(ctx).numel()
-        if ctx.nonfinite:
-            return torch.full((n,), float("nan"))
-        p = state["error"].add_(g)
-        self.add_noise(p, ctx)
-        if dense:
-            ctx.stats["error_resets"] = 1
-            ctx.stats["nnz_sent"] = ctx.layout.real_numel
-            msg = p.clone()
-            p.zero_()
-            return msg
+    def encode_nonfinite(self, ctx):     # NaN makes the sum NaN on every rank
+        n = ctx.layout.numel if self.reset_due(ctx) else self.indices(ctx).numel()
+        return torch.full((n,), float("nan"))
+
+    def compress_whole(self, p, ctx):
+        return p.clone()
+
+    def compress(self, p, ctx):
         idx = self.indices(ctx)
         msg = p[idx]
         p[idx] = 0.0
@@ -377,9 +363,7 @@ class RandomK(Perturbation, Method):
                 f"NaN or Inf in the gradient of at least one rank (bucket {ctx.bucket}, step "
                 f"{ctx.step}, randomk); the step is not applied on any rank. Lower the learning "
                 f"rate, clip gradients, or check the data.")
-        vals = reduced.to(torch.float32)
-        if ctx.average:
-            vals = vals / ctx.size
+        vals = as_mean(reduced.to(torch.float32), ctx)
         if self.reset_due(ctx):
             return vals
         out = torch.zeros(ctx.layout.numel) if ctx.out is None else ctx.out.zero_()
