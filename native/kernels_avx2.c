@@ -312,9 +312,15 @@ static void vote_weighted_avx2(const sg_rows *rows, size_t n, const float *w, in
     }
 }
 
+/* ---- zero count: the shared scalar loop, auto-vectorized under the AVX2 target -------- */
+
+static size_t count_zeros_avx2(const void *x, sg_dtype dt, size_t n) {
+    return sg_count_zeros_scalar(x, dt, 0, n);
+}
+
 const sg_kernels sg_kernels_avx2 = {
     "avx2",          pack_avx2,         pack_stochastic_avx2, unpack_avx2,
-    vote_count_avx2, vote_weighted_avx2,
+    vote_count_avx2, vote_weighted_avx2, count_zeros_avx2,
 };
 
 #if defined(__clang__)

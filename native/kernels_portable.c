@@ -56,7 +56,11 @@ static void vote_weighted_portable(const sg_rows *rows, size_t n, const float *w
     sg_vote_weighted_blocks(rows, n, w, majority, out, add_signed_portable);
 }
 
+static size_t count_zeros_portable(const void *x, sg_dtype dt, size_t n) {
+    return sg_count_zeros_scalar(x, dt, 0, n);
+}
+
 const sg_kernels sg_kernels_portable = {
     "portable",         pack_portable,       pack_stochastic_portable, unpack_portable,
-    vote_count_portable, vote_weighted_portable,
+    vote_count_portable, vote_weighted_portable, count_zeros_portable,
 };

@@ -36,6 +36,8 @@ typedef struct {
     /* Weighted vote: out[i] <- ((0 + s_0 w_0) + s_1 w_1) + ... in float32, or its sign. */
     void (*vote_weighted)(const sg_rows *rows, size_t n, const float *w, int majority,
                           float *out);
+    /* Number of elements of x[0 .. n) that are +0 or -0. */
+    size_t (*count_zeros)(const void *x, sg_dtype dt, size_t n);
 } sg_kernels;
 
 extern const sg_kernels sg_kernels_portable;

@@ -45,3 +45,7 @@ def vote(native, rows, n, majority, weights, out):
         rows = rows.contiguous()
     w = None if weights is None else buffer(_contiguous(weights))
     native.vote(buffer(rows), n, buffer(out), "majority" if majority else "sum", w)
+
+
+def count_zeros(native, x):
+    return native.count_zeros(buffer(_contiguous(x)))
