@@ -83,7 +83,8 @@ class Header:
 
     def zero_form(self) -> str | None:
         """None (no marks), "all" (every coordinate 0), "list" or "plane" (module doc)."""
-        if self.flags & FLAG_NONFINITE or not self.flags & FLAG_ZEROS:
+        if (self.flags & FLAG_NONFINITE or not self.flags & FLAG_ZEROS
+                or self.codec not in SIGN_CODECS):
             return None
         if self.nnz == self.n:
             return "all"
