@@ -51,12 +51,13 @@ class MethodCompressor:
 
 class SignVoteCompressor(MethodCompressor):
     """signsgd: in stock Horovod, float16 signs (16 bits/coordinate) averaged by the allreduce;
-    the sign of that average is the majority vote."""
+    the sign of that average is the majority vote. sign(0) = 0: an exact zero sends 0 and
+    does not vote."""
 
     def compress(self, tensor):
         if not kernels.all_finite(tensor):
             raise FloatingPointError("NaN or Inf in a gradient given to signsgd compression")
-        return torch.where(torch.signbit(tensor), -1.0, 1.0).to(torch.float16), tensor.dtype
+        return torch.sign(tensor).to(torch.float16), tensor.dtype
 
     def decompress(self, tensor, ctx):
         return torch.sign(tensor).to(ctx)

@@ -337,3 +337,13 @@ def test_methods_leave_all_zero_coordinates_alone(method):
 def test_count_zeros_matches_numpy():
     x = with_zeros(10_000, 123, seed=5)
     assert kernels.count_zeros(x) == int(np.count_nonzero(x.numpy() == 0)) == 123
+
+
+def test_stock_horovod_signsgd_compressor_sends_zero_for_zero():
+    from hvd_signsgd import Compression
+    c = Compression.signsgd
+    sent, ctx = c.compress(torch.tensor([2.0, -3.0, 0.0, -0.0]))
+    assert sent.dtype == torch.float16 and sent.tolist() == [1.0, -1.0, 0.0, 0.0]
+    # ranks sent (+1, -1, 0): the average is 0, no move
+    assert c.decompress((sent + torch.tensor([-1.0, -1.0, 0.0, 0.0]).half()) / 3, ctx).tolist() \
+        == [0.0, -1.0, 0.0, 0.0]
