@@ -95,8 +95,7 @@ def _mark_zeros(x: torch.Tensor, bits: torch.Tensor | None, z: int):
     nb = (n + 7) // 8
     if 4 * z < nb:
         pos = torch.nonzero(x.reshape(-1) == 0).reshape(-1)
-        plane = torch.zeros(nb, dtype=torch.uint8)
-        plane.index_put_((pos >> 3,), (1 << (pos & 7)).to(torch.uint8), accumulate=True)
+        plane = _positions_to_plane(pos, n)
         marks = pos.to(torch.int32)
     else:
         plane = marks = kernels.pack_bits(x.reshape(-1) == 0)
@@ -143,25 +142,37 @@ def _apply_zeros(payload: wire.Payload, values: torch.Tensor) -> None:
         values.zero_()
 
 
-def _count_vote_with_zeros(payloads, n: int, out: torch.Tensor) -> torch.Tensor:
-    """out <- sum_m (1 - z_m) s_m, exact integers, from packed bits: the count vote of the
-    ranks that sent sign bits (a marked coordinate has sign bit 0, i.e. counts +1), minus one
-    per mark. Plane marks are counted by the same bit-sliced vote kernel (a plane voted as
-    signs sums to k - 2 * marks); list marks are subtracted at their positions."""
-    live = [p for p in payloads if p.header.zero_form() != "all"]
-    if not live:
+def _zero_plane(payload: wire.Payload, n: int) -> torch.Tensor:
+    """The payload's marks as a bitplane of ceil(n/8) bytes (built from a list if need be)."""
+    if payload.header.zero_form() == "plane":
+        return payload.zeros
+    return _positions_to_plane(payload.zeros.long(), n)
+
+
+def _positions_to_plane(pos: torch.Tensor, n: int) -> torch.Tensor:
+    """Unique int64 positions in [0, n) -> bitplane (distinct bits: the sum is an OR)."""
+    plane = torch.zeros((n + 7) // 8, dtype=torch.uint8)
+    plane.index_put_((pos >> 3,), (1 << (pos & 7)).to(torch.uint8), accumulate=True)
+    return plane
+
+
+def _count_vote_with_zeros(payloads, n: int, majority: bool, out: torch.Tensor) -> torch.Tensor:
+    """out <- sum_m (1 - z_m) s_m (exact integers), or its sign, in one bit-sliced vote from
+    the packed bits. Each rank enters as two rows, its sign bits b and b | z: where z = 0 both
+    are b (2 s_m), where z = 1 they are 0 and 1 (a marked coordinate's sign bit is 0), which
+    cancel. So the vote over the 2-row pairs is 2 sum_m (1 - z_m) s_m: same sign, half of it
+    exact. Ranks whose every coordinate is 0 add nothing and are left out."""
+    rows = []
+    for p in payloads:
+        form = p.header.zero_form()
+        if form == "all":
+            continue
+        rows.append(p.body)
+        rows.append(p.body if form is None else p.body | _zero_plane(p, n))
+    if not rows:
         return out.zero_()
-    kernels.vote(_gathered_rows(live), n, mode="sum", out=out)
-    planes = [p.zeros for p in live if p.header.zero_form() == "plane"]
-    if planes:
-        k = len(planes)
-        marks = kernels.vote(torch.stack(planes), n, mode="sum")     # k - 2 * marks
-        out.add_(marks.sub_(k).mul_(0.5))
-    minus_one = torch.tensor(-1.0)
-    for p in live:
-        if p.header.zero_form() == "list":
-            out.index_put_((p.zeros.long(),), minus_one, accumulate=True)
-    return out
+    kernels.vote(torch.stack(rows), n, mode="majority" if majority else "sum", out=out)
+    return out if majority else out.mul_(0.5)
 
 
 def _weighted_with_zeros(payloads, n: int, fill, out: torch.Tensor) -> torch.Tensor:
@@ -218,12 +229,12 @@ class Sign:
         if out is None:
             out = torch.zeros(n, dtype=torch.float32)
         if weights is None:
-            _count_vote_with_zeros(payloads, n, out)
-        else:
-            w = kernels._weights(weights, len(payloads), torch.device("cpu"))
-            _weighted_with_zeros(
-                payloads, n,
-                lambda m, p, tmp: kernels.unpack_signs(p.body, n, scale=w[m], out=tmp), out)
+            _count_vote_with_zeros(payloads, n, mode == "majority", out)
+            return out.div_(len(payloads)) if mode == "mean" else out
+        w = kernels._weights(weights, len(payloads), torch.device("cpu"))
+        _weighted_with_zeros(
+            payloads, n, lambda m, p, tmp: kernels.unpack_signs(p.body, n, scale=w[m], out=tmp),
+            out)
         if mode == "majority":
             return out.sign_()
         return out.div_(len(payloads)) if mode == "mean" else out
