@@ -113,20 +113,6 @@ def _encode_signs(codec: str, x: torch.Tensor, z: int, pack, n_scales: int = 0,
     return wire.build(h, scales=scales, body=bits, zeros=marks)
 
 
-def zero_mask(payload: wire.Payload, n: int) -> torch.Tensor | None:
-    """Bool tensor of n elements, True where the payload marks a zero; None without marks."""
-    form = payload.header.zero_form()
-    if form is None:
-        return None
-    if form == "all":
-        return torch.ones(n, dtype=torch.bool)
-    if form == "plane":
-        return kernels.unpack_bits(payload.zeros, n)
-    mask = torch.zeros(n, dtype=torch.bool)
-    mask[payload.zeros.long()] = True
-    return mask
-
-
 def _has_zeros(payloads) -> bool:
     return any(p.header.zero_form() is not None for p in payloads)
 
