@@ -9,6 +9,7 @@ materialises one float vector per rank).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -60,27 +61,168 @@ def _gathered_rows(payloads: list[wire.Payload]) -> torch.Tensor:
     return torch.stack(bodies)
 
 
+# --- zero marks (wire.FLAG_ZEROS) ---------------------------------------------------------------
+#
+# sign(0) = 0: a coordinate that is exactly 0 (+0 or -0) on a rank does not vote. The encoder
+# counts zeros in one pass (kernels.count_zeros); only when the bucket's real elements hold
+# one does it mark them, so dense gradients are encoded exactly as before.
+
+
+@functools.lru_cache(maxsize=256)
+def _gap_index(layout: Layout) -> torch.Tensor | None:
+    gaps = [j for o, s in layout.segments() for j in range(o + s, (o + s + 7) // 8 * 8)
+            if j < layout.numel]
+    return torch.tensor(gaps, dtype=torch.long) if gaps else None
+
+
+def count_zeros(x: torch.Tensor, layout: Layout | None = None) -> int:
+    """Number of exact zeros of x to mark: 0 when the real elements (layout's segments; all
+    of x without a layout) hold none, even if alignment gaps are 0; else every zero of x,
+    gaps included (their value is never read)."""
+    z = kernels.count_zeros(x)
+    if z and layout is not None:
+        gaps = _gap_index(layout)
+        if gaps is not None and z == int(torch.count_nonzero(x[gaps] == 0)):
+            return 0
+    return z
+
+
+def _mark_zeros(x: torch.Tensor, bits: torch.Tensor | None, z: int):
+    """(sign bits with every marked position cleared, marks for wire.build) for z >= 1."""
+    n = x.numel()
+    if z == n:
+        return None, None
+    nb = (n + 7) // 8
+    if 4 * z < nb:
+        pos = torch.nonzero(x.reshape(-1) == 0).reshape(-1)
+        plane = _positions_to_plane(pos, n)
+        marks = pos.to(torch.int32)
+    else:
+        plane = marks = kernels.pack_bits(x.reshape(-1) == 0)
+    return bits.bitwise_and_(plane.bitwise_not()), marks
+
+
+def _encode_signs(codec: str, x: torch.Tensor, z: int, pack, n_scales: int = 0,
+                  scales: torch.Tensor | None = None) -> torch.Tensor:
+    """The payload of sign bits `pack()` of x, with x's z zeros marked (z = 0: none)."""
+    if not z:
+        return wire.build(wire.Header(codec, x.numel(), n_scales=n_scales), scales=scales,
+                          body=pack())
+    h = wire.Header(codec, x.numel(), n_scales=n_scales, nnz=z, flags=wire.FLAG_ZEROS)
+    bits, marks = _mark_zeros(x, None if z == x.numel() else pack(), z)
+    return wire.build(h, scales=scales, body=bits, zeros=marks)
+
+
+def _has_zeros(payloads) -> bool:
+    return any(p.header.zero_form() is not None for p in payloads)
+
+
+def _apply_zeros(payload: wire.Payload, values: torch.Tensor) -> None:
+    """values (this rank's decoded floats, n elements) <- +0.0 where the payload marks zeros."""
+    form = payload.header.zero_form()
+    if form == "list":
+        values[payload.zeros.long()] = 0.0
+    elif form == "plane":
+        values.masked_fill_(kernels.unpack_bits(payload.zeros, values.numel()), 0.0)
+    elif form == "all":
+        values.zero_()
+
+
+def _zero_plane(payload: wire.Payload, n: int) -> torch.Tensor:
+    """The payload's marks as a bitplane of ceil(n/8) bytes (built from a list if need be)."""
+    if payload.header.zero_form() == "plane":
+        return payload.zeros
+    return _positions_to_plane(payload.zeros.long(), n)
+
+
+def _positions_to_plane(pos: torch.Tensor, n: int) -> torch.Tensor:
+    """Unique int64 positions in [0, n) -> bitplane (distinct bits: the sum is an OR)."""
+    plane = torch.zeros((n + 7) // 8, dtype=torch.uint8)
+    plane.index_put_((pos >> 3,), (1 << (pos & 7)).to(torch.uint8), accumulate=True)
+    return plane
+
+
+def _count_vote_with_zeros(payloads, n: int, majority: bool, out: torch.Tensor) -> torch.Tensor:
+    """out <- sum_m (1 - z_m) s_m (exact integers), or its sign, in one bit-sliced vote from
+    the packed bits. Each rank enters as two rows, its sign bits b and b | z: where z = 0 both
+    are b (2 s_m), where z = 1 they are 0 and 1 (a marked coordinate's sign bit is 0), which
+    cancel. So the vote over the 2-row pairs is 2 sum_m (1 - z_m) s_m: same sign, half of it
+    exact. Ranks whose every coordinate is 0 add nothing and are left out."""
+    rows = []
+    for p in payloads:
+        form = p.header.zero_form()
+        if form == "all":
+            continue
+        rows.append(p.body)
+        rows.append(p.body if form is None else p.body | _zero_plane(p, n))
+    if not rows:
+        return out.zero_()
+    kernels.vote(torch.stack(rows), n, mode="majority" if majority else "sum", out=out)
+    return out if majority else out.mul_(0.5)
+
+
+def _weighted_with_zeros(payloads, n: int, fill, out: torch.Tensor) -> torch.Tensor:
+    """out <- ((0.0 + c_0) + c_1) + ... in float32, rank order, with c_m = w_m s_m (written
+    by fill(m, payload, tmp)) and c_m = +0.0 where rank m marks a zero: the same additions
+    as the fused weighted vote, which cannot leave a coordinate out. One rank at a time;
+    ranks whose every coordinate is 0 add nothing (adding +0.0 changes no sum here)."""
+    out.zero_()
+    tmp = torch.zeros(n, dtype=torch.float32)
+    for m, p in enumerate(payloads):
+        if p.header.zero_form() == "all":
+            continue
+        fill(m, p, tmp)
+        _apply_zeros(p, tmp)
+        out.add_(tmp)
+    return out
+
+
 class Sign:
-    """1 bit per element: the IEEE sign bit (+0 sends +1, -0 sends -1)."""
+    """1 bit per element: the IEEE sign bit, and exact zeros marked (wire.FLAG_ZEROS) so that
+    they do not vote: sign(0) = 0. A vector without zeros is the plain bit vector."""
     codec = "sign"
 
-    def encode(self, x: torch.Tensor, flags: int = 0) -> torch.Tensor:
-        h = wire.Header(self.codec, x.numel(), flags=flags)
-        return wire.build(h, body=None if flags & wire.FLAG_NONFINITE else kernels.pack_signs(x))
+    def encode(self, x: torch.Tensor, flags: int = 0, layout: Layout | None = None,
+               zeros: int | None = None) -> torch.Tensor:
+        """layout: the bucket's (its gaps are not real zeros); zeros: count_zeros(x, layout)
+        if the caller has it."""
+        if flags & wire.FLAG_NONFINITE:
+            return wire.build(wire.Header(self.codec, x.numel(), flags=flags))
+        z = count_zeros(x, layout) if zeros is None else zeros
+        return _encode_signs(self.codec, x, z, lambda: kernels.pack_signs(x))
 
     def decode(self, payload: wire.Payload, n: int) -> torch.Tensor:
-        """One rank's message as floats: +1/-1 per element."""
-        return kernels.unpack_signs(payload.body, n)
+        """One rank's message as floats: +1/-1 per element, 0 where a zero is marked."""
+        if payload.header.zero_form() == "all":
+            return torch.zeros(n)
+        out = kernels.unpack_signs(payload.body, n)
+        _apply_zeros(payload, out)
+        return out
 
     def aggregate(self, payloads, n: int, mode: str = "majority",
                   weights=None, out=None) -> torch.Tensor:
         """mode "majority": sign of the sum of signs (ties give 0); "mean": the sum divided by
-        the number of ranks; weights scale each rank's signs before summing. out: a float32
-        buffer of n elements to write into (else a new one)."""
-        rows = _gathered_rows(payloads)
+        the number of ranks; weights scale each rank's signs before summing. A marked zero
+        adds 0 (unweighted: exact integers; weighted: float32 additions in rank order, the
+        zero's term left out). Payloads without marks take the fused kernels unchanged.
+        out: a float32 buffer of n elements to write into (else a new one)."""
+        if not _has_zeros(payloads):
+            rows = _gathered_rows(payloads)
+            if mode == "majority":
+                return kernels.vote(rows, n, mode="majority", weights=weights, out=out)
+            out = kernels.vote(rows, n, mode="sum", weights=weights, out=out)
+            return out.div_(len(payloads)) if mode == "mean" else out
+        if out is None:
+            out = torch.zeros(n, dtype=torch.float32)
+        if weights is None:
+            _count_vote_with_zeros(payloads, n, mode == "majority", out)
+            return out.div_(len(payloads)) if mode == "mean" else out
+        w = kernels._weights(weights, len(payloads), torch.device("cpu"))
+        _weighted_with_zeros(
+            payloads, n, lambda m, p, tmp: kernels.unpack_signs(p.body, n, scale=w[m], out=tmp),
+            out)
         if mode == "majority":
-            return kernels.vote(rows, n, mode="majority", weights=weights, out=out)
-        out = kernels.vote(rows, n, mode="sum", weights=weights, out=out)
+            return out.sign_()
         return out.div_(len(payloads)) if mode == "mean" else out
 
 
@@ -89,66 +231,110 @@ class StochasticSign(Sign):
 
     The random stream depends only on (seed, global element index), so it is independent of
     bucketing. The sender may attach its norm (one float32) for the norm-weighted mean.
+    An exact zero x_i sends 0 (a mark), not a fair coin: 0 is the unbiased estimate of 0 with
+    no variance, and it costs nothing on vectors without zeros.
     """
     codec = "stochastic_sign"
 
     def encode(self, x, norm: float, seed: int, offset: int, send_norm: bool = False,
-               flags: int = 0) -> torch.Tensor:
-        h = wire.Header(self.codec, x.numel(), n_scales=int(send_norm), flags=flags)
+               flags: int = 0, layout: Layout | None = None,
+               zeros: int | None = None) -> torch.Tensor:
+        n_scales = int(send_norm)
         if flags & wire.FLAG_NONFINITE:
+            h = wire.Header(self.codec, x.numel(), n_scales=n_scales, flags=flags)
             return wire.build(h, scales=torch.zeros(h.n_scales))
-        bits = kernels.pack_stochastic_signs(x, norm, seed, offset)
-        return wire.build(h, scales=torch.tensor([norm], dtype=torch.float32), body=bits)
+        z = count_zeros(x, layout) if zeros is None else zeros
+        return _encode_signs(self.codec, x, z,
+                             lambda: kernels.pack_stochastic_signs(x, norm, seed, offset),
+                             n_scales, torch.tensor([norm], dtype=torch.float32))
 
 
 class ScaledSign:
-    """1 bit per element plus one float32 scale per tensor: scale_t = ||x_t||_1 / d_t
-    (Karimireddy et al.'s scaled sign, applied per tensor as in their reference code)."""
+    """1 bit per element plus one float32 scale per tensor (Karimireddy et al.'s scaled sign,
+    applied per tensor as in their reference code), with sign(0) = 0:
+
+        q_i = scale_t * sign(x_i),  sign(0) = 0,  scale_t = ||x_t||_1 / nnz(x_t)
+
+    nnz(x_t) = number of non-zero elements of tensor t (scale 0 when it has none). This is the
+    least-squares scale for sign with sign(0) = 0, so coordinates that are exactly 0 neither
+    move nor shrink the scale of the others; without zeros it is ||x_t||_1 / d_t, bit for bit
+    the scale of plain scaled sign. Zeros travel as marks (wire.FLAG_ZEROS).
+
+    `zeros` arguments below: count_zeros(x, layout) when the caller has it (0 = none; the
+    fast path), else None (computed).
+    """
     codec = "scaled_sign"
 
     @staticmethod
-    def scales(x: torch.Tensor, layout: Layout) -> torch.Tensor:
-        return torch.stack([x[o:o + s].abs().sum() / max(s, 1)
-                            for o, s in layout.segments()]).to(torch.float32)
+    def scales(x: torch.Tensor, layout: Layout, zeros: int | None = None) -> torch.Tensor:
+        if zeros is None:
+            zeros = count_zeros(x, layout)
+        return torch.stack([
+            x[o:o + s].abs().sum() / max(s - (kernels.count_zeros(x[o:o + s]) if zeros else 0), 1)
+            for o, s in layout.segments()]).to(torch.float32)
 
     @staticmethod
-    def decompress_local(x: torch.Tensor, scales: torch.Tensor, layout: Layout) -> torch.Tensor:
-        """What this rank's payload decodes to (for the error memory): scale_t * sign(x)."""
+    def decompress_local(x: torch.Tensor, scales: torch.Tensor, layout: Layout,
+                         zeros: int | None = None) -> torch.Tensor:
+        """What this rank's payload decodes to (for the error memory): scale_t * sign(x),
+        0 where x is 0."""
         q = torch.zeros_like(x)
         for (o, s), sc in zip(layout.segments(), scales.tolist()):
             torch.copysign(torch.tensor(sc), x[o:o + s], out=q[o:o + s])
+        if zeros is None or zeros:
+            q.masked_fill_(x == 0, 0.0)
         return q
 
     @staticmethod
-    def subtract_local(x: torch.Tensor, scales: torch.Tensor, layout: Layout) -> None:
+    def subtract_local(x: torch.Tensor, scales: torch.Tensor, layout: Layout,
+                       zeros: int | None = None) -> None:
         """x <- x - scale_t * sign(x), in place (the error-feedback residual), one tensor's
-        segment at a time so that no bucket-sized temporary is allocated."""
+        segment at a time so that no bucket-sized temporary is allocated. Zeros stay."""
         for (o, s), sc in zip(layout.segments(), scales.tolist()):
             seg = x[o:o + s]
-            seg.sub_(torch.copysign(torch.tensor(sc), seg))
+            q = torch.copysign(torch.tensor(sc), seg)
+            if zeros is None or zeros:
+                q.masked_fill_(seg == 0, 0.0)
+            seg.sub_(q)
 
-    def encode(self, x, layout: Layout, scales: torch.Tensor, flags: int = 0) -> torch.Tensor:
-        h = wire.Header(self.codec, x.numel(), n_scales=len(layout.sizes), flags=flags)
+    def encode(self, x, layout: Layout, scales: torch.Tensor, flags: int = 0,
+               zeros: int | None = None) -> torch.Tensor:
+        n_scales = len(layout.sizes)
         if flags & wire.FLAG_NONFINITE:
+            h = wire.Header(self.codec, x.numel(), n_scales=n_scales, flags=flags)
             return wire.build(h, scales=torch.zeros(h.n_scales))
-        return wire.build(h, scales=scales, body=kernels.pack_signs(x))
+        z = count_zeros(x, layout) if zeros is None else zeros
+        return _encode_signs(self.codec, x, z, lambda: kernels.pack_signs(x), n_scales, scales)
 
     def decode(self, payload: wire.Payload, layout: Layout) -> torch.Tensor:
-        """One rank's message as floats: scale_t * sign, tensor by tensor."""
-        signs = kernels.unpack_signs(payload.body, layout.numel)
+        """One rank's message as floats: scale_t * sign, tensor by tensor (0 where marked)."""
         out = torch.zeros(layout.numel)
+        if payload.header.zero_form() == "all":
+            return out
+        signs = kernels.unpack_signs(payload.body, layout.numel)
+        _apply_zeros(payload, signs)
         for (o, s), sc in zip(layout.segments(), payload.scales.tolist()):
             out[o:o + s] = signs[o:o + s] * sc
         return out
 
     def aggregate(self, payloads, layout: Layout, out=None) -> torch.Tensor:
-        """Mean over ranks of scale_{m,t} * sign_m, tensor by tensor, from the packed bits.
+        """Mean over ranks of scale_{m,t} * sign_m, tensor by tensor, from the packed bits
+        (a marked zero adds nothing; see Sign.aggregate).
         out: a float32 buffer of layout.numel whose gap elements are 0 (else a new one)."""
-        rows = _gathered_rows(payloads)
         scales = torch.stack([p.scales for p in payloads])  # (n_ranks, n_tensors)
         if out is None:
             out = torch.zeros(layout.numel, dtype=torch.float32)
         n_ranks = len(payloads)
+        if _has_zeros(payloads):
+            w = scales / n_ranks
+
+            def fill(m, p, tmp):
+                for t, (o, s) in enumerate(layout.segments()):
+                    if s:
+                        kernels.unpack_signs(p.body[o // 8:(o + s + 7) // 8], s,
+                                             scale=w[m, t], out=tmp[o:o + s])
+            return _weighted_with_zeros(payloads, layout.numel, fill, out)
+        rows = _gathered_rows(payloads)
         for t, (o, s) in enumerate(layout.segments()):
             if s == 0:
                 continue

@@ -54,7 +54,8 @@ class MethodCompressor:
 
 class SignVoteCompressor(MethodCompressor):
     """signsgd: in stock Horovod, float16 signs (16 bits/coordinate) averaged by the allreduce;
-    the sign of that average is the majority vote."""
+    the sign of that average is the majority vote. sign(0) = 0: an exact zero sends 0 and
+    does not vote."""
 
     def compress(self, tensor):
         signs = torch.sign(tensor)

@@ -349,9 +349,16 @@ static size_t count_ge_avx2(const float *x, size_t n, uint32_t lo) {
     return c + sg_count_ge_scalar(x, i, n, lo);
 }
 
+/* ---- zero count: the shared scalar loop, auto-vectorized under the AVX2 target -------- */
+
+static size_t count_zeros_avx2(const void *x, sg_dtype dt, size_t n) {
+    return sg_count_zeros_scalar(x, dt, 0, n);
+}
+
 const sg_kernels sg_kernels_avx2 = {
     "avx2",          pack_avx2,          pack_stochastic_avx2, unpack_avx2,
     vote_count_avx2, vote_weighted_avx2, scan_ge_avx2,         count_ge_avx2,
+    count_zeros_avx2,
 };
 
 #if defined(__clang__)

@@ -65,7 +65,12 @@ static size_t count_ge_portable(const float *x, size_t n, uint32_t lo) {
     return sg_count_ge_scalar(x, 0, n, lo);
 }
 
+static size_t count_zeros_portable(const void *x, sg_dtype dt, size_t n) {
+    return sg_count_zeros_scalar(x, dt, 0, n);
+}
+
 const sg_kernels sg_kernels_portable = {
     "portable",          pack_portable,          pack_stochastic_portable, unpack_portable,
     vote_count_portable, vote_weighted_portable, scan_ge_portable,         count_ge_portable,
+    count_zeros_portable,
 };

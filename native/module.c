@@ -215,6 +215,29 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(count_zeros_doc,
+"count_zeros(x) -> int\n\n"
+"Number of elements of the contiguous float buffer x that are +0 or -0.");
+
+static PyObject *py_count_zeros(PyObject *self, PyObject *args) {
+    PyObject *xo, *result = NULL;
+    Py_buffer x;
+    if (!PyArg_ParseTuple(args, "O:count_zeros", &xo)) return NULL;
+    if (get_buffer(xo, "x", ARG_IN, &x) < 0) return NULL;
+    int dt = float_dtype(&x, "x");
+    if (dt >= 0 && check_contiguous(&x, "x") == 0) {
+        size_t n = (size_t)(x.len / x.itemsize), count = 0;
+        if (n) {
+            Py_BEGIN_ALLOW_THREADS
+            count = active->count_zeros(x.buf, (sg_dtype)dt, n);
+            Py_END_ALLOW_THREADS
+        }
+        result = PyLong_FromSize_t(count);
+    }
+    PyBuffer_Release(&x);
+    return result;
+}
+
 PyDoc_STRVAR(pack_stochastic_signs_doc,
 "pack_stochastic_signs(x, norm, seed, offset=0, out=None) -> out or bytes\n\n"
 "Stochastic signs: element i is +1 (bit 0) with probability 1/2 + x_i/(2 norm), clamped\n"
@@ -773,6 +796,7 @@ static PyMethodDef methods[] = {
      METH_VARARGS | METH_KEYWORDS, threshold_take_doc},
     {"sparse_sum", (PyCFunction)(void (*)(void))py_sparse_sum, METH_VARARGS | METH_KEYWORDS,
      sparse_sum_doc},
+    {"count_zeros", py_count_zeros, METH_VARARGS, count_zeros_doc},
     {"isa", py_isa, METH_NOARGS, "isa() -> name of the active kernel set"},
     {"set_isa", py_set_isa, METH_VARARGS,
      "set_isa(name) -> previous name; name: 'auto', 'portable' or 'avx2' (for tests)"},

@@ -42,6 +42,8 @@ typedef struct {
     size_t (*scan_ge)(const float *x, size_t n, uint32_t lo, uint32_t *pos, size_t cap);
     /* count_ge: the number of positions i < n with key(x[i]) >= lo. */
     size_t (*count_ge)(const float *x, size_t n, uint32_t lo);
+    /* Number of elements of x[0 .. n) that are +0 or -0. */
+    size_t (*count_zeros)(const void *x, sg_dtype dt, size_t n);
 } sg_kernels;
 
 extern const sg_kernels sg_kernels_portable;

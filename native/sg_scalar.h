@@ -165,6 +165,18 @@ static inline void sg_pack_stochastic_scalar(const void *x, sg_dtype dt, size_t 
     }
 }
 
+/* Number of elements of x[from .. n) equal to +0 or -0 (all bits but the sign clear). */
+static inline size_t sg_count_zeros_scalar(const void *x, sg_dtype dt, size_t from, size_t n) {
+    const uint8_t *p = (const uint8_t *)x;
+    size_t count = 0;
+    if (dt == SG_F32) {
+        for (size_t i = from; i < n; i++) count += (sg_ld32(p + 4 * i) & 0x7FFFFFFFu) == 0;
+    } else {
+        for (size_t i = from; i < n; i++) count += (sg_ld16(p + 2 * i) & 0x7FFFu) == 0;
+    }
+    return count;
+}
+
 static inline void sg_unpack_scalar(const uint8_t *bits, size_t from, size_t n,
                                     uint32_t value_bits, sg_dtype dt, void *out) {
     uint8_t *o = (uint8_t *)out;

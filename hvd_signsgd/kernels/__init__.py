@@ -55,6 +55,10 @@ NaN, only its NaN-ness is specified, not its sign or payload):
                                           bits (bit-sliced counters), never unpacking n_ranks
                                           float vectors.
                                           out: as for unpack_signs, but float32.
+    count_zeros(x) -> int                 number of elements of x equal to +0 or -0 (one pass,
+                                          no temporary in the native kernel). x: as pack_signs.
+    pack_bits(mask) -> uint8 tensor       a bool tensor packed like pack_signs (bit set = True).
+    unpack_bits(bits, n) -> bool tensor   the first n bits of bits (inverse of pack_bits).
 
 Sparse kernels (Top-k / hard threshold with error feedback, their decode). Magnitude is the bit
 pattern with the sign cleared, compared as an integer: |v| for every non-NaN v (+0 == -0,
@@ -109,9 +113,9 @@ import torch
 from . import _cpu, _torch
 from ._loader import load_native
 
-__all__ = ["SparseIndexError", "all_finite", "backend", "pack_signs", "pack_stochastic_signs",
-           "sparse_sum", "threshold_count", "threshold_take", "topk_take", "unpack_signs",
-           "vote"]
+__all__ = ["SparseIndexError", "all_finite", "backend", "count_zeros", "pack_bits", "pack_signs",
+           "pack_stochastic_signs", "sparse_sum", "threshold_count", "threshold_take",
+           "topk_take", "unpack_bits", "unpack_signs", "vote"]
 
 _native, _native_unavailable = load_native()
 _FORCE_TORCH = os.environ.get("HVD_SIGNSGD_KERNELS", "").strip().lower() == "torch"
@@ -256,6 +260,41 @@ def vote(bits2d, n, mode="majority", weights=None, out=None):
     else:
         _torch.vote(bits2d, n, mode == "majority", w, result.view(-1))
     return result
+
+
+def count_zeros(x):
+    """Number of elements of x that are +0 or -0."""
+    _check_float(x, "x")
+    if _native_for(x):
+        return _cpu.count_zeros(_native, x)
+    return _torch.count_zeros(x.detach())
+
+
+def pack_bits(mask):
+    """A bool tensor (any shape, logical order) packed LSB first into ceil(numel/8) uint8,
+    padding bits 0. CPU tensors go through numpy's packbits, others through torch ops."""
+    _check_tensor(mask, "mask")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be bool, not {mask.dtype}")
+    flat = mask.reshape(-1)
+    if flat.is_cpu:
+        return torch.from_numpy(np.packbits(flat.numpy(), bitorder="little"))
+    return _torch.pack_bools(flat)
+
+
+def unpack_bits(bits, n):
+    """The first n bits of the uint8 tensor bits (LSB first) as a bool tensor."""
+    _check_bits(bits, "bits")
+    n = _check_n(n)
+    if bits.numel() < _torch.nbytes(n):
+        raise ValueError(f"bits has {bits.numel()} bytes, need ceil(n/8) = {_torch.nbytes(n)}")
+    if bits.is_cpu:
+        flat = bits.reshape(-1)
+        if not flat.is_contiguous():
+            flat = flat.contiguous()
+        out = np.unpackbits(flat[:_torch.nbytes(n)].numpy(), count=n, bitorder="little")
+        return torch.from_numpy(out).view(torch.bool)
+    return _torch.unpack_bools(bits, n)
 
 
 def all_finite(x):

@@ -65,3 +65,7 @@ def sparse_sum(native, parts, n, out):
     first part with an index outside [0, n) (out untouched then)."""
     return native.sparse_sum([(None if i is None else buffer(i), buffer(v)) for i, v in parts],
                              n, buffer(out))
+
+
+def count_zeros(native, x):
+    return native.count_zeros(buffer(_contiguous(x)))

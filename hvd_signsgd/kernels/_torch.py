@@ -50,6 +50,10 @@ def pack_signs(x):
     return pack_bools(sign_bits(x))
 
 
+def count_zeros(x):
+    return x.numel() - int(torch.count_nonzero(x))
+
+
 # ---- stochastic signs ------------------------------------------------------------------------
 # The exact formula of native/sg_scalar.h, all arithmetic modulo 2^32 / 2^64:
 #   key = splitmix64(seed);  c = offset + i

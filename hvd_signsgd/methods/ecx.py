@@ -30,7 +30,10 @@ Options and defaults:
     compensation="ecx" "ecx" (two steps), "single" (c_t = delta_{t-1}: plain error feedback,
                        the baseline the paper improves on) or "none" (c_t = 0, no memory)
     compressor="scaled_sign"  per-tensor scaled sign, 1 bit per coordinate + one float32 per
-                       tensor, allgather (the compressor of the section 7(b) experiment)
+                       tensor, allgather (the compressor of the section 7(b) experiment), with
+                       sign(0) = 0: where u_t + c_t is exactly 0 the rank sends q = 0 (a zero
+                       mark, wire.FLAG_ZEROS) and the scale is ||x_t||_1 / nnz(x_t)
+                       (codecs.ScaledSign), so coordinates that never had a gradient stay put
 
 Sparse compressors are refused (ValueError). ALGORITHMS.md reports that with Top-k the
 two-step recursion diverged in simulation; we checked it with the project's Top-k codec
@@ -48,7 +51,7 @@ from __future__ import annotations
 import torch
 
 from .. import wire
-from ..codecs import ScaledSign, Sparse
+from ..codecs import ScaledSign, Sparse, count_zeros
 from .base import Method
 from .sparse import topk_indices
 
@@ -125,9 +128,10 @@ class ErrorCompensatedX(Method):
     def _compress(self, x, layout):
         """(payload, what it decodes to on every rank)."""
         if self.compressor == "scaled_sign":
-            scales = self.codec.scales(x, layout)
-            return (self.codec.encode(x, layout, scales),
-                    self.codec.decompress_local(x, scales, layout))
+            z = count_zeros(x, layout)
+            scales = self.codec.scales(x, layout, zeros=z)
+            return (self.codec.encode(x, layout, scales, zeros=z),
+                    self.codec.decompress_local(x, scales, layout, zeros=z))
         a = x.abs()
         idx = torch.cat([o + topk_indices(a[o:o + s], max(1, round(self.ratio * s)))
                          for o, s in layout.segments()])

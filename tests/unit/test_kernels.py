@@ -484,3 +484,61 @@ def test_gpu_matches_native():
     for w in (None, [0.5, 1, 2, 3, 4, 5, -6]):
         assert_identical(K.vote(rows.cuda(), x.numel(), "sum", w).cpu(),
                          K.vote(rows, x.numel(), "sum", w))
+
+
+# ---- count_zeros, pack_bits / unpack_bits (zero marks, issue 11) -------------------------------
+
+
+def with_zeros(n, dtype, seed, density):
+    """Gaussian values (NaN/inf/signed zeros mixed in) with about density * n more +-0."""
+    x = random_values(n, dtype, seed)
+    rng = np.random.default_rng(seed + 1)
+    hit = torch.from_numpy(rng.random(n) < density)
+    sign = torch.from_numpy(rng.random(n) < 0.5)
+    x[hit & sign] = 0.0
+    x[hit & ~sign] = -0.0
+    return x
+
+
+@SETTINGS
+@given(n=LENGTHS, dtype=st.sampled_from(FLOATS), kind=st.sampled_from(LAYOUTS),
+       seed=st.integers(0, 2**31), density=st.sampled_from([0.0, 0.01, 0.5, 1.0]),
+       isa_name=st.sampled_from(ISAS))
+@example(n=BIG, dtype=torch.float32, kind="contiguous", seed=1, density=0.001,
+         isa_name=ISAS[-1])
+@example(n=BIG, dtype=torch.bfloat16, kind="strided", seed=2, density=0.3, isa_name="portable")
+def test_count_zeros_identical(n, dtype, kind, seed, density, isa_name):
+    x = layout(with_zeros(n, dtype, seed, density), kind)
+    expected = int((x.contiguous().view(INT_OF[dtype]) & (0x7FFFFFFF if dtype == torch.float32
+                                                          else 0x7FFF) == 0).sum())
+    with isa(isa_name):
+        native = _cpu.count_zeros(NATIVE, x)
+        public = K.count_zeros(x)
+    assert native == public == T.count_zeros(x) == expected
+
+
+def test_count_zeros_signed_zeros_and_specials():
+    x = torch.tensor([0.0, -0.0, math.nan, -math.nan, math.inf, 1e-45, -1e-45, 5e-39, 1.0])
+    for dtype in FLOATS:
+        for name in ISAS:
+            with isa(name):
+                assert K.count_zeros(x.to(dtype)) == (2 if dtype == torch.float32 else
+                                                       int((x.to(dtype) == 0).sum()))
+    assert K.count_zeros(torch.zeros(0)) == 0
+    with pytest.raises(TypeError):
+        K.count_zeros(torch.zeros(3, dtype=torch.int32))
+
+
+@SETTINGS
+@given(n=LENGTHS, seed=st.integers(0, 2**31), density=st.sampled_from([0.0, 0.1, 0.5, 1.0]))
+def test_pack_bits_round_trip(n, seed, density):
+    rng = np.random.default_rng(seed)
+    mask = torch.from_numpy(rng.random(n) < density)
+    bits = K.pack_bits(mask)
+    assert bits.dtype == torch.uint8 and bits.shape == ((n + 7) // 8,)
+    assert torch.equal(bits, numpy_pack(mask))
+    assert torch.equal(bits, T.pack_bools(mask))
+    assert torch.equal(K.unpack_bits(bits, n), mask)
+    assert torch.equal(T.unpack_bools(bits, n), mask)
+    spare = torch.cat([bits, torch.full((3,), 255, dtype=torch.uint8)])
+    assert torch.equal(K.unpack_bits(spare, n), mask)

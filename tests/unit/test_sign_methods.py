@@ -211,7 +211,7 @@ def test_all_finite_is_exact_even_when_the_sum_overflows():
 
 def test_scaled_sign_subtract_local_equals_p_minus_its_decoding():
     """The in-place error-feedback residual is bit-identical to p - decompress_local(p),
-    signed zeros included (-0 decodes to -scale, as its sign bit is sent)."""
+    signed zeros included (zeros, +0 and -0, decode to 0: sign(0) = 0)."""
     layout = Layout.for_sizes([13, 1, 40])
     x = torch.randn(layout.numel)
     x[[0, 16, 30]] = torch.tensor([0.0, -0.0, -0.0])
