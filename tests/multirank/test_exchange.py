@@ -1,0 +1,139 @@
+"""exchange="alltoall" (the sharded exchange, ALGORITHMS.md section 11) in real mpirun and
+horovodrun --gloo jobs of 2-5 ranks.
+
+The compressed bucket is one 61x33 weight: 2013 elements, 252 packed bytes, a length that no
+8n divides, so the last shard ends in a partial word. The 5x61 weight (305 elements) travels
+dense (min_compress_numel=400) in its own float32 allreduce.
+"""
+import pytest
+
+D, DENSE = 61 * 33, 5 * 61
+
+JOB = """
+import torch, horovod.torch as hvd, hvd_signsgd
+from rankcommon import batch, digest, first_error
+from hvd_signsgd.exchange import shard_bounds, shard_elements, count_bits
+hvd.init()
+rank, n = hvd.rank(), hvd.size()
+METHODS = [("signsgd", {}), ("signum", {}), ("stochastic_sign", {}), ("ssdm", {}),
+           ("signsgd", {"aggregation": "mean"})]
+
+def model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(33, 61, bias=False), torch.nn.Tanh(),
+                               torch.nn.Linear(61, 5, bias=False))
+
+def make(method, opts, exchange):
+    m = model()
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    return m, hvd_signsgd.DistributedOptimizer(
+        opt, named_parameters=m.named_parameters(), method=method, min_compress_numel=400,
+        exchange=exchange, seed=3, **opts)
+
+def step(m, opt, k, poison=False):
+    x, y = batch(k, rank)
+    if poison:
+        x[0, 0] = float("nan")
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(m(x), y).backward()
+    opt.step()
+
+out = {}
+for method, opts in METHODS:
+    key = method + "-" + opts.get("aggregation", "default")
+    res = {}
+    for exchange in ("allgather", "alltoall"):
+        m, opt = make(method, opts, exchange)
+        before = digest(m)
+        for k in range(12):
+            step(m, opt, k)
+        s = opt.compression_stats()
+        res[exchange] = {
+            "digest": digest(m), "moved": digest(m) != before,
+            "aggregate": m[0].weight.grad.flatten().view(torch.int32).tolist(),
+            "sent": s["bytes_sent"], "received": s["bytes_received"],
+            "wire": s["wire_bytes_sent"], "total_sent": s["total_bytes_sent"],
+            "size_exchange": s.get("size_exchange_bytes", 0),
+            "aggregation": opt.method.aggregation}
+    out[key] = res
+
+# a NaN on the last rank: every rank raises, then training goes on
+m, opt = make("signsgd", {}, "alltoall")
+step(m, opt, 0)
+out["nan"] = first_error(lambda: step(m, opt, 1, poison=rank == n - 1))
+step(m, opt, 2)
+out["after_nan_digest"] = digest(m)
+# ranks that disagree about the exchange: the same error everywhere
+out["mismatch"] = first_error(lambda: make("signsgd", {}, "alltoall" if rank == 0
+                                           else "allgather"))
+out["refused"] = first_error(lambda: make("ef_signsgd", {}, "alltoall"))
+report(out)
+"""
+
+
+def r4(x):
+    return (x + 3) // 4 * 4
+
+
+def expected_alltoall(n, r, aggregate, mean):
+    """(sent, received, wire_sent) of rank r in one step, from the formula (exchange.py):
+    phase 1 pieces of 16 + round4(shard bytes) to the other ranks; phase 2 the owners' results,
+    16 + one sign plane + the ties (none, 4 bytes each, or a plane, whichever is smaller) for
+    the vote, 16 + count_bits(n) planes for the mean; the vote's result lengths vary, so its
+    allgather counts a size exchange (8 bytes sent, 8 from each other rank). Plus the dense
+    weight's float32 allreduce."""
+    from hvd_signsgd.exchange import count_bits, shard_bounds, shard_elements
+    bounds = shard_bounds(-(-D // 8), n)
+    pieces = [16 + r4(b1 - b0) for b0, b1 in bounds]
+    msgs = []
+    for (e0, k), (b0, b1) in zip(shard_elements(D, n), bounds):
+        plane = r4(b1 - b0)
+        if mean:
+            msgs.append(16 + count_bits(n) * plane)
+            continue
+        ties = sum(1 for v in aggregate[e0:e0 + k] if v == 0)
+        msgs.append(16 + plane + (0 if ties == 0 else 4 * ties
+                                  if 4 * ties < plane else plane))
+    sizes = 0 if mean else 8
+    dense = 4 * DENSE
+    wire_dense = 2 * (n - 1) * dense // n
+    sent = sum(pieces) - pieces[r] + msgs[r] + sizes + dense
+    received = (n - 1) * pieces[r] + sum(msgs) - msgs[r] + (n - 1) * sizes + dense
+    wire = sum(pieces) - pieces[r] + sum(msgs) - msgs[r] + sizes + wire_dense
+    return sent, received, wire
+
+
+def expected_allgather(n, codec_scales):
+    payload = 16 + 4 * codec_scales + r4(-(-D // 8))
+    dense = 4 * DENSE
+    return (payload + dense, (n - 1) * payload + dense,
+            (n - 1) * payload + 2 * (n - 1) * dense // n)
+
+
+@pytest.mark.parametrize("np", [2, 3, 4, 5])
+def test_alltoall_matches_allgather_bit_for_bit_with_exact_bytes(mpi_job, launcher, np):
+    results = mpi_job(JOB, np=np, launcher=launcher, timeout=400).ok()
+    import struct
+    for key in ("signsgd-default", "signum-default", "stochastic_sign-default",
+                "ssdm-default", "signsgd-mean"):
+        digests = {(r[key]["allgather"]["digest"], r[key]["alltoall"]["digest"])
+                   for r in results}
+        assert len(digests) == 1, f"{key}: ranks differ"
+        (ag, a2a), = digests
+        assert ag == a2a, f"{key}: alltoall and allgather differ"
+        assert results[0][key]["alltoall"]["moved"]
+        scales = 0 if key.startswith("signsgd") or key.startswith("signum") else 1
+        for rank, res in enumerate(results):
+            a = res[key]["alltoall"]
+            assert a["aggregate"] == res[key]["allgather"]["aggregate"]
+            vote = [struct.unpack("<f", struct.pack("<i", v))[0] for v in a["aggregate"]]
+            want = expected_alltoall(np, rank, vote, a["aggregation"] == "mean")
+            assert (a["sent"], a["received"], a["wire"]) == want, (key, rank)
+            g = res[key]["allgather"]
+            assert (g["sent"], g["received"], g["wire"]) == expected_allgather(np, scales)
+    for res in results:
+        assert res["nan"].startswith("NonFiniteGradientError"), res["nan"]
+        assert f"rank(s) [{np - 1}]" in res["nan"]
+        assert res["mismatch"].startswith("ValueError") and "exchange" in res["mismatch"]
+        assert res["refused"].startswith("ValueError") and "alltoall" in res["refused"]
+    assert len({r["after_nan_digest"] for r in results}) == 1
