@@ -145,13 +145,13 @@ def choose(method, mode: str, numel: int, n: int) -> str:
     return "alltoall" if a2a < route_seconds(method, numel, n, "allgather") else "allgather"
 
 
-def _pack_bool(mask: torch.Tensor) -> torch.Tensor:
+def _pack_bool(mask: np.ndarray) -> torch.Tensor:
     """Bits LSB first (element 8j+i -> bit i of byte j), as kernels.pack_signs lays them."""
-    return torch.from_numpy(np.packbits(mask.numpy().astype(np.uint8), bitorder="little"))
+    return torch.from_numpy(np.packbits(mask, bitorder="little"))
 
 
-def _unpack_bool(bits: torch.Tensor, k: int) -> np.ndarray:
-    return np.unpackbits(bits.numpy(), count=k, bitorder="little").astype(bool)
+def _unpack_bool(bits: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.from_numpy(np.unpackbits(bits.numpy(), count=k, bitorder="little").view(bool))
 
 
 class Exchange:
@@ -265,7 +265,7 @@ class _ShardedHandle:
             rows = rows[voters]
         if self.mean:
             total = kernels.vote(rows, k, mode="sum")           # voters - 2c, exact
-            count = ((len(voters) - total) / 2).to(torch.int64)
+            count = ((len(voters) - total) / 2).to(torch.int32).numpy()
             planes = [_pad4(_pack_bool((count >> i) & 1 == 1)) for i in range(self.bits)]
             return _message(self.codec, k, 0, self.bits, *planes)
         vote = kernels.vote(rows, k, mode="majority")
@@ -276,7 +276,8 @@ class _ShardedHandle:
             return _message(self.codec, k, 0, 0, signs)
         if 4 * t < _r4(nb):
             return _message(self.codec, k, 0, t, signs, ties.to(torch.int32).view(torch.uint8))
-        return _message(self.codec, k, wire.FLAG_DENSE, t, signs, _pad4(_pack_bool(vote == 0)))
+        return _message(self.codec, k, wire.FLAG_DENSE, t, signs,
+                        _pad4(_pack_bool((vote == 0).numpy())))
 
     def decode(self, gathered: torch.Tensor) -> torch.Tensor:
         """The bucket's aggregate from the n owners' results, written into ctx.out."""
@@ -303,12 +304,16 @@ class _ShardedHandle:
                     f"rate, clip gradients, or check the data.")
             seg = out[e0:e0 + k]
             if self.mean:
-                count = torch.zeros(k, dtype=torch.int64)
+                # plane i unpacked with scale 2^i is 2^i - 2^(i+1) bit_i; their sum is
+                # (2^b - 1) - 2c, so voters - 2c follows in exact float32 integers
+                v = len(ctx.voters) if ctx.voters is not None else ctx.size
+                tmp = torch.empty(k) if h.nnz > 1 else None
                 for i in range(h.nnz):
                     bits = gathered[body + i * plane:body + i * plane + b1 - b0]
-                    count += torch.from_numpy(_unpack_bool(bits, k)).to(torch.int64) << i
-                v = len(ctx.voters) if ctx.voters is not None else ctx.size
-                torch.sub(torch.tensor(float(v)), 2.0 * count.to(torch.float32), out=seg)
+                    kernels.unpack_signs(bits, k, scale=float(2 ** i), out=seg if i == 0 else tmp)
+                    if i:
+                        seg.add_(tmp)
+                seg.add_(float(v - (2 ** h.nnz - 1)))
                 seg.div_(v)
                 if not ctx.average:
                     seg.mul_(ctx.size)
@@ -317,8 +322,7 @@ class _ShardedHandle:
                 kernels.unpack_signs(gathered[body:body + b1 - b0], k, out=seg)
                 end = body + plane
                 if h.flags & wire.FLAG_DENSE:
-                    mask = _unpack_bool(gathered[end:end + b1 - b0], k)
-                    seg[torch.from_numpy(mask)] = 0.0
+                    seg.masked_fill_(_unpack_bool(gathered[end:end + b1 - b0], k), 0.0)
                     end += plane
                 elif h.nnz:
                     idx = gathered[end:end + 4 * h.nnz].clone().view(torch.int32)
