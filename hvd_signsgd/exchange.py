@@ -52,11 +52,20 @@ EXCHANGES = ("auto", "allgather", "alltoall")
 WORD = 4                      # shard granularity in bytes of packed bits
 _FLAG_FAILED = 1 << 8         # phase 2: the owner could not aggregate its shard
 
-# Cost model, t = ALPHA * collectives + BETA * bytes received per rank (seconds). Measured on
-# the development machine (2 shared cores, shared-memory transport, Horovod cycle 1 ms) by
-# examples/exchange_crossover.py; see the README section "Exchanges".
-ALPHA = 2.0e-3
-BETA = 1.0e-9
+# Cost model of a bucket of d elements whose route makes a rank receive B bytes:
+#     allgather  t = ALPHA + BETA * B
+#     alltoall   t = 2 * ALPHA + BETA * B + GAMMA * d
+# ALPHA: one collective's latency (the sharded exchange has two, one after the other); BETA:
+# seconds per byte received; GAMMA: the sharded path's extra work per element (its pieces,
+# the owner's vote, the result planes), beyond what the allgather path does. Fitted on the
+# development machine (2 shared cores, load ~18, Open MPI over shared memory, 3 and 5 ranks,
+# buckets of 2^16..2^24 elements) with examples/bench_exchange.py: there allgather was faster
+# at every size measured, and the model puts the crossover for large buckets at 7 ranks (odd)
+# or 8 (even) for the vote, beyond that for the mean. A network slower than shared memory (a
+# larger BETA) moves it down; exchange="alltoall" forces the sharded exchange.
+ALPHA = 3.0e-2
+BETA = 4.0e-8
+GAMMA = 2.0e-8
 
 
 def shard_bounds(nbytes: int, n: int, word: int = WORD) -> list[tuple[int, int]]:
@@ -128,9 +137,9 @@ def _n_scales(method) -> int:
 
 
 def route_seconds(method, numel: int, n: int, route: str) -> float:
-    """The cost model: ALPHA per collective that must complete in sequence, BETA per byte."""
-    steps = 1 if route == "allgather" else 2
-    return ALPHA * steps + BETA * route_bytes(method, numel, n, route)
+    """The cost model (ALPHA, BETA, GAMMA above) for one bucket."""
+    t = BETA * route_bytes(method, numel, n, route)
+    return t + ALPHA if route == "allgather" else t + 2 * ALPHA + GAMMA * numel
 
 
 def choose(method, mode: str, numel: int, n: int) -> str:
