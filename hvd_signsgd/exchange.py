@@ -46,7 +46,7 @@ import torch
 
 from . import kernels, wire
 from .methods import NonFiniteGradientError
-from .methods.sign import SignSGD
+from .methods.sign import EFSignSGD, SignSGD
 
 EXCHANGES = ("auto", "allgather", "alltoall")
 WORD = 4                      # shard granularity in bytes of packed bits
@@ -96,16 +96,26 @@ def count_bits(n_ranks: int) -> int:
     return max(1, math.ceil(math.log2(n_ranks + 1)))
 
 
+def squeezed(method) -> bool:
+    """ef_signsgd(double_squeeze=True): the shard owners compress the mean again."""
+    return isinstance(method, EFSignSGD) and method.double_squeeze
+
+
 def shardable(method) -> bool:
-    """The method is aggregated by the plain vote or mean of signs (no weights, no scales)."""
-    return (isinstance(method, SignSGD) and type(method).aggregate is SignSGD.aggregate
-            and method.aggregation in ("majority", "mean"))
+    """The method can travel on the sharded exchange: aggregated by the plain vote or mean of
+    signs (no weights, no scales), or the double-squeeze variant of ef_signsgd."""
+    return squeezed(method) or (
+        isinstance(method, SignSGD) and type(method).aggregate is SignSGD.aggregate
+        and method.aggregation in ("majority", "mean"))
 
 
 def exchange_problem(method, mode: str) -> str | None:
     """A problem with exchange=mode for this method, or None."""
     if mode not in EXCHANGES:
         return f"exchange must be one of {EXCHANGES}, not {mode!r}"
+    if mode == "allgather" and method is not None and squeezed(method):
+        return (f"{method.describe()} compresses on the shard owners of the sharded exchange; "
+                f"use exchange='alltoall' or 'auto'")
     if mode == "alltoall" and method is not None and not shardable(method):
         return (f"exchange='alltoall' needs a method aggregated by a majority vote or a mean "
                 f"of signs (signsgd, signum, stochastic_sign, ssdm with aggregation "
@@ -146,6 +156,8 @@ def choose(method, mode: str, numel: int, n: int) -> str:
     """The route of a bucket of this method: "allreduce", "allgather" or "alltoall"."""
     if method.collective != "allgather":
         return method.collective
+    if squeezed(method):
+        return "alltoall"
     if mode == "allgather" or not shardable(method) or n < 2:
         return "allgather"
     if mode == "alltoall":
@@ -178,6 +190,17 @@ class Exchange:
             raise ValueError(f"exchange must be one of {EXCHANGES}, not {mode!r}")
         self.comm, self.mode = comm, mode
         self.average, self.predivide = average, predivide
+        self._gaps = {}
+
+    def gaps(self, b) -> torch.Tensor:
+        """Bucket b's alignment gaps (bool, True where no tensor lies), cached per bucket."""
+        g = self._gaps.get(b.name)
+        if g is None or g.numel() != b.layout.numel:
+            g = torch.ones(b.layout.numel, dtype=torch.bool)
+            for o, s in b.layout.segments():
+                g[o:o + s] = False
+            self._gaps[b.name] = g
+        return g
 
     def route(self, b) -> str:
         return choose(b.active, self.mode, b.layout.numel, self.comm.size)
@@ -209,8 +232,12 @@ class _ShardedHandle:
         self.codec = b.active.codec.codec
         self.bounds = shard_bounds(-(-d // 8), n)
         self.elems = shard_elements(d, n)
-        self.pieces = [wire.HEADER_NBYTES + _r4(b1 - b0) for b0, b1 in self.bounds]
-        self.mean = b.active.aggregation == "mean"
+        self.scaled = squeezed(b.active)
+        # the pieces of scaled sign carry the sender's per-tensor scales
+        self.n_scales = len(b.layout.sizes) if self.scaled else 0
+        self.pieces = [wire.HEADER_NBYTES + 4 * self.n_scales + _r4(b1 - b0)
+                       for b0, b1 in self.bounds]
+        self.mean = b.active.aggregation == "mean" and not self.scaled
         self.bits = count_bits(n)
         self.first = self.comm.alltoall(self._pieces(msg), self._splits(), f"{b.name}.shards")
         self.second = None
@@ -224,11 +251,17 @@ class _ShardedHandle:
         (p,) = wire.split(msg, 1, bucket=b.name, codec=self.codec, n=b.layout.numel)
         flags = p.header.flags & (wire.FLAG_NONFINITE | wire.FLAG_JOINED)
         out = torch.zeros(sum(self.pieces), dtype=torch.uint8)
+        scales = (p.scales.view(torch.uint8) if p.scales.numel() == self.n_scales and not flags
+                  else None)
         pos = 0
         for (b0, b1), (_, k), size in zip(self.bounds, self.elems, self.pieces):
-            out[pos:pos + wire.HEADER_NBYTES] = _header(self.codec, k, flags=flags)
+            out[pos:pos + wire.HEADER_NBYTES] = _header(self.codec, k, flags=flags,
+                                                        n_scales=self.n_scales)
+            body = pos + wire.HEADER_NBYTES + 4 * self.n_scales
+            if scales is not None:
+                out[pos + wire.HEADER_NBYTES:body] = scales
             if not flags:
-                out[pos + wire.HEADER_NBYTES:pos + wire.HEADER_NBYTES + b1 - b0] = p.body[b0:b1]
+                out[body:body + b1 - b0] = p.body[b0:b1]
             pos += size
         return out
 
@@ -257,10 +290,11 @@ class _ShardedHandle:
         voters, bad = [], []
         for m in range(n):
             h = wire.parse_header(received, m * size, rank=m, bucket=self.b.name)
-            if h.codec != self.codec or h.n != k:
+            if h.codec != self.codec or h.n != k or h.n_scales != self.n_scales:
                 raise wire.PayloadError(
                     f"rank {m} sent shard {j} of bucket {self.b.name} as {h.codec!r} with "
-                    f"{h.n} elements; rank {j} expects {self.codec!r} with {k}")
+                    f"{h.n} elements and {h.n_scales} scales; rank {j} expects "
+                    f"{self.codec!r} with {k} and {self.n_scales}")
             if h.flags & wire.FLAG_NONFINITE:
                 bad.append(m)
             elif not h.flags & wire.FLAG_JOINED:
@@ -269,9 +303,13 @@ class _ShardedHandle:
             return _message(self.codec, k, wire.FLAG_NONFINITE, len(bad),
                             torch.tensor(bad, dtype=torch.int32).view(torch.uint8))
         nb = b1 - b0
-        rows = received.view(n, size)[:, wire.HEADER_NBYTES:wire.HEADER_NBYTES + nb]
+        body = wire.HEADER_NBYTES + 4 * self.n_scales
+        rows = received.view(n, size)[:, body:body + nb]
         if len(voters) < n:
             rows = rows[voters]
+        if self.scaled:
+            scales = received.view(n, size)[voters, wire.HEADER_NBYTES:body]
+            return self._squeeze(rows, scales.contiguous().view(torch.float32), len(voters))
         if self.mean:
             total = kernels.vote(rows, k, mode="sum")           # voters - 2c, exact
             count = ((len(voters) - total) / 2).to(torch.int32).numpy()
@@ -287,6 +325,28 @@ class _ShardedHandle:
             return _message(self.codec, k, 0, t, signs, ties.to(torch.int32).view(torch.uint8))
         return _message(self.codec, k, wire.FLAG_DENSE, t, signs,
                         _pad4(_pack_bool((vote == 0).numpy())))
+
+    def _squeeze(self, rows, scales, v) -> torch.Tensor:
+        """Double squeeze on this rank's shard: a = mean_m q_m + owner_error,
+        Q = (||a||_1 / |a|) sign(a), owner_error <- a - Q (alignment gaps stay 0)."""
+        j = self.comm.rank
+        e0, k = self.elems[j]
+        mean = torch.zeros(k)
+        for t, (o, s) in enumerate(self.b.layout.segments()):
+            lo, hi = max(o, e0), min(o + s, e0 + k)
+            if lo < hi:     # layout offsets and shard starts are multiples of 8 elements
+                kernels.vote(rows[:, (lo - e0) // 8:(hi - e0 + 7) // 8], hi - lo, mode="sum",
+                             weights=scales[:, t] / v, out=mean[lo - e0:hi - e0])
+        a = self.b.state["owner_error"][e0:e0 + k]
+        a.add_(mean)                                   # the memory now holds a
+        gaps = self.ex.gaps(self.b)[e0:e0 + k]
+        real = k - int(gaps.sum())
+        scale = torch.tensor(float(a.abs().sum()) / max(real, 1), dtype=torch.float32)
+        signs = kernels.pack_signs(a)
+        q = kernels.unpack_signs(signs, k, scale=scale).masked_fill_(gaps, 0.0)
+        a.sub_(q)                                      # owner_error <- a - Q
+        return _message(self.codec, k, 0, 0, scale.view(1).view(torch.uint8), _pad4(signs),
+                        n_scales=1)
 
     def decode(self, gathered: torch.Tensor) -> torch.Tensor:
         """The bucket's aggregate from the n owners' results, written into ctx.out."""
@@ -312,7 +372,15 @@ class _ShardedHandle:
                     f"{ctx.step}); the step is not applied on any rank. Lower the learning "
                     f"rate, clip gradients, or check the data.")
             seg = out[e0:e0 + k]
-            if self.mean:
+            if self.scaled:
+                scale = gathered[body:body + 4].clone().view(torch.float32)
+                kernels.unpack_signs(gathered[body + 4:body + 4 + b1 - b0], k, scale=scale[0],
+                                     out=seg)
+                seg.masked_fill_(self.ex.gaps(b)[e0:e0 + k], 0.0)
+                if not ctx.average:
+                    seg.mul_(ctx.size)
+                end = body + 4 + plane
+            elif self.mean:
                 # plane i unpacked with scale 2^i is 2^i - 2^(i+1) bit_i; their sum is
                 # (2^b - 1) - 2c, so voters - 2c follows in exact float32 integers
                 v = len(ctx.voters) if ctx.voters is not None else ctx.size
@@ -344,8 +412,8 @@ class _ShardedHandle:
         return out
 
 
-def _header(codec: str, n: int, flags: int = 0, nnz: int = 0) -> torch.Tensor:
-    raw = wire.Header(codec, n, nnz=nnz, flags=flags).pack()
+def _header(codec: str, n: int, flags: int = 0, nnz: int = 0, n_scales: int = 0) -> torch.Tensor:
+    raw = wire.Header(codec, n, n_scales=n_scales, nnz=nnz, flags=flags).pack()
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
 
 
@@ -354,8 +422,9 @@ def _pad4(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t, torch.zeros(pad, dtype=torch.uint8)]) if pad else t
 
 
-def _message(codec: str, n: int, flags: int, nnz: int, *parts) -> torch.Tensor:
-    return _pad4(torch.cat([_header(codec, n, flags, nnz), *[p.reshape(-1) for p in parts]]))
+def _message(codec: str, n: int, flags: int, nnz: int, *parts, n_scales: int = 0) -> torch.Tensor:
+    return _pad4(torch.cat([_header(codec, n, flags, nnz, n_scales),
+                            *[p.reshape(-1) for p in parts]]))
 
 
 __all__ = ["EXCHANGES", "Exchange", "choose", "count_bits", "exchange_problem", "route_bytes",

@@ -319,3 +319,86 @@ def test_a_mismatched_piece_is_reported_by_every_rank():
         t.join(60)
     assert all(o is not None and "could not aggregate its shard" in o for o in out), out
     assert WORD == 4
+
+
+# --- ef_signsgd(double_squeeze=True): the owners' second error memory -----------------------------
+
+def _squeeze_steps(n, sizes, steps, seed=0, joined=()):
+    """Run `steps` steps of ef_signsgd(double_squeeze=True) on n thread ranks. Returns per step
+    the update every rank applied (rank 0's; all are checked equal), the exact mean of the
+    ranks' compressed q (from their payloads, as the allgather path computes it), and the
+    final states."""
+    from hvd_signsgd.codecs import ScaledSign
+    method = make_method("ef_signsgd", double_squeeze=True)
+    layout = Layout.for_sizes(sizes)
+    states = [method.init_state(layout) for _ in range(n)]
+    voters = [r for r in range(n) if r not in joined]
+    gen = torch.Generator().manual_seed(seed)
+    updates, means = [], []
+    for t in range(steps):
+        grads = torch.randn(n, layout.numel, generator=gen)
+        for o, s in layout.segments():      # the gaps of a real bucket are 0
+            grads[:, o + s:(o + s + 7) // 8 * 8] = 0.0
+        ctxs = [StepContext(step=t, rank=r, size=len(voters), bucket="b0", offset=0,
+                            layout=layout, out=torch.zeros(layout.numel), n_ranks=n,
+                            voters=voters) for r in range(n)]
+        msgs = [method.encode_joined(grads[r], ctxs[r]) if r in joined
+                else method.encode(grads[r], states[r], ctxs[r]) for r in range(n)]
+        payloads = wire.split(torch.cat([msgs[r] for r in voters]), len(voters), bucket="b0",
+                              codec="scaled_sign", n=layout.numel)
+        means.append(ScaledSign().aggregate(payloads, layout))
+        hub, out = _Hub(n), [None] * n
+
+        def rank_main(r, t=t, msgs=msgs, ctxs=ctxs, hub=hub, out=out):
+            ex = Exchange(ThreadComm(hub, r), "auto")
+            b = _Bucket(method, layout)
+            b.state, b.ctx = states[r], ctxs[r]
+            b.handle = ex.start(b, msgs[r])
+            out[r] = ex.aggregate(b, b.handle.wait()).clone()
+
+        threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(n)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert all(o is not None for o in out)
+        assert len({tuple(_bits(o)) for o in out}) == 1, "ranks applied different updates"
+        updates.append(out[0])
+    return updates, means, states, layout
+
+
+@pytest.mark.parametrize("n,sizes,joined", [(1, [13], ()), (2, [100, 37], ()),
+                                            (3, [1001], ()), (4, [5, 300, 77], {1}),
+                                            (5, [999, 64], ())])
+def test_double_squeeze_conserves_on_the_owners(n, sizes, joined):
+    """Owner conservation: sum_t Q_t + owner_error_T = sum_t mean_m q_(m,t), shard by shard
+    (each rank's owner_error holds its own shard and zeros elsewhere); gaps stay 0."""
+    steps = 12
+    updates, means, states, layout = _squeeze_steps(n, sizes, steps, seed=n, joined=joined)
+    owner = sum(s["owner_error"] for s in states)
+    for r, (e0, k) in enumerate(shard_elements(layout.numel, n)):
+        mine = states[r]["owner_error"]
+        assert not mine[:e0].any() and not mine[e0 + k:].any()
+    lhs = torch.stack(updates).double().sum(0) + owner.double()
+    rhs = torch.stack(means).double().sum(0)
+    assert torch.allclose(lhs, rhs, atol=1e-5 * steps, rtol=0)
+    if n > 1:    # one rank, one tensor: q is already one scaled sign, nothing is lost
+        assert owner.abs().sum() > 0.1      # the second compression did lose something
+    gaps = torch.ones(layout.numel, dtype=torch.bool)
+    for o, s in layout.segments():
+        gaps[o:o + s] = False
+    assert not owner[gaps].any() and not torch.stack(updates)[:, gaps].any()
+    # one scale per shard: |Q| is constant on a shard's real elements, and it is 1 bit
+    for (e0, k) in shard_elements(layout.numel, n):
+        q = updates[-1][e0:e0 + k][~gaps[e0:e0 + k]].abs()
+        assert q.numel() == 0 or len(set(q.tolist())) == 1
+
+
+def test_double_squeeze_is_refused_on_allgather_and_forced_on_auto():
+    m = make_method("ef_signsgd", double_squeeze=True)
+    assert "exchange='alltoall'" in exchange_problem(m, "allgather")
+    assert exchange_problem(m, "auto") is None and exchange_problem(m, "alltoall") is None
+    assert choose(m, "auto", 10, 2) == "alltoall"
+    assert m.describe() == "ef_signsgd(double_squeeze=True)"
+    assert make_method("ef_signsgd").describe() == "ef_signsgd()"
+    assert set(m.init_state(Layout.for_sizes([9]))) == {"error", "owner_error"}
