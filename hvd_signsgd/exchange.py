@@ -276,7 +276,7 @@ class _ShardedHandle:
                     reply = _message(self.codec, 0, _FLAG_FAILED, len(text),
                                      torch.frombuffer(bytearray(text), dtype=torch.uint8))
                 self.second = self.comm.allgather(reply, f"{self.b.name}.result",
-                                                  size_exchange=not self.mean)
+                                                  size_exchange=not (self.mean or self.scaled))
             self._result = self.second.wait()
         return self._result
 

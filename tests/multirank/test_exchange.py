@@ -137,3 +137,65 @@ def test_alltoall_matches_allgather_bit_for_bit_with_exact_bytes(mpi_job, launch
         assert res["mismatch"].startswith("ValueError") and "exchange" in res["mismatch"]
         assert res["refused"].startswith("ValueError") and "alltoall" in res["refused"]
     assert len({r["after_nan_digest"] for r in results}) == 1
+
+
+SQUEEZE_JOB = """
+import torch, horovod.torch as hvd, hvd_signsgd
+from rankcommon import resume_roundtrip, small_model, train, digest, first_error, batch
+hvd.init()
+rank, n = hvd.rank(), hvd.size()
+out = {}
+# a resumed job (every rank loads its own file) continues bit for bit, owner memory included
+plain, resumed, opt = resume_roundtrip("ef_signsgd", 6, rank, double_squeeze=True)
+out["plain"], out["resumed"] = plain, resumed
+s = opt.compression_stats()
+out["method"] = s["method"]
+out["received"], out["sent"] = s["bytes_received"], s["bytes_sent"]
+out["owner_nonzero"] = [int(b["owner_error"].count_nonzero()) for b in
+                        opt._engine.state_section()["buckets"] if "owner_error" in b]
+out["layout"] = [(list(b.layout.offsets), list(b.layout.sizes)) for b in opt._engine.compressed]
+# NaN on rank 0: every rank raises, and the owner memory is exactly as before the step
+model = small_model()
+o = hvd_signsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+    named_parameters=model.named_parameters(), method="ef_signsgd", double_squeeze=True,
+    min_compress_numel=100)
+train(model, o, 3, rank=rank)
+before = [b["owner_error"].clone() for b in o._engine.state_section()["buckets"]
+          if "owner_error" in b]
+out["nan"] = first_error(lambda: train(model, o, 1, start=3, rank=rank,
+                                       scale=float("nan") if rank == 0 else 1.0))
+after = [b["owner_error"] for b in o._engine.state_section()["buckets"] if "owner_error" in b]
+out["restored"] = all(torch.equal(x, y) for x, y in zip(before, after))
+train(model, o, 2, start=4, rank=rank)
+out["digest"] = digest(model)
+out["refused"] = first_error(lambda: hvd_signsgd.DistributedOptimizer(
+    torch.optim.SGD(small_model().parameters(), lr=0.1), method="ef_signsgd",
+    double_squeeze=True, exchange="allgather"))
+report(out)
+"""
+
+
+@pytest.mark.parametrize("np", [2, 3, 5])
+def test_double_squeeze_resumes_bit_for_bit_and_agrees_everywhere(mpi_job, launcher, np):
+    results = mpi_job(SQUEEZE_JOB, np=np, launcher=launcher, timeout=400).ok()
+    for r in results:
+        assert r["method"] == "ef_signsgd(double_squeeze=True)"
+        assert r["plain"] == r["resumed"], "the resumed job diverged"
+        assert sum(r["owner_nonzero"]) > 0, "the owner memory was never used"
+        assert r["nan"].startswith("NonFiniteGradientError") and "rank(s) [0]" in r["nan"]
+        assert r["restored"]
+        assert r["refused"].startswith("ValueError") and "alltoall" in r["refused"]
+    assert len({r["plain"] for r in results}) == 1
+    assert len({r["digest"] for r in results}) == 1
+    # bytes: pieces of 16 + 4 * tensors + round4(shard) out, owners' 16 + 4 + round4(shard)
+    # back (fixed lengths: no size exchange), plus the dense biases' allreduce
+    from hvd_signsgd.exchange import shard_bounds
+    (offsets, sizes), = results[0]["layout"]
+    d = offsets[-1] + sizes[-1]
+    bounds = shard_bounds(-(-d // 8), np)
+    pieces = [16 + 4 * len(sizes) + r4(b1 - b0) for b0, b1 in bounds]
+    msgs = [16 + 4 + r4(b1 - b0) for b0, b1 in bounds]
+    dense = 4 * (8 + 47)
+    for rank, r in enumerate(results):
+        assert r["sent"] == sum(pieces) - pieces[rank] + msgs[rank] + dense
+        assert r["received"] == (np - 1) * pieces[rank] + sum(msgs) - msgs[rank] + dense
