@@ -8,17 +8,19 @@ The engine asks two things of an `Exchange`, per bucket and step:
 Routes:
   "allreduce"  dense methods (and warm-up): the payload is summed.
   "allgather"  every rank receives every payload and aggregates the whole bucket:
-               (n-1)/1 payloads in, so the bytes per rank grow with n.
+               n-1 payloads in, so the bytes per rank grow with n.
   "alltoall"   the sharded exchange, for methods aggregated by a majority vote or a mean of
                signs (signsgd, signum, stochastic_sign, ssdm with aggregation "majority" or
-               "mean"). The packed bits are cut into n contiguous shards (`shard_bounds`);
-               rank m sends shard j to rank j (alltoall); rank j aggregates its shard from the
-               n pieces with the vote kernel and its result goes to every rank (allgather).
+               "mean"), and for ef_signsgd(double_squeeze=True). The packed bits are cut
+               into n contiguous shards (`shard_bounds`); rank m sends shard j to rank j
+               (alltoall); rank j aggregates its shard from the n pieces with the vote kernel
+               and its result goes to every rank (allgather).
                Bytes per rank, each way, are about (n-1)/n of one payload plus headers.
 
 Piece m -> j (phase 1): a 16-byte wire header (the method's codec, n = the shard's elements,
-the sender's NONFINITE / JOINED flag) and the shard's packed bits (zeros when flagged), padded
-to 4 bytes. Every piece to rank j has the same length, so no sizes are exchanged.
+the sender's NONFINITE / JOINED flag), for scaled sign the sender's per-tensor float32 scales
+(n_scales = the bucket's tensors), and the shard's packed bits (zeros when flagged), padded to 4
+bytes. Every piece to rank j has the same length, so no sizes are exchanged.
 
 Owner j's result (phase 2), a wire header (codec, n = shard elements, nnz, flags) and:
   majority  the sign plane of the vote (bit set = -1), then the ties (vote 0), which one bit
@@ -28,11 +30,17 @@ Owner j's result (phase 2), a wire header (codec, n = shard elements, nnz, flags
   mean      nnz = ceil(log2(n + 1)) bit planes of c, the number of -1 signs per element
             (0..voters): the sum is voters - 2c, exact, and the mean is computed from it with
             the same float32 operations as the allgather path, so it is bit-identical.
+  scaled    (double squeeze) n_scales = 1: the float32 scale ||a||_1 / (real elements of the
+            shard), then the sign plane of a = mean_m q_m + owner_error; the owner keeps
+            owner_error <- a - Q. Alignment gaps of the layout are 0 in Q and in the memory.
   NONFINITE nnz int32 ranks whose gradient was not finite: every rank raises.
   FAILED    the owner could not use the pieces (nnz utf-8 bytes of its message): every rank
             raises PayloadError. An owner always answers, so no rank is left waiting.
 Planes are padded to 4 bytes. Majority results vary in length with the ties, so their allgather
-counts a size exchange (communicator.py); mean results have a fixed length.
+counts a size exchange (communicator.py); mean and scaled results have a fixed length.
+
+A non-finite rank, or a failing owner, is found before the owner touches its memory, and the
+engine restores every bucket's state (owner_error included) on a step that fails.
 
 `choose` picks the route for exchange="auto" from n and the bucket's length with the cost
 model of `route_seconds` (constants measured by examples/exchange_crossover.py).
