@@ -199,3 +199,41 @@ def test_double_squeeze_resumes_bit_for_bit_and_agrees_everywhere(mpi_job, launc
     for rank, r in enumerate(results):
         assert r["sent"] == sum(pieces) - pieces[rank] + msgs[rank] + dense
         assert r["received"] == (np - 1) * pieces[rank] + sum(msgs) - msgs[rank] + dense
+
+
+JOIN_JOB = """
+import torch, horovod.torch as hvd, hvd_signsgd
+from rankcommon import batch, digest
+hvd.init()
+rank, n = hvd.rank(), hvd.size()
+out = {}
+for method, opts in [("signsgd", {}), ("ssdm", {}), ("ef_signsgd", {"double_squeeze": True})]:
+    for exchange in (["allgather", "alltoall"] if method != "ef_signsgd" else ["alltoall"]):
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(33, 61, bias=False), torch.nn.Tanh(),
+                                torch.nn.Linear(61, 5, bias=False))
+        opt = hvd_signsgd.DistributedOptimizer(
+            torch.optim.SGD(m.parameters(), lr=0.01), named_parameters=m.named_parameters(),
+            method=method, exchange=exchange, min_compress_numel=400, **opts)
+        for k in range(5 + 2 * (rank != n - 1)):     # the last rank runs out of data first
+            x, y = batch(k, rank)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+        joined_steps = opt.join()
+        out[method + "-" + exchange] = (digest(m), joined_steps)
+report(out)
+"""
+
+
+@pytest.mark.parametrize("np", [3, 4])
+def test_a_joined_rank_still_owns_its_shard(mpi_job, launcher, np):
+    """optimizer.join() on the sharded exchange: the joined rank votes nothing but still
+    aggregates its shard for the others; every rank ends identical, and the vote and the mean
+    equal the allgather path's bit for bit."""
+    results = mpi_job(JOIN_JOB, np=np, launcher=launcher, timeout=400).ok()
+    for key in results[0]:
+        assert len({r[key][0] for r in results}) == 1, f"{key}: ranks differ"
+    assert results[-1]["signsgd-alltoall"][1] == 2      # the joined rank took part twice
+    for method in ("signsgd", "ssdm"):
+        assert results[0][f"{method}-allgather"][0] == results[0][f"{method}-alltoall"][0]
