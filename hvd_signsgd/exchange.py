@@ -79,7 +79,7 @@ GAMMA = 2.0e-8
 def shard_bounds(nbytes: int, n: int, word: int = WORD) -> list[tuple[int, int]]:
     """[(first byte, end byte)] of the n shards of nbytes packed bytes: contiguous, in rank
     order, covering [0, nbytes); in whole words of `word` bytes, the counts of words differing
-    by at most one (the first nbytes % n... shards have the extra word; the last word may be
+    by at most one (with w words, the first w % n shards have one more; the last word may be
     partial). A shard may be empty when there are fewer words than ranks."""
     if n < 1 or word < 1 or nbytes < 0:
         raise ValueError(f"bad shard arguments nbytes={nbytes}, n={n}, word={word}")
@@ -127,7 +127,8 @@ def exchange_problem(method, mode: str) -> str | None:
     if mode == "alltoall" and method is not None and not shardable(method):
         return (f"exchange='alltoall' needs a method aggregated by a majority vote or a mean "
                 f"of signs (signsgd, signum, stochastic_sign, ssdm with aggregation "
-                f"'majority' or 'mean'); {method.describe()} is not. Use exchange='auto'.")
+                f"'majority' or 'mean', or ef_signsgd(double_squeeze=True)); "
+                f"{method.describe()} is not. Use exchange='auto'.")
     return None
 
 
