@@ -74,6 +74,9 @@ def method_options(pairs):
     opts = {}
     for pair in pairs:
         k, _, v = pair.partition("=")
+        if v in ("True", "False"):
+            opts[k] = v == "True"
+            continue
         for conv in (int, float):
             try:
                 v = conv(v)

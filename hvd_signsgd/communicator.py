@@ -7,6 +7,9 @@ package imports a communication library. What an implementation provides:
 - `allgather(payload, name)`: a flat uint8 tensor per rank, of any length (an allgatherv);
   every rank gets all payloads laid end to end in rank order.
 - `allreduce(tensor, name, prescale, postscale)`: a dense float tensor, summed in place.
+- `alltoall(payload, splits, name)`: a flat uint8 tensor cut into `size` consecutive pieces
+  (splits[j] bytes go to rank j); every rank gets the pieces addressed to it laid end to end
+  in rank order. The splits must agree: what rank m sends to rank j is what j expects from m.
 - `control(record, name)`: a blocking int64 sum of a small record (the engine's per-step
   control exchange); counted as control bytes, not gradient bytes.
 - `allgather_object(obj, name)`: a small control-plane exchange of picklable objects.
@@ -16,7 +19,9 @@ run executes the method exactly as n processes do.
 
 Byte counts are exact for what this rank hands to and receives from each collective:
   allgather: sent = len(own payload), received = sum of the other ranks' payload lengths;
-  allreduce: sent = received = tensor bytes.
+  allreduce: sent = received = tensor bytes;
+  alltoall: sent = the pieces for the other ranks, received = the pieces from them (the piece a
+  rank addresses to itself never leaves it).
 These are the numbers a float32 allreduce of the same gradients is compared against. What the
 network carries on top depends on the collective's algorithm (a ring allgather forwards the
 other ranks' payloads; a ring allreduce moves 2(n-1)/n of the tensor each way): see
@@ -57,8 +62,10 @@ class Handle:
     """An in-flight collective. `wait()` returns its result and books its bytes and time.
     `wait_fn` is the library's wait, or None for a result known at once (one rank)."""
 
-    def __init__(self, comm: Communicator, wait_fn, kind: str, nbytes: int, result=None):
+    def __init__(self, comm: Communicator, wait_fn, kind: str, nbytes: int, result=None,
+                 own: int = 0):
         self.comm, self.wait_fn, self.kind, self.nbytes = comm, wait_fn, kind, nbytes
+        self.own = own           # alltoall: the bytes a rank addresses to itself
         self._result = result
         self._booked = False
 
@@ -76,6 +83,9 @@ class Handle:
                 c.bytes_received += total - self.nbytes
                 # a ring allgather forwards every block but the next rank's own
                 c.wire_bytes_sent += total - self.nbytes if n > 1 else 0
+            elif self.kind == "alltoall":
+                c.bytes_received += self._result.numel() - self.own
+                c.wire_bytes_sent += self.nbytes     # direct: each piece leaves once
             elif n > 1:
                 c.bytes_received += self.nbytes
                 c.wire_bytes_sent += 2 * (n - 1) * self.nbytes // n
@@ -124,6 +134,20 @@ class Communicator:
         return Handle(self, self._start_allreduce(tensor, name, prescale, postscale),
                       "allreduce", nbytes)
 
+    def alltoall(self, payload: torch.Tensor, splits: list[int], name: str) -> Handle:
+        """Send splits[j] consecutive bytes of payload to rank j; the result holds the pieces
+        the ranks addressed to this one, in rank order."""
+        assert payload.dtype == torch.uint8 and payload.dim() == 1
+        assert len(splits) == self.size and sum(splits) == payload.numel()
+        own = splits[self.rank] if self.size > 1 else payload.numel()
+        sent = payload.numel() - own
+        self.counters.bytes_sent += sent
+        self.counters.collectives += 1
+        if self.size == 1:
+            return Handle(self, None, "alltoall", 0, result=payload, own=own)
+        return Handle(self, self._start_alltoall(payload, list(splits), name), "alltoall",
+                      sent, own=own)
+
     def control(self, record: torch.Tensor, name: str) -> torch.Tensor:
         """Blocking int64 sum of `record` over the ranks."""
         self.counters.control_bytes += record.numel() * 8
@@ -151,6 +175,9 @@ class Communicator:
         raise NotImplementedError
 
     def _start_allreduce(self, tensor, name, prescale, postscale):
+        raise NotImplementedError
+
+    def _start_alltoall(self, payload, splits, name):
         raise NotImplementedError
 
     def _control(self, record, name):
@@ -188,6 +215,11 @@ class HorovodCommunicator(Communicator):
                                        prescale_factor=prescale, postscale_factor=postscale,
                                        process_set=self.process_set)
         return lambda: self._hvd.synchronize(h)
+
+    def _start_alltoall(self, payload, splits, name):
+        h = self._hvd.alltoall_async(payload, splits=torch.tensor(splits, dtype=torch.int32),
+                                     name=name, process_set=self.process_set)
+        return lambda: self._hvd.synchronize(h)[0]    # (output, received splits)
 
     def _control(self, record, name):
         return self._hvd.allreduce(record, name=name, op=self._hvd.Sum,

@@ -43,6 +43,7 @@ import torch
 from . import kernels
 from .codecs import Layout
 from .communicator import Counters
+from .exchange import Exchange
 from .methods import Method, NoCompression, NonFiniteGradientError, StepContext
 
 _FLAG_LOADED = 1       # this rank loaded a checkpoint section since the last step
@@ -91,8 +92,10 @@ class Engine:
     """
 
     def __init__(self, comm, method: Method, *, seed: int = 0, start_step: int = 0,
-                 average: bool = True, predivide: float = 1.0, on_nonfinite: str = "raise"):
+                 average: bool = True, predivide: float = 1.0, on_nonfinite: str = "raise",
+                 exchange: str = "auto"):
         self.comm = comm
+        self.exchange = Exchange(comm, exchange, average=average, predivide=predivide)
         self.method = method
         self.dense = NoCompression()
         self.seed, self.start_step = seed, start_step
@@ -142,6 +145,7 @@ class Engine:
         """Raise the same ValueError on every rank if any rank has a problem or the ranks
         differ in model, method or options (seed and start_step included)."""
         desc = self.describe_buckets()
+        options = (*options, ("exchange", self.exchange.mode))
         digest = layout_digest(self.method.describe() if self.method else None, desc,
                                self.seed, self.start_step, self.average, self.predivide,
                                self.on_nonfinite, options)
@@ -277,11 +281,7 @@ class Engine:
         extra = self.comm.counters.extra
         for k, v in b.ctx.stats.items():      # method counts (nnz_sent, dense_fallbacks, ...)
             extra[k] = extra.get(k, 0) + v
-        if b.active.collective == "allgather":
-            b.handle = self.comm.allgather(msg, b.name, size_exchange=b.active.variable_size)
-        else:
-            f = self.predivide if self.average else 1.0
-            b.handle = self.comm.allreduce(msg, b.name, prescale=1.0 / f, postscale=f)
+        b.handle = self.exchange.start(b, msg)
 
     def finish(self) -> Outcome:
         """Wait for every bucket in a fixed order and aggregate it into its flat buffer
@@ -294,7 +294,7 @@ class Engine:
                 continue            # finish the collectives in flight; nothing is applied
             t0 = time.perf_counter()
             try:
-                update = b.active.aggregate(result, b.state, b.ctx)
+                update = self.exchange.aggregate(b, result)
                 if b.active is self.dense and not isinstance(self.method, NoCompression) \
                         and not kernels.all_finite(update):
                     raise NonFiniteGradientError(

@@ -35,6 +35,7 @@ import torch
 
 from .communicator import HorovodCommunicator
 from .engine import Engine
+from .exchange import EXCHANGES, exchange_problem
 from .methods import Method, NoCompression, make_method
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -127,7 +128,7 @@ class _CompressedOptimizer(torch.optim.Optimizer):
     def _hvd_init(self, base_cls, named_parameters, method, problem, backward_passes_per_step,
                   op, gradient_predivide_factor, groups, sparse_as_dense, process_set,
                   bucket_cap_mb, min_compress_numel, start_step, seed, log_every, on_nonfinite,
-                  overlap):
+                  overlap, exchange="auto"):
         self._base_cls = base_cls
         self._comm = HorovodCommunicator(process_set)
         self.process_set = process_set
@@ -146,7 +147,8 @@ class _CompressedOptimizer(torch.optim.Optimizer):
         self._skip_step = False
         self._engine = Engine(self._comm, method or NoCompression(), seed=seed,
                               start_step=start_step, average=op == hvd.Average,
-                              predivide=gradient_predivide_factor, on_nonfinite=on_nonfinite)
+                              predivide=gradient_predivide_factor, on_nonfinite=on_nonfinite,
+                              exchange=exchange)
         named, param_problem = self._check_parameters(named_parameters)
         problem = problem or param_problem or (method.check_optimizer(self.param_groups)
                                                if method is not None else None)
@@ -547,7 +549,7 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None,
                          sparse_as_dense=False, process_set=hvd.global_process_set, *,
                          method=None, bucket_cap_mb=25.0, min_compress_numel=128,
                          start_step=0, seed=0, log_every=0, on_nonfinite="raise",
-                         overlap=True, **method_options):
+                         overlap=True, exchange="auto", **method_options):
     """Wrap a torch optimizer so that gradients are exchanged compressed.
 
     A drop-in for ``hvd.DistributedOptimizer``: the same arguments with the same meanings, plus
@@ -575,6 +577,14 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None,
         overlap: encode and start each bucket's exchange on a worker thread as soon as its
             gradients are ready, while backward computes the next ones (the kernels release
             the GIL); False does it inside the backward hook. Results are identical.
+        exchange: how compressed buckets travel (hvd_signsgd.exchange, ALGORITHMS.md section
+            11). "allgather": every rank receives every rank's payload, (n-1) payloads per
+            rank. "alltoall": the sharded exchange, about 2(n-1)/n payloads per rank whatever
+            n, for methods aggregated by a majority vote or a mean of signs (signsgd, signum,
+            stochastic_sign, ssdm with aggregation "majority"/"mean"); the result is
+            bit-identical to "allgather". "auto" (default): per bucket, the cheaper of the two
+            by a cost model of n and the bucket's length; other methods keep their collective.
+            The same on every rank (checked).
 
     Methods with momentum of their own (signum, ssdm) expect a wrapped optimizer without
     momentum (plain SGD); weight decay of the wrapped optimizer is applied after aggregation.
@@ -598,6 +608,9 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None,
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', not {on_nonfinite!r}")
         resolved = _resolve_method(method, compression, method_options)
+        bad_exchange = exchange_problem(resolved, exchange)
+        if bad_exchange:
+            raise ValueError(bad_exchange)
     except ValueError as e:
         problem = str(e)
     if resolved is not None and resolved.name in ("signum", "ssdm"):
@@ -611,5 +624,6 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None,
     wrapped._hvd_init(optimizer.__class__, named_parameters, resolved, problem,
                       backward_passes_per_step, op, gradient_predivide_factor, groups,
                       sparse_as_dense, process_set, bucket_cap_mb, min_compress_numel,
-                      start_step, seed, log_every, on_nonfinite, overlap)
+                      start_step, seed, log_every, on_nonfinite, overlap,
+                      exchange if exchange in EXCHANGES else "auto")
     return wrapped

@@ -210,11 +210,30 @@ class EFSignSGD(Method):
     is the least-squares one for sign with sign(0) = 0, and equals ||p_t||_1 / d_t (the
     paper's) bit for bit for a tensor without zeros. e <- p - q is exact as before, so
     sum_t q_t + e_T = sum_t g_t still holds.
+
+    double_squeeze=True: the named variant with a second error memory on the owner of each
+    shard of the sharded exchange (ALGORITHMS.md section 11, DoubleSqueeze): the mean of q is
+    compressed again per shard, Q = (||a||_1 / |a|) sign(a) with a = mean_m q_m + owner_error,
+    and owner_error <- a - Q; every rank applies Q. 1 bit per coordinate in both directions,
+    whatever the number of ranks; always on exchange "alltoall" (hvd_signsgd.exchange). The
+    owner memory is state["owner_error"] (this rank's shard; the rest stays 0), per rank and
+    tied to the world size like the worker memory.
     """
     name, bits_per_coordinate = "ef_signsgd", 1.0
     codec = ScaledSign()
 
+    def __init__(self, double_squeeze: bool = False):
+        if not isinstance(double_squeeze, bool):
+            raise ValueError(f"double_squeeze must be True or False, not {double_squeeze!r}")
+        self.double_squeeze = double_squeeze
+
+    def options(self):
+        # only when on, so that the default's description (and its checkpoints) is unchanged
+        return {"double_squeeze": True} if self.double_squeeze else {}
+
     def init_state(self, layout):
+        if self.double_squeeze:
+            return {"error": torch.zeros(layout.numel), "owner_error": torch.zeros(layout.numel)}
         return {"error": torch.zeros(layout.numel)}
 
     def encode(self, g, state, ctx):
@@ -228,6 +247,9 @@ class EFSignSGD(Method):
         return msg
 
     def aggregate(self, gathered, state, ctx):
+        if self.double_squeeze:
+            raise RuntimeError("ef_signsgd(double_squeeze=True) aggregates on the sharded "
+                               "exchange (hvd_signsgd.exchange), not from an allgather")
         payloads = self._payloads(gathered, ctx, self.codec)
         out = self.codec.aggregate(payloads, ctx.layout, out=ctx.out)
         return out if ctx.average else out.mul_(ctx.size)

@@ -1,0 +1,483 @@
+"""How a bucket's payloads travel and become its aggregate (ALGORITHMS.md section 11).
+
+The engine asks two things of an `Exchange`, per bucket and step:
+
+    b.handle = exchange.start(b, msg)       # msg: the method's payload (wire.py format)
+    update = exchange.aggregate(b, b.handle.wait())
+
+Routes:
+  "allreduce"  dense methods (and warm-up): the payload is summed.
+  "allgather"  every rank receives every payload and aggregates the whole bucket:
+               n-1 payloads in, so the bytes per rank grow with n.
+  "alltoall"   the sharded exchange, for methods aggregated by a majority vote or a mean of
+               signs (signsgd, signum, stochastic_sign, ssdm with aggregation "majority" or
+               "mean"), and for ef_signsgd(double_squeeze=True). The packed bits are cut
+               into n contiguous shards (`shard_bounds`); rank m sends shard j to rank j
+               (alltoall); rank j aggregates its shard from the n pieces with the vote kernel
+               and its result goes to every rank (allgather).
+               Bytes per rank, each way, are about (n-1)/n of one payload plus headers.
+
+Piece m -> j (phase 1): a 16-byte wire header (the method's codec, n = the shard's elements,
+the sender's NONFINITE / JOINED flag), for scaled sign the sender's per-tensor float32 scales
+(n_scales = the bucket's tensors), and the shard's packed bits (zeros when flagged), padded to 4
+bytes. Every piece to rank j has the same length, so no sizes are exchanged.
+
+Owner j's result (phase 2), a wire header (codec, n = shard elements, nnz, flags) and:
+  majority  the sign plane of the vote (bit set = -1), then the ties (vote 0), which one bit
+            cannot carry: none (nnz = 0; with an odd number of voters there are none), or
+            nnz int32 offsets into the shard, or, with FLAG_DENSE, a tie plane (bit set = 0),
+            whichever is smaller. Decoded to exactly the values the allgather vote gives.
+  mean      nnz = ceil(log2(n + 1)) bit planes of c, the number of -1 signs per element
+            (0..voters): the sum is voters - 2c, exact, and the mean is computed from it with
+            the same float32 operations as the allgather path, so it is bit-identical.
+  scaled    (double squeeze) n_scales = 1: the float32 scale ||a||_1 / (real elements of the
+            shard), then the sign plane of a = mean_m q_m + owner_error; the owner keeps
+            owner_error <- a - Q. Alignment gaps of the layout are 0 in Q and in the memory.
+  NONFINITE nnz int32 ranks whose gradient was not finite: every rank raises.
+  FAILED    the owner could not use the pieces (nnz utf-8 bytes of its message): every rank
+            raises PayloadError. An owner always answers, so no rank is left waiting.
+Planes are padded to 4 bytes. Majority results vary in length with the ties, so their allgather
+counts a size exchange (communicator.py); mean and scaled results have a fixed length.
+
+A non-finite rank, or a failing owner, is found before the owner touches its memory, and the
+engine restores every bucket's state (owner_error included) on a step that fails.
+
+`choose` picks the route for exchange="auto" from n and the bucket's length with the cost
+model of `route_seconds` (constants measured by examples/exchange_crossover.py).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import kernels, wire
+from .methods import NonFiniteGradientError
+from .methods.sign import EFSignSGD, SignSGD
+
+EXCHANGES = ("auto", "allgather", "alltoall")
+WORD = 4                      # shard granularity in bytes of packed bits
+_FLAG_FAILED = 1 << 8         # phase 2: the owner could not aggregate its shard
+_FLAG_MARKED = 1 << 9         # phase 1: the sender's payload marks exact zeros (sign(0) = 0),
+                              # which a shard of sign bits cannot carry; phase 2: so some
+                              # sender's did, and every rank falls back to the allgather
+
+# Cost model of a bucket of d elements whose route makes a rank receive B bytes:
+#     allgather  t = ALPHA + BETA * B
+#     alltoall   t = 2 * ALPHA + BETA * B + GAMMA * d
+# ALPHA: one collective's latency (the sharded exchange has two, one after the other); BETA:
+# seconds per byte received; GAMMA: the sharded path's extra work per element (its pieces,
+# the owner's vote, the result planes), beyond what the allgather path does. Fitted on the
+# development machine (2 shared cores, load ~18, Open MPI over shared memory, 3 and 5 ranks,
+# buckets of 2^16..2^24 elements) with examples/bench_exchange.py: there allgather was faster
+# at every size measured, and the model puts the crossover for large buckets at 7 ranks (odd)
+# or 8 (even) for the vote, beyond that for the mean. A network slower than shared memory (a
+# larger BETA) moves it down; exchange="alltoall" forces the sharded exchange.
+ALPHA = 3.0e-2
+BETA = 4.0e-8
+GAMMA = 2.0e-8
+
+
+def shard_bounds(nbytes: int, n: int, word: int = WORD) -> list[tuple[int, int]]:
+    """[(first byte, end byte)] of the n shards of nbytes packed bytes: contiguous, in rank
+    order, covering [0, nbytes); in whole words of `word` bytes, the counts of words differing
+    by at most one (with w words, the first w % n shards have one more; the last word may be
+    partial). A shard may be empty when there are fewer words than ranks."""
+    if n < 1 or word < 1 or nbytes < 0:
+        raise ValueError(f"bad shard arguments nbytes={nbytes}, n={n}, word={word}")
+    words = -(-nbytes // word)
+    q, r = divmod(words, n)
+    out = []
+    for j in range(n):
+        w0 = j * q + min(j, r)
+        w1 = w0 + q + (j < r)
+        out.append((min(w0 * word, nbytes), min(w1 * word, nbytes)))
+    return out
+
+
+def shard_elements(numel: int, n: int, word: int = WORD) -> list[tuple[int, int]]:
+    """[(first element, element count)] of the n shards of a bucket of numel elements."""
+    return [(8 * b0, max(0, min(8 * b1, numel) - 8 * b0))
+            for b0, b1 in shard_bounds(-(-numel // 8), n, word)]
+
+
+def count_bits(n_ranks: int) -> int:
+    """Bits that carry a count of -1 signs in 0..n_ranks: ceil(log2(n_ranks + 1))."""
+    return max(1, math.ceil(math.log2(n_ranks + 1)))
+
+
+def squeezed(method) -> bool:
+    """ef_signsgd(double_squeeze=True): the shard owners compress the mean again."""
+    return isinstance(method, EFSignSGD) and method.double_squeeze
+
+
+def shardable(method) -> bool:
+    """The method can travel on the sharded exchange: aggregated by the plain vote or mean of
+    signs (no weights, no scales), or the double-squeeze variant of ef_signsgd."""
+    return squeezed(method) or (
+        isinstance(method, SignSGD) and type(method).aggregate is SignSGD.aggregate
+        and method.aggregation in ("majority", "mean"))
+
+
+def exchange_problem(method, mode: str) -> str | None:
+    """A problem with exchange=mode for this method, or None."""
+    if mode not in EXCHANGES:
+        return f"exchange must be one of {EXCHANGES}, not {mode!r}"
+    if mode == "allgather" and method is not None and squeezed(method):
+        return (f"{method.describe()} compresses on the shard owners of the sharded exchange; "
+                f"use exchange='alltoall' or 'auto'")
+    if mode == "alltoall" and method is not None and not shardable(method):
+        return (f"exchange='alltoall' needs a method aggregated by a majority vote or a mean "
+                f"of signs (signsgd, signum, stochastic_sign, ssdm with aggregation "
+                f"'majority' or 'mean', or ef_signsgd(double_squeeze=True)); "
+                f"{method.describe()} is not. Use exchange='auto'.")
+    return None
+
+
+def _r4(x: int) -> int:
+    return (x + 3) // 4 * 4
+
+
+def route_bytes(method, numel: int, n: int, route: str) -> int:
+    """Bytes one rank receives for a bucket of numel elements among n ranks, averaged over the
+    ranks (no joined ranks; for majority with an even n a tie plane on every shard, the worst
+    case; size exchanges left out)."""
+    if route == "allgather":
+        return (n - 1) * wire.payload_nbytes(method.codec.codec, numel,
+                                             n_scales=_n_scales(method))
+    planes = count_bits(n) if method.aggregation == "mean" else 1 + (n % 2 == 0)
+    # phase 1: shard j arrives from n - 1 ranks at rank j; phase 2: owner j's result arrives
+    # at n - 1 ranks; per rank, the mean over j of both
+    per_shard = [2 * wire.HEADER_NBYTES + (1 + planes) * _r4(b1 - b0)
+                 for b0, b1 in shard_bounds(-(-numel // 8), n)]
+    return (n - 1) * sum(per_shard) // n
+
+
+def _n_scales(method) -> int:
+    return 1 if method.codec.codec == "stochastic_sign" else 0
+
+
+def route_seconds(method, numel: int, n: int, route: str) -> float:
+    """The cost model (ALPHA, BETA, GAMMA above) for one bucket."""
+    t = BETA * route_bytes(method, numel, n, route)
+    return t + ALPHA if route == "allgather" else t + 2 * ALPHA + GAMMA * numel
+
+
+def choose(method, mode: str, numel: int, n: int) -> str:
+    """The route of a bucket of this method: "allreduce", "allgather" or "alltoall"."""
+    if method.collective != "allgather":
+        return method.collective
+    if squeezed(method):
+        return "alltoall"
+    if mode == "allgather" or not shardable(method) or n < 2:
+        return "allgather"
+    if mode == "alltoall":
+        return "alltoall"
+    a2a = route_seconds(method, numel, n, "alltoall")
+    return "alltoall" if a2a < route_seconds(method, numel, n, "allgather") else "allgather"
+
+
+def _pack_bool(mask: np.ndarray) -> torch.Tensor:
+    """Bits LSB first (element 8j+i -> bit i of byte j), as kernels.pack_signs lays them."""
+    return torch.from_numpy(np.packbits(mask, bitorder="little"))
+
+
+def _unpack_bool(bits: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.from_numpy(np.unpackbits(bits.numpy(), count=k, bitorder="little").view(bool))
+
+
+class Exchange:
+    """Routes each bucket (module docstring); one per engine.
+
+    mode: "auto" (the cost model picks, per bucket, from n and its length), "allgather" or
+    "alltoall" (methods that cannot shard keep their own collective under "auto" and
+    "allgather"; exchange_problem refuses "alltoall" for them). average / predivide: Horovod's
+    op and gradient_predivide_factor, for the dense allreduce.
+    """
+
+    def __init__(self, comm, mode: str = "auto", *, average: bool = True,
+                 predivide: float = 1.0):
+        if mode not in EXCHANGES:
+            raise ValueError(f"exchange must be one of {EXCHANGES}, not {mode!r}")
+        self.comm, self.mode = comm, mode
+        self.average, self.predivide = average, predivide
+        self._gaps = {}
+
+    def gaps(self, b) -> torch.Tensor:
+        """Bucket b's alignment gaps (bool, True where no tensor lies), cached per bucket."""
+        g = self._gaps.get(b.name)
+        if g is None or g.numel() != b.layout.numel:
+            g = torch.ones(b.layout.numel, dtype=torch.bool)
+            for o, s in b.layout.segments():
+                g[o:o + s] = False
+            self._gaps[b.name] = g
+        return g
+
+    def route(self, b) -> str:
+        return choose(b.active, self.mode, b.layout.numel, self.comm.size)
+
+    def start(self, b, msg: torch.Tensor):
+        """Start bucket b's exchange of this rank's payload msg; returns a handle whose wait()
+        gives what `aggregate` takes."""
+        route = self.route(b)
+        if route == "allgather":
+            return self.comm.allgather(msg, b.name, size_exchange=b.active.variable_size)
+        if route == "allreduce":
+            f = self.predivide if self.average else 1.0
+            return self.comm.allreduce(msg, b.name, prescale=1.0 / f, postscale=f)
+        return _ShardedHandle(self, b, msg)
+
+    def aggregate(self, b, result: torch.Tensor) -> torch.Tensor:
+        """Bucket b's aggregate (identical on every rank) from its handle's result."""
+        if isinstance(b.handle, _ShardedHandle) and not b.handle.fell_back:
+            return b.handle.decode(result)
+        return b.active.aggregate(result, b.state, b.ctx)
+
+
+class _ShardedHandle:
+    """The two phases of one bucket's sharded exchange; wait() runs the owner's part."""
+
+    def __init__(self, ex: Exchange, b, msg: torch.Tensor):
+        self.ex, self.b, self.comm = ex, b, ex.comm
+        n, d = self.comm.size, b.layout.numel
+        self.codec = b.active.codec.codec
+        self.bounds = shard_bounds(-(-d // 8), n)
+        self.elems = shard_elements(d, n)
+        self.scaled = squeezed(b.active)
+        # the pieces of scaled sign carry the sender's per-tensor scales
+        self.n_scales = len(b.layout.sizes) if self.scaled else 0
+        self.pieces = [wire.HEADER_NBYTES + 4 * self.n_scales + _r4(b1 - b0)
+                       for b0, b1 in self.bounds]
+        self.mean = b.active.aggregation == "mean" and not self.scaled
+        self.bits = count_bits(n)
+        self.msg = msg
+        self.fell_back = False
+        self.first = self.comm.alltoall(self._pieces(msg), self._splits(), f"{b.name}.shards")
+        self.second = None
+        self._result = None
+
+    def _splits(self):
+        return self.pieces
+
+    def _pieces(self, msg):
+        b = self.b
+        (p,) = wire.split(msg, 1, bucket=b.name, codec=self.codec, n=b.layout.numel)
+        flags = p.header.flags & (wire.FLAG_NONFINITE | wire.FLAG_JOINED)
+        if p.header.flags & wire.FLAG_ZEROS and not flags:
+            flags = _FLAG_MARKED
+        out = torch.zeros(sum(self.pieces), dtype=torch.uint8)
+        scales = (p.scales.view(torch.uint8) if p.scales.numel() == self.n_scales and not flags
+                  else None)
+        pos = 0
+        for (b0, b1), (_, k), size in zip(self.bounds, self.elems, self.pieces):
+            out[pos:pos + wire.HEADER_NBYTES] = _header(self.codec, k, flags=flags,
+                                                        n_scales=self.n_scales)
+            body = pos + wire.HEADER_NBYTES + 4 * self.n_scales
+            if scales is not None:
+                out[pos + wire.HEADER_NBYTES:body] = scales
+            if not flags:
+                out[body:body + b1 - b0] = p.body[b0:b1]
+            pos += size
+        return out
+
+    def wait(self) -> torch.Tensor:
+        if self._result is None:
+            received = self.first.wait()
+            if self.second is None:
+                try:
+                    reply = self._own_shard(received)
+                except (wire.PayloadError, ValueError) as e:
+                    text = str(e).encode()
+                    reply = _message(self.codec, 0, _FLAG_FAILED, len(text),
+                                     torch.frombuffer(bytearray(text), dtype=torch.uint8))
+                self.second = self.comm.allgather(reply, f"{self.b.name}.result",
+                                                  size_exchange=not (self.mean or self.scaled))
+            self._result = self.second.wait()
+            if self._marked(self._result):
+                # Exact zeros on some rank: every rank saw the same owners' replies, so every
+                # rank sends its whole payload again by allgather (the step costs both)
+                self.fell_back = True
+                self._result = self.comm.allgather(self.msg, f"{self.b.name}.marked",
+                                                   size_exchange=True).wait()
+        return self._result
+
+    def _marked(self, gathered: torch.Tensor) -> bool:
+        pos = 0
+        for j in range(self.comm.size):
+            h = wire.parse_header(gathered, pos, rank=j, bucket=self.b.name)
+            if h.flags & _FLAG_MARKED:
+                return True
+            pos += wire.HEADER_NBYTES + 4 * h.n_scales + _r4(self._reply_nbytes(h, j))
+        return False
+
+    def _reply_nbytes(self, h, j) -> int:
+        """Bytes after the header (and scales) of owner j's reply, from its header."""
+        (b0, b1) = self.bounds[j]
+        plane = _r4(b1 - b0)
+        if h.flags & (_FLAG_FAILED | _FLAG_MARKED):
+            return h.nnz
+        if h.flags & wire.FLAG_NONFINITE:
+            return 4 * h.nnz
+        if self.scaled:
+            return plane
+        if self.mean:
+            return h.nnz * plane
+        return plane + (plane if h.flags & wire.FLAG_DENSE else 4 * h.nnz)
+
+    def _own_shard(self, received: torch.Tensor) -> torch.Tensor:
+        """Aggregate this rank's shard from the n pieces it received; the phase 2 message."""
+        n, j = self.comm.size, self.comm.rank
+        (b0, b1), (_, k), size = self.bounds[j], self.elems[j], self.pieces[j]
+        if received.numel() != n * size:
+            raise wire.PayloadError(f"bucket {self.b.name}: rank {j} received "
+                                    f"{received.numel()} bytes of shards, expected {n * size}")
+        voters, bad, marked = [], [], False
+        for m in range(n):
+            h = wire.parse_header(received, m * size, rank=m, bucket=self.b.name)
+            if h.codec != self.codec or h.n != k or h.n_scales != self.n_scales:
+                raise wire.PayloadError(
+                    f"rank {m} sent shard {j} of bucket {self.b.name} as {h.codec!r} with "
+                    f"{h.n} elements and {h.n_scales} scales; rank {j} expects "
+                    f"{self.codec!r} with {k} and {self.n_scales}")
+            if h.flags & wire.FLAG_NONFINITE:
+                bad.append(m)
+            elif not h.flags & wire.FLAG_JOINED:
+                voters.append(m)
+            marked = marked or bool(h.flags & _FLAG_MARKED)
+        if marked and not bad:
+            if self.scaled:
+                raise ValueError("ef_signsgd(double_squeeze=True) cannot carry exact zeros "
+                                 "(sign(0) = 0) through the owners' second compression; use "
+                                 "ef_signsgd without double_squeeze for models with them")
+            return _message(self.codec, k, _FLAG_MARKED, 0)
+        if bad:
+            return _message(self.codec, k, wire.FLAG_NONFINITE, len(bad),
+                            torch.tensor(bad, dtype=torch.int32).view(torch.uint8))
+        nb = b1 - b0
+        body = wire.HEADER_NBYTES + 4 * self.n_scales
+        rows = received.view(n, size)[:, body:body + nb]
+        if len(voters) < n:
+            rows = rows[voters]
+        if self.scaled:
+            scales = received.view(n, size)[voters, wire.HEADER_NBYTES:body]
+            return self._squeeze(rows, scales.contiguous().view(torch.float32), len(voters))
+        if self.mean:
+            total = kernels.vote(rows, k, mode="sum")           # voters - 2c, exact
+            count = ((len(voters) - total) / 2).to(torch.int32).numpy()
+            planes = [_pad4(_pack_bool((count >> i) & 1 == 1)) for i in range(self.bits)]
+            return _message(self.codec, k, 0, self.bits, *planes)
+        vote = kernels.vote(rows, k, mode="majority")
+        signs = _pad4(kernels.pack_signs(vote))
+        ties = (vote == 0).nonzero().flatten()
+        t = ties.numel()
+        if t == 0:
+            return _message(self.codec, k, 0, 0, signs)
+        if 4 * t < _r4(nb):
+            return _message(self.codec, k, 0, t, signs, ties.to(torch.int32).view(torch.uint8))
+        return _message(self.codec, k, wire.FLAG_DENSE, t, signs,
+                        _pad4(_pack_bool((vote == 0).numpy())))
+
+    def _squeeze(self, rows, scales, v) -> torch.Tensor:
+        """Double squeeze on this rank's shard: a = mean_m q_m + owner_error,
+        Q = (||a||_1 / |a|) sign(a), owner_error <- a - Q (alignment gaps stay 0)."""
+        j = self.comm.rank
+        e0, k = self.elems[j]
+        mean = torch.zeros(k)
+        for t, (o, s) in enumerate(self.b.layout.segments()):
+            lo, hi = max(o, e0), min(o + s, e0 + k)
+            if lo < hi:     # layout offsets and shard starts are multiples of 8 elements
+                kernels.vote(rows[:, (lo - e0) // 8:(hi - e0 + 7) // 8], hi - lo, mode="sum",
+                             weights=scales[:, t] / v, out=mean[lo - e0:hi - e0])
+        a = self.b.state["owner_error"][e0:e0 + k]
+        a.add_(mean)                                   # the memory now holds a
+        gaps = self.ex.gaps(self.b)[e0:e0 + k]
+        real = k - int(gaps.sum())
+        scale = torch.tensor(float(a.abs().sum()) / max(real, 1), dtype=torch.float32)
+        signs = kernels.pack_signs(a)
+        q = kernels.unpack_signs(signs, k, scale=scale).masked_fill_(gaps, 0.0)
+        a.sub_(q)                                      # owner_error <- a - Q
+        return _message(self.codec, k, 0, 0, scale.view(1).view(torch.uint8), _pad4(signs),
+                        n_scales=1)
+
+    def decode(self, gathered: torch.Tensor) -> torch.Tensor:
+        """The bucket's aggregate from the n owners' results, written into ctx.out."""
+        b, ctx = self.b, self.b.ctx
+        out = ctx.out if ctx.out is not None else torch.zeros(b.layout.numel)
+        pos = 0
+        for j, ((b0, b1), (e0, k)) in enumerate(zip(self.bounds, self.elems)):
+            h = wire.parse_header(gathered, pos, rank=j, bucket=b.name)
+            if h.codec != self.codec or (h.n != k and not h.flags & _FLAG_FAILED):
+                raise wire.PayloadError(f"rank {j} returned shard {j} of bucket {b.name} as "
+                                        f"{h.codec!r} with {h.n} elements; expected "
+                                        f"{self.codec!r} with {k}")
+            body = pos + wire.HEADER_NBYTES
+            plane = _r4(b1 - b0)
+            if h.flags & _FLAG_FAILED:
+                text = bytes(gathered[body:body + h.nnz].tolist()).decode(errors="replace")
+                raise wire.PayloadError(f"rank {j} could not aggregate its shard of bucket "
+                                        f"{b.name}: {text}")
+            if h.flags & wire.FLAG_NONFINITE:
+                bad = gathered[body:body + 4 * h.nnz].clone().view(torch.int32).tolist()
+                raise NonFiniteGradientError(
+                    f"NaN or Inf in the gradient of rank(s) {bad} (bucket {ctx.bucket}, step "
+                    f"{ctx.step}); the step is not applied on any rank. Lower the learning "
+                    f"rate, clip gradients, or check the data.")
+            seg = out[e0:e0 + k]
+            if self.scaled:
+                scale = gathered[body:body + 4].clone().view(torch.float32)
+                kernels.unpack_signs(gathered[body + 4:body + 4 + b1 - b0], k, scale=scale[0],
+                                     out=seg)
+                seg.masked_fill_(self.ex.gaps(b)[e0:e0 + k], 0.0)
+                if not ctx.average:
+                    seg.mul_(ctx.size)
+                end = body + 4 + plane
+            elif self.mean:
+                # plane i unpacked with scale 2^i is 2^i - 2^(i+1) bit_i; their sum is
+                # (2^b - 1) - 2c, so voters - 2c follows in exact float32 integers
+                v = len(ctx.voters) if ctx.voters is not None else ctx.size
+                tmp = torch.empty(k) if h.nnz > 1 else None
+                for i in range(h.nnz):
+                    bits = gathered[body + i * plane:body + i * plane + b1 - b0]
+                    kernels.unpack_signs(bits, k, scale=float(2 ** i), out=seg if i == 0 else tmp)
+                    if i:
+                        seg.add_(tmp)
+                seg.add_(float(v - (2 ** h.nnz - 1)))
+                seg.div_(v)
+                if not ctx.average:
+                    seg.mul_(ctx.size)
+                end = body + h.nnz * plane
+            else:
+                kernels.unpack_signs(gathered[body:body + b1 - b0], k, out=seg)
+                end = body + plane
+                if h.flags & wire.FLAG_DENSE:
+                    seg.masked_fill_(_unpack_bool(gathered[end:end + b1 - b0], k), 0.0)
+                    end += plane
+                elif h.nnz:
+                    idx = gathered[end:end + 4 * h.nnz].clone().view(torch.int32)
+                    seg[idx.to(torch.int64)] = 0.0
+                    end += 4 * h.nnz
+            pos = end
+        if pos != gathered.numel():
+            raise wire.PayloadError(f"bucket {b.name}: {gathered.numel() - pos} trailing bytes "
+                                    f"after the shard results")
+        return out
+
+
+def _header(codec: str, n: int, flags: int = 0, nnz: int = 0, n_scales: int = 0) -> torch.Tensor:
+    raw = wire.Header(codec, n, n_scales=n_scales, nnz=nnz, flags=flags).pack()
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+
+
+def _pad4(t: torch.Tensor) -> torch.Tensor:
+    pad = _r4(t.numel()) - t.numel()
+    return torch.cat([t, torch.zeros(pad, dtype=torch.uint8)]) if pad else t
+
+
+def _message(codec: str, n: int, flags: int, nnz: int, *parts, n_scales: int = 0) -> torch.Tensor:
+    return _pad4(torch.cat([_header(codec, n, flags, nnz, n_scales),
+                            *[p.reshape(-1) for p in parts]]))
+
+
+__all__ = ["EXCHANGES", "Exchange", "choose", "count_bits", "exchange_problem", "route_bytes",
+           "route_seconds", "shard_bounds", "shard_elements", "shardable"]
