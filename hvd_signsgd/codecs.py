@@ -240,8 +240,8 @@ class StochasticSign(Sign):
                flags: int = 0, layout: Layout | None = None,
                zeros: int | None = None) -> torch.Tensor:
         n_scales = int(send_norm)
-        if flags & wire.FLAG_NONFINITE:
-            h = wire.Header(self.codec, x.numel(), n_scales=n_scales, flags=flags)
+        if flags & wire.FLAG_NONFINITE:     # x may be None: nothing of it is sent
+            h = wire.Header(self.codec, layout.numel, n_scales=n_scales, flags=flags)
             return wire.build(h, scales=torch.zeros(h.n_scales))
         z = count_zeros(x, layout) if zeros is None else zeros
         return _encode_signs(self.codec, x, z,
@@ -300,8 +300,8 @@ class ScaledSign:
     def encode(self, x, layout: Layout, scales: torch.Tensor, flags: int = 0,
                zeros: int | None = None) -> torch.Tensor:
         n_scales = len(layout.sizes)
-        if flags & wire.FLAG_NONFINITE:
-            h = wire.Header(self.codec, x.numel(), n_scales=n_scales, flags=flags)
+        if flags & wire.FLAG_NONFINITE:     # x may be None: nothing of it is sent
+            h = wire.Header(self.codec, layout.numel, n_scales=n_scales, flags=flags)
             return wire.build(h, scales=torch.zeros(h.n_scales))
         z = count_zeros(x, layout) if zeros is None else zeros
         return _encode_signs(self.codec, x, z, lambda: kernels.pack_signs(x), n_scales, scales)

@@ -52,7 +52,7 @@ import torch
 
 from .. import wire
 from ..codecs import ScaledSign, Sparse, count_zeros
-from .base import Method
+from .base import Method, as_mean, as_sum
 from .sparse import topk_indices
 
 _COMPRESSORS = ("scaled_sign",)
@@ -158,7 +158,6 @@ class ErrorCompensatedX(Method):
     def aggregate(self, gathered, state, ctx):
         payloads = self._payloads(gathered, ctx, self.codec)
         if self.compressor == "scaled_sign":
-            out = self.codec.aggregate(payloads, ctx.layout, out=ctx.out)
-            return out if ctx.average else out.mul_(ctx.size)
-        out = self.codec.aggregate(payloads, ctx.layout.numel, ctx.bucket, out=ctx.out)
-        return out.div_(ctx.size) if ctx.average else out
+            return as_sum(self.codec.aggregate(payloads, ctx.layout, out=ctx.out), ctx)
+        return as_mean(self.codec.aggregate(payloads, ctx.layout.numel, ctx.bucket,
+                                            out=ctx.out), ctx)

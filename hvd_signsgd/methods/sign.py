@@ -16,7 +16,7 @@ import torch
 
 from .. import wire
 from ..codecs import ScaledSign, Sign, StochasticSign, count_zeros
-from .base import Method, mix_seed
+from .base import ErrorFeedbackMethod, Method, as_sum, mix_seed
 
 _SIGN = Sign()
 
@@ -30,9 +30,7 @@ def _sign_aggregate(method, gathered, ctx, weights=None):
         return method.codec.aggregate(payloads, ctx.layout.numel, "sum", weights=weights,
                                       out=ctx.out)
     out = method.codec.aggregate(payloads, ctx.layout.numel, mode, weights=weights, out=ctx.out)
-    if mode == "mean" and not ctx.average:
-        out.mul_(ctx.size)
-    return out
+    return as_sum(out, ctx) if mode == "mean" else out
 
 
 class SignSGD(Method):
@@ -201,7 +199,7 @@ def ssdm_lr_lambda(step: int) -> float:
     return (step + 1) ** -0.75
 
 
-class EFSignSGD(Method):
+class EFSignSGD(ErrorFeedbackMethod):
     """EF-signSGD (Karimireddy et al. 2019, section 4): scaled sign with error feedback.
 
     p = e + g; q = (||p_t||_1 / nnz(p_t)) sign(p) per tensor t with sign(0) = 0; e <- p - q;
@@ -232,14 +230,15 @@ class EFSignSGD(Method):
         return {"double_squeeze": True} if self.double_squeeze else {}
 
     def init_state(self, layout):
+        state = self.memory.init_state(layout)
         if self.double_squeeze:
-            return {"error": torch.zeros(layout.numel), "owner_error": torch.zeros(layout.numel)}
-        return {"error": torch.zeros(layout.numel)}
+            state["owner_error"] = torch.zeros(layout.numel)
+        return state
 
-    def encode(self, g, state, ctx):
-        if ctx.nonfinite:
-            return self.codec.encode(g, ctx.layout, None, flags=wire.FLAG_NONFINITE)
-        p = state["error"].add_(g)                      # p = e + g, in place
+    def encode_nonfinite(self, ctx):
+        return self.codec.encode(None, ctx.layout, None, flags=wire.FLAG_NONFINITE)
+
+    def compress(self, p, ctx):
         z = count_zeros(p, ctx.layout)
         scales = self.codec.scales(p, ctx.layout, zeros=z)
         msg = self.codec.encode(p, ctx.layout, scales, zeros=z)
@@ -251,5 +250,4 @@ class EFSignSGD(Method):
             raise RuntimeError("ef_signsgd(double_squeeze=True) aggregates on the sharded "
                                "exchange (hvd_signsgd.exchange), not from an allgather")
         payloads = self._payloads(gathered, ctx, self.codec)
-        out = self.codec.aggregate(payloads, ctx.layout, out=ctx.out)
-        return out if ctx.average else out.mul_(ctx.size)
+        return as_sum(self.codec.aggregate(payloads, ctx.layout, out=ctx.out), ctx)
