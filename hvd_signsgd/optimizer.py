@@ -439,6 +439,7 @@ class _CompressedOptimizer(torch.optim.Optimizer):
             raise AssertionError("optimizer.zero_grad() was called after loss.backward() but "
                                  "before optimizer.step() or optimizer.synchronize(); this "
                                  "would race with the gradient exchange.")
+        self._synchronized = False      # new gradients follow: a new step's exchange
         return self._base_cls.zero_grad(self, set_to_none)
 
     def set_backward_passes_per_step(self, passes: int):
