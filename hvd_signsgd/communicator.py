@@ -1,7 +1,8 @@
 """The communicator moves bytes and counts them; it never looks inside a payload.
 
 One small interface, `Communicator`, and one implementation per library that moves bytes:
-`HorovodCommunicator` here (Horovod's collectives: MPI or Gloo underneath). Nothing else in the
+`HorovodCommunicator` (Horovod's collectives: MPI or Gloo underneath) and
+`TorchDistCommunicator` (torch.distributed: Gloo or NCCL, for the DDP hook). Nothing else in the
 package imports a communication library. What an implementation provides:
 
 - `allgather(payload, name)`: a flat uint8 tensor per rank, of any length (an allgatherv);
@@ -17,7 +18,9 @@ run executes the method exactly as n processes do.
 Byte counts are exact for what this rank hands to and receives from each collective:
   allgather: sent = len(own payload), received = sum of the other ranks' payload lengths;
   allreduce: sent = received = tensor bytes.
-These are the numbers a float32 allreduce of the same gradients is compared against. What the
+They are the same whichever library moves the bytes (the torch.distributed one pads payloads
+into fixed slots, see TorchDistCommunicator; the padding is not counted). These are the numbers
+a float32 allreduce of the same gradients is compared against. What the
 network carries on top depends on the collective's algorithm (a ring allgather forwards the
 other ranks' payloads; a ring allreduce moves 2(n-1)/n of the tensor each way): see
 `wire_bytes_sent` for that model.
@@ -81,6 +84,16 @@ class Handle:
                 c.wire_bytes_sent += 2 * (n - 1) * self.nbytes // n
         return self._result
 
+    def future(self) -> torch.futures.Future:
+        """A future completed once the collective is done (its value is not the result: call
+        wait() from its callback). Libraries without futures give a completed one, and wait()
+        then blocks."""
+        fut = getattr(self.wait_fn, "future", None)
+        if fut is None:
+            fut = torch.futures.Future()
+            fut.set_result(None)
+        return fut
+
 
 class Communicator:
     """The interface the engine talks to (module docstring). Subclasses implement the
@@ -93,10 +106,15 @@ class Communicator:
     def __init__(self):
         self.counters = Counters()
 
-    def allgather(self, payload: torch.Tensor, name: str, size_exchange: bool = False) -> Handle:
+    def allgather(self, payload: torch.Tensor, name: str, size_exchange: bool = False,
+                  slot_nbytes: int | None = None) -> Handle:
         """size_exchange: the payload length differs between ranks (an allgatherv), so count
         the exchange of sizes it needs: each rank's int64 length (8 bytes sent, 8 from each
-        other rank; also in extra["size_exchange_bytes"]). Fixed-length payloads need none."""
+        other rank; also in extra["size_exchange_bytes"]). Fixed-length payloads need none.
+        slot_nbytes (fixed-length payloads only): the length every rank's payload has, except
+        that a rank's may be shorter (a NaN/Inf payload is a header alone); the same on every
+        rank. A library whose allgather needs equal lengths uses it instead of exchanging
+        sizes; the others ignore it."""
         assert payload.dtype == torch.uint8 and payload.dim() == 1
         c = self.counters
         c.bytes_sent += payload.numel()
@@ -108,7 +126,9 @@ class Communicator:
             c.extra["size_exchange_bytes"] = c.extra.get("size_exchange_bytes", 0) + 8 * self.size
         if self.size == 1:
             return Handle(self, None, "allgather", payload.numel(), result=payload)
-        return Handle(self, self._start_allgather(payload, name), "allgather", payload.numel())
+        start = self._start_allgather(payload, name, size_exchange=size_exchange,
+                                      slot_nbytes=slot_nbytes)
+        return Handle(self, start, "allgather", payload.numel())
 
     def allreduce(self, tensor: torch.Tensor, name: str, prescale: float = 1.0,
                   postscale: float = 1.0) -> Handle:
@@ -146,8 +166,9 @@ class Communicator:
 
     # --- what an implementation provides ----------------------------------------------------
 
-    def _start_allgather(self, payload, name):
-        """Start an allgather; return a function that waits and returns the result."""
+    def _start_allgather(self, payload, name, size_exchange=False, slot_nbytes=None):
+        """Start an allgather; return a function that waits and returns the result (with a
+        `future` attribute where the library has futures: see Handle.future)."""
         raise NotImplementedError
 
     def _start_allreduce(self, tensor, name, prescale, postscale):
@@ -175,7 +196,7 @@ class HorovodCommunicator(Communicator):
         self.size = self.process_set.size()
         self.rank = self.process_set.rank() if self.included else -1
 
-    def _start_allgather(self, payload, name):
+    def _start_allgather(self, payload, name, size_exchange=False, slot_nbytes=None):
         h = self._hvd.allgather_async(payload, name=name, process_set=self.process_set)
         return lambda: self._hvd.synchronize(h)
 
@@ -191,3 +212,115 @@ class HorovodCommunicator(Communicator):
 
     def _allgather_bytes(self, tensor, name):
         return self._hvd.allgather(tensor, name=name, process_set=self.process_set)
+
+
+class _Pending:
+    """A torch.distributed collective in flight: wait() via `future`, then `finish()` turns
+    the output buffer into the result."""
+
+    def __init__(self, future, finish):
+        self.future, self._finish = future, finish
+
+    def __call__(self):
+        self.future.wait()
+        return self._finish()
+
+
+class TorchDistCommunicator(Communicator):
+    """torch.distributed's collectives on one process group (None: the default group), for
+    the DDP communication hook (ddp.py). Collectives are asynchronous and give futures, so a
+    hook can return a future chained on them.
+
+    Payloads: fixed-length ones travel in one all_gather_into_tensor, each rank's in a slot of
+    8 + slot_nbytes bytes (its length first, so that a shorter NaN/Inf payload fits); payloads
+    of varying length (size_exchange) first gather their lengths (a small blocking
+    all_gather), then travel padded to the longest. Dense tensors: all_reduce. The slot
+    padding and length prefix travel but are not counted (module docstring), so that the byte
+    counts are those of the Horovod front end for the same payloads.
+
+    Device: the engine works on CPU float32 buffers; with the NCCL backend payloads are
+    staged to the current CUDA device and the results back (correct but not fast; NOT TESTED:
+    this package's test machines have no GPU). Gloo works on CPU tensors directly."""
+
+    def __init__(self, process_group=None):
+        super().__init__()
+        import torch.distributed as dist
+        self._dist = dist
+        self.group = process_group if process_group is not None else dist.group.WORLD
+        self.size = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.included = self.rank >= 0
+        self.backend = str(dist.get_backend(self.group)).lower()
+        self.device = (torch.device("cuda", torch.cuda.current_device())
+                       if "nccl" in self.backend else torch.device("cpu"))
+
+    def _dev(self, t):
+        return t if t.device == self.device else t.to(self.device)
+
+    def _host(self, t):
+        return t if t.device.type == "cpu" else t.cpu()
+
+    def _gather_into(self, x, async_op):
+        out = torch.empty(self.size * x.numel(), dtype=x.dtype, device=self.device)
+        # all_gather_single is all_gather_into_tensor's newer name (the old one warns)
+        gather = getattr(self._dist, "all_gather_single", None) or \
+            self._dist.all_gather_into_tensor
+        work = gather(out, self._dev(x), group=self.group, async_op=async_op)
+        return out, work
+
+    def _start_allgather(self, payload, name, size_exchange=False, slot_nbytes=None):
+        n = payload.numel()
+        if size_exchange or slot_nbytes is None:
+            sizes, _ = self._gather_into(torch.tensor([n], dtype=torch.int64), False)
+            sizes = self._host(sizes).tolist()
+            width, prefix = max(sizes), 0
+        else:
+            assert n <= slot_nbytes, "a payload longer than its slot"
+            width, prefix = slot_nbytes + 8, 8
+        slot = torch.zeros(width, dtype=torch.uint8)
+        if prefix:
+            slot[:8] = torch.tensor([n], dtype=torch.int64).view(torch.uint8)
+        slot[prefix:prefix + n] = payload
+        out, work = self._gather_into(slot, True)
+
+        def finish():
+            rows = self._host(out).view(self.size, width)
+            lengths = (rows[:, :8].contiguous().view(torch.int64).view(-1).tolist() if prefix
+                       else sizes)
+            if all(k == width - prefix for k in lengths):
+                return rows[:, prefix:].reshape(-1)
+            return torch.cat([rows[r, prefix:prefix + k] for r, k in enumerate(lengths)])
+
+        return _Pending(work.get_future(), finish)
+
+    def _start_allreduce(self, tensor, name, prescale, postscale):
+        x = self._dev(tensor)
+        if prescale != 1.0:
+            x.mul_(prescale)
+        work = self._dist.all_reduce(x, group=self.group, async_op=True)
+
+        def finish():
+            if postscale != 1.0:
+                x.mul_(postscale)
+            if x is not tensor:
+                tensor.copy_(x)
+            return tensor
+
+        return _Pending(work.get_future(), finish)
+
+    def _control(self, record, name):
+        x = self._dev(record.clone())
+        self._dist.all_reduce(x, group=self.group)
+        return self._host(x)
+
+    def _allgather_bytes(self, tensor, name):
+        """Blocking; the lengths may differ between ranks (pickled objects)."""
+        x = tensor.contiguous().view(-1)
+        sizes, _ = self._gather_into(torch.tensor([x.numel()], dtype=torch.int64), False)
+        sizes = self._host(sizes).tolist()
+        width = max(sizes)
+        slot = torch.zeros(width, dtype=x.dtype)
+        slot[:x.numel()] = x
+        out, _ = self._gather_into(slot, False)
+        rows = self._host(out).view(self.size, width)
+        return torch.cat([rows[r, :k] for r, k in enumerate(sizes)])
