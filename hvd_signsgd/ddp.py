@@ -160,6 +160,8 @@ class State:
             buf = bucket.buffer()
             for part in parts:
                 b = part.bucket
+                if b.layout.numel != b.layout.real_numel:
+                    b.flat.zero_()      # the alignment gaps must be 0 (the last result is not)
                 for o, d, s in zip(b.layout.offsets, part.ddp_offsets, part.sizes):
                     b.flat[o:o + s].copy_(buf[d:d + s])
             engine.launch([p.bucket for p in parts])
