@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 from harness import run_job
 
@@ -39,12 +41,15 @@ for method in sorted(hvd_signsgd.METHODS):
     ref = Reference(method, list(model.module.parameters()), **opts)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     exact, close, layouts = True, True, []
+    large = [i for i, p in enumerate(model.module.parameters()) if p.numel() >= SMALL]
     for step in range(4):
         want = ref.step(local_grads(twin, model.module, [(step, rank)]))
         opt.zero_grad()
         loss_of(model, step, rank).backward()
         got = [p.grad for p in model.module.parameters()]
-        exact &= all(torch.equal(a, b) for a, b in zip(got, want))
+        # the compressed tensors exactly; the small ones travel in Gloo's float32 sum, whose
+        # order for 3+ ranks is not the simulation's
+        exact &= all(torch.equal(got[i], want[i]) for i in large)
         close &= all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(got, want))
         opt.step()
         layouts.append([list(keys) for keys, _ in state._layout])
@@ -63,10 +68,10 @@ def test_every_method_every_rank_identical_and_equal_to_the_simulation(np):
         assert r["identical"], method
         assert r["rebuilt"] and r["stable"], (method, "DDP did not rebuild its buckets once")
         assert r["steps"] == 4
-        if method == "none":      # Gloo's sum order for 3+ ranks is not the simulation's
+        if method in ("signsgd", "signum", "ef_signsgd", "topk"):
+            assert r["exact"] and r["close"], method
+        elif method == "none":
             assert r["close"], method
-        elif method in ("signsgd", "signum", "ef_signsgd", "topk"):
-            assert r["exact"], method
     assert all(res == results[0] for res in results)
 
 
@@ -293,3 +298,24 @@ def test_byte_counts_are_exact(np):
             assert s["dense_fp32_bytes"] == 4 * (large + small)
             assert s["control_bytes"] == 8 * 4 * np
             assert s["steps"] == 2
+
+
+def test_digits_accuracy_within_two_points_of_ddp_fp32(tmp_path):
+    """examples/train_digits_ddp.py under torchrun, 4 ranks: plain DDP (float32, no hook)
+    against the hook, as test_sign_optimizer's digits test does for the Horovod front end."""
+    from harness import ROOT
+    runs = {}
+    for method in ("fp32", "signum", "ef_signsgd"):
+        out = tmp_path / f"{method}.json"
+        job = run_job(script=ROOT / "examples" / "train_digits_ddp.py", np=4, timeout=400,
+                      launcher="torchrun", args=["--method", method, "--epochs", "30",
+                                                 "--no-progress", "--out", str(out)])
+        assert job.returncode == 0, job.diagnostics()
+        assert "RESULT method=" + method in job.stdout
+        runs[method] = json.loads(out.read_text())
+    base = runs["fp32"]
+    for method in ("signum", "ef_signsgd"):
+        r = runs[method]
+        assert r["ranks_identical"] and r["ranks"] == 4
+        assert r["test_acc"] >= base["test_acc"] - 0.02, (method, r["test_acc"], base["test_acc"])
+        assert r["bytes_sent_per_rank"] * 25 <= base["bytes_sent_per_rank"], method
