@@ -319,3 +319,26 @@ def test_digits_accuracy_within_two_points_of_ddp_fp32(tmp_path):
         assert r["ranks_identical"] and r["ranks"] == 4
         assert r["test_acc"] >= base["test_acc"] - 0.02, (method, r["test_acc"], base["test_acc"])
         assert r["bytes_sent_per_rank"] * 25 <= base["bytes_sent_per_rank"], method
+
+
+def test_bench_ddp_smoke():
+    """examples/bench_ddp.py runs every configuration (a smoke run: 2 steps, tiny model; its
+    timings mean nothing) and reports exact bytes for fp32, fp16 and ours."""
+    from harness import ROOT
+    job = run_job(script=ROOT / "examples" / "bench_ddp.py", np=2, timeout=300,
+                  launcher="torchrun", args=["--steps", "2", "--warmup", "2", "--width", "64",
+                                             "--layers", "2", "--powersgd-start", "3"])
+    assert job.returncode == 0, job.diagnostics()
+    rows = {}
+    for line in job.stdout.splitlines():
+        if line.startswith("BENCH "):
+            fields = dict(kv.split("=", 1) for kv in line.split()[1:])
+            rows[fields["config"]] = fields
+    assert list(rows) == ["fp32", "fp16", "powersgd-r1", "powersgd-r2", "powersgd-r4",
+                          "signsgd", "signum", "ef_signsgd", "topk-1%"], job.stdout
+    n = 256 * 64 + 64 + 64 * 64 + 64 + 64 * 10 + 10
+    assert int(rows["fp32"]["bytes_sent_per_step"]) == 4 * n
+    assert int(rows["fp16"]["bytes_sent_per_step"]) == 2 * n
+    assert float(rows["fp32"]["ratio_to_fp32"]) == 1.0
+    assert 0 < int(rows["signsgd"]["bytes_sent_per_step"]) * 20 < 4 * n
+    assert "timed its warm-up" not in job.stdout     # 4 steps > start 3
