@@ -120,16 +120,8 @@ class Engine:
 
     def build(self, chunks) -> None:
         """chunks: [(names, sizes, method)] in launch order; method None means the engine's."""
-        offset = 0
-        for i, (names, sizes, method) in enumerate(chunks):
-            method = method or self.method
-            layout = Layout.for_sizes(sizes)
-            b = Bucket(i, "", list(names), layout, method, offset,
-                       flat=torch.zeros(layout.numel))
-            b.state = method.init_state(layout)
-            b.backup = {k: torch.empty_like(v) for k, v in b.state.items()}
-            self.buckets.append(b)
-            offset += layout.numel
+        for names, sizes, method in chunks:
+            self.add_bucket(names, sizes, method)
         # Collectives are named from what they carry, so that ranks agree on the names
         # whatever else they have built, and a disagreement is an error, not a hang.
         self.prefix = "hvd_signsgd." + layout_digest(self.describe_buckets())[:12]
