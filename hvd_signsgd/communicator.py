@@ -102,6 +102,7 @@ class Communicator:
     size: int = 1
     rank: int = 0
     included: bool = True
+    needs_slot_nbytes: bool = False   # allgather wants slot_nbytes for fixed-length payloads
 
     def __init__(self):
         self.counters = Counters()
@@ -241,6 +242,8 @@ class TorchDistCommunicator(Communicator):
     Device: the engine works on CPU float32 buffers; with the NCCL backend payloads are
     staged to the current CUDA device and the results back (correct but not fast; NOT TESTED:
     this package's test machines have no GPU). Gloo works on CPU tensors directly."""
+
+    needs_slot_nbytes = True
 
     def __init__(self, process_group=None):
         super().__init__()

@@ -295,23 +295,25 @@ class Engine:
         for k, v in b.ctx.stats.items():      # method counts (nnz_sent, dense_fallbacks, ...)
             extra[k] = extra.get(k, 0) + v
         if b.active.collective == "allgather":
+            slot = self._slot_nbytes(b, msg) if self.comm.needs_slot_nbytes else None
             b.handle = self.comm.allgather(msg, b.name, size_exchange=b.active.variable_size,
-                                           slot_nbytes=self._slot_nbytes(b, msg))
+                                           slot_nbytes=slot)
         else:
             f = self.predivide if self.average else 1.0
             b.handle = self.comm.allreduce(msg, b.name, prescale=1.0 / f, postscale=f)
 
     def _slot_nbytes(self, b: Bucket, msg: torch.Tensor) -> int | None:
         """The length of a finite payload of this bucket this step (Communicator.allgather):
-        msg's own, or on a NaN/Inf rank (a header alone) that of a finite encode of zeros on a
-        copy of the state (same step, so the same reset/dense decisions as the other ranks)."""
+        msg's own, or on a NaN/Inf rank (a header alone) that of a finite encode of ones on a
+        copy of the state (same step, so the same reset/dense decisions as the other ranks).
+        Only for communicators that need it (needs_slot_nbytes: torch.distributed)."""
         if b.active.variable_size:
             return None
         if not b.ctx.nonfinite:
             return msg.numel()
-        ctx = dataclasses.replace(b.ctx, nonfinite=False, stats={}, out=None)
+        ctx = dataclasses.replace(b.ctx, nonfinite=False, stats={}, out=None, model_norm=1.0)
         state = {k: v.clone() for k, v in b.state.items()}
-        return b.active.encode(torch.zeros_like(b.flat), state, ctx).numel()
+        return b.active.encode(torch.ones_like(b.flat), state, ctx).numel()
 
     def finish(self) -> Outcome:
         """Wait for every bucket in a fixed order and aggregate it into its flat buffer

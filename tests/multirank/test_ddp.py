@@ -198,8 +198,9 @@ def test_bad_input_gives_the_same_error_on_every_rank():
 
 NONFINITE = """
 out = {}
-for policy in ("raise", "skip"):
-    model, state = hooked(Reversed(), "ef_signsgd", on_nonfinite=policy)
+for policy, method in (("raise", "ef_signsgd"), ("skip", "ef_signsgd"), ("raise", "signum"),
+                       ("raise", "stochastic_sign"), ("raise", "topk"), ("skip", "threshold")):
+    model, state = hooked(Reversed(), method, on_nonfinite=policy)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     for step in range(2):
         opt.zero_grad()
@@ -226,7 +227,8 @@ for policy in ("raise", "skip"):
     except Exception as e:
         recovered = str(e)
     s = state.compression_stats()
-    out[policy] = dict(error=error and "NaN or Inf" in error and "rank(s) [1]" in error,
+    error = error and "NaN or Inf" in error and "rank(s) [1]" in error
+    out[f"{policy}-{method}"] = dict(error=error,
                        state_kept=same, nan=nan, skipped=state.last_step_skipped,
                        recovered=recovered, steps=s["steps"],
                        skipped_steps=s.get("total_skipped_steps", 0))
@@ -236,10 +238,13 @@ report(out)
 
 def test_nonfinite_gradients_raise_or_skip_on_every_rank():
     for r in ddp_job(NONFINITE, 2).ok():
-        assert r["raise"] == dict(error=True, state_kept=True, nan=r["raise"]["nan"],
-                                  skipped=False, recovered=True, steps=3, skipped_steps=0)
-        assert r["skip"] == dict(error=None, state_kept=True, nan=True, skipped=False,
-                                 recovered=True, steps=3, skipped_steps=1)
+        for key, res in r.items():
+            if key.startswith("raise"):
+                assert res == dict(error=True, state_kept=True, nan=res["nan"], skipped=False,
+                                   recovered=True, steps=3, skipped_steps=0), key
+            else:
+                assert res == dict(error=None, state_kept=True, nan=True, skipped=False,
+                                   recovered=True, steps=3, skipped_steps=1), key
 
 
 BYTES = """
