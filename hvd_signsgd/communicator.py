@@ -1,7 +1,8 @@
 """The communicator moves bytes and counts them; it never looks inside a payload.
 
 One small interface, `Communicator`, and one implementation per library that moves bytes:
-`HorovodCommunicator` here (Horovod's collectives: MPI or Gloo underneath). Nothing else in the
+`HorovodCommunicator` (Horovod's collectives: MPI or Gloo underneath) and
+`TorchDistCommunicator` (torch.distributed: Gloo or NCCL, for the DDP hook). Nothing else in the
 package imports a communication library. What an implementation provides:
 
 - `allgather(payload, name)`: a flat uint8 tensor per rank, of any length (an allgatherv);
@@ -22,10 +23,11 @@ Byte counts are exact for what this rank hands to and receives from each collect
   allreduce: sent = received = tensor bytes;
   alltoall: sent = the pieces for the other ranks, received = the pieces from them (the piece a
   rank addresses to itself never leaves it).
-These are the numbers a float32 allreduce of the same gradients is compared against. What the
-network carries on top depends on the collective's algorithm (a ring allgather forwards the
-other ranks' payloads; a ring allreduce moves 2(n-1)/n of the tensor each way): see
-`wire_bytes_sent` for that model.
+They are the same whichever library moves the bytes (the torch.distributed one pads payloads
+to the longest, see TorchDistCommunicator; the padding is not counted). These are the numbers a
+float32 allreduce of the same gradients is compared against. What the network carries on top
+depends on the collective's algorithm (a ring allgather forwards the other ranks' payloads; a
+ring allreduce moves 2(n-1)/n of the tensor each way): see `wire_bytes_sent` for that model.
 """
 from __future__ import annotations
 
@@ -90,6 +92,16 @@ class Handle:
                 c.bytes_received += self.nbytes
                 c.wire_bytes_sent += 2 * (n - 1) * self.nbytes // n
         return self._result
+
+    def future(self) -> torch.futures.Future:
+        """A future completed once the collective is done (its value is not the result: call
+        wait() from its callback). Libraries without futures give a completed one, and wait()
+        then blocks."""
+        fut = getattr(self.wait_fn, "future", None)
+        if fut is None:
+            fut = torch.futures.Future()
+            fut.set_result(None)
+        return fut
 
 
 class Communicator:
@@ -171,7 +183,8 @@ class Communicator:
     # --- what an implementation provides ----------------------------------------------------
 
     def _start_allgather(self, payload, name):
-        """Start an allgather; return a function that waits and returns the result."""
+        """Start an allgather; return a function that waits and returns the result (with a
+        `future` attribute where the library has futures: see Handle.future)."""
         raise NotImplementedError
 
     def _start_allreduce(self, tensor, name, prescale, postscale):
@@ -228,3 +241,116 @@ class HorovodCommunicator(Communicator):
     def _allgather_bytes(self, tensor, name):
         return self._hvd.allgather(tensor, name=name, process_set=self.process_set)
 
+
+class _Pending:
+    """A torch.distributed collective in flight: wait() via `future`, then `finish()` turns
+    the output buffer into the result."""
+
+    def __init__(self, future, finish):
+        self.future, self._finish = future, finish
+
+    def __call__(self):
+        self.future.wait()
+        return self._finish()
+
+
+class TorchDistCommunicator(Communicator):
+    """torch.distributed's collectives on one process group (None: the default group), for
+    the DDP communication hook (ddp.py). Collectives are asynchronous and give futures, so a
+    hook can return a future chained on them.
+
+    Payloads first gather their lengths (a small blocking all_gather), then travel padded to
+    the longest in one all_gather_into_tensor. Dense tensors: all_reduce; the sharded
+    exchange: all_to_all_single. The padding and the lengths travel but are not counted
+    (module docstring), so that the byte counts are those of the Horovod front end for the
+    same payloads.
+
+    Device: the engine works on CPU float32 buffers; with the NCCL backend payloads are
+    staged to the current CUDA device and the results back (correct but not fast; NOT TESTED:
+    this package's test machines have no GPU). Gloo works on CPU tensors directly."""
+
+    def __init__(self, process_group=None):
+        super().__init__()
+        import torch.distributed as dist
+        self._dist = dist
+        self.group = process_group if process_group is not None else dist.group.WORLD
+        self.size = dist.get_world_size(self.group)
+        self.rank = dist.get_rank(self.group)
+        self.included = self.rank >= 0
+        self.backend = str(dist.get_backend(self.group)).lower()
+        self.device = (torch.device("cuda", torch.cuda.current_device())
+                       if "nccl" in self.backend else torch.device("cpu"))
+
+    def _dev(self, t):
+        return t if t.device == self.device else t.to(self.device)
+
+    def _host(self, t):
+        return t if t.device.type == "cpu" else t.cpu()
+
+    def _gather_into(self, x, async_op):
+        out = torch.empty(self.size * x.numel(), dtype=x.dtype, device=self.device)
+        # all_gather_single is all_gather_into_tensor's newer name (the old one warns)
+        gather = getattr(self._dist, "all_gather_single", None) or \
+            self._dist.all_gather_into_tensor
+        work = gather(out, self._dev(x), group=self.group, async_op=async_op)
+        return out, work
+
+    def _start_allgather(self, payload, name):
+        # Lengths first: even a fixed-layout payload is shorter on a NaN/Inf rank (a header)
+        # and longer where exact zeros are marked (wire.FLAG_ZEROS).
+        n = payload.numel()
+        sizes, _ = self._gather_into(torch.tensor([n], dtype=torch.int64), False)
+        sizes = self._host(sizes).tolist()
+        width = max(sizes)
+        slot = torch.zeros(width, dtype=torch.uint8)
+        slot[:n] = payload
+        out, work = self._gather_into(slot, True)
+
+        def finish():
+            rows = self._host(out).view(self.size, width)
+            if all(k == width for k in sizes):
+                return rows.reshape(-1)
+            return torch.cat([rows[r, :k] for r, k in enumerate(sizes)])
+
+        return _Pending(work.get_future(), finish)
+
+    def _start_alltoall(self, payload, splits, name):
+        # every piece addressed to one rank has the same length (exchange.py's pieces)
+        recv = [splits[self.rank]] * self.size
+        out = torch.empty(sum(recv), dtype=torch.uint8, device=self.device)
+        work = self._dist.all_to_all_single(out, self._dev(payload), output_split_sizes=recv,
+                                            input_split_sizes=list(splits), group=self.group,
+                                            async_op=True)
+        return _Pending(work.get_future(), lambda: self._host(out))
+
+    def _start_allreduce(self, tensor, name, prescale, postscale):
+        x = self._dev(tensor)
+        if prescale != 1.0:
+            x.mul_(prescale)
+        work = self._dist.all_reduce(x, group=self.group, async_op=True)
+
+        def finish():
+            if postscale != 1.0:
+                x.mul_(postscale)
+            if x is not tensor:
+                tensor.copy_(x)
+            return tensor
+
+        return _Pending(work.get_future(), finish)
+
+    def _control(self, record, name):
+        x = self._dev(record.clone())
+        self._dist.all_reduce(x, group=self.group)
+        return self._host(x)
+
+    def _allgather_bytes(self, tensor, name):
+        """Blocking; the lengths may differ between ranks (pickled objects)."""
+        x = tensor.contiguous().view(-1)
+        sizes, _ = self._gather_into(torch.tensor([x.numel()], dtype=torch.int64), False)
+        sizes = self._host(sizes).tolist()
+        width = max(sizes)
+        slot = torch.zeros(width, dtype=x.dtype)
+        slot[:x.numel()] = x
+        out, _ = self._gather_into(slot, False)
+        rows = self._host(out).view(self.size, width)
+        return torch.cat([rows[r, :k] for r, k in enumerate(sizes)])

@@ -10,6 +10,11 @@ the way gradients reach a bucket's flat buffer. Everything after that is here, o
     engine.launch(buckets)                    # encode each bucket, start its collective
     outcome = engine.finish()                 # wait, aggregate into each bucket's flat buffer
 
+A front end that receives buckets one at a time and must answer each on its own (the DDP
+communication hook) grows the buckets as they arrive (`add_bucket`, `drop_buckets` when its
+buckets change), launches each alone, and finishes them one by one (`finish_bucket`, in any
+order) before closing the step (`end_step`); finish() is exactly that for all buckets.
+
 The step protocol. Each step starts with one small control exchange, an allreduce of one
 int64 record per rank (slot r holds rank r's record, the others send zeros):
     alive (1), the step counter, flags (loaded state, local problem, joined).
@@ -118,21 +123,36 @@ class Engine:
 
     def build(self, chunks) -> None:
         """chunks: [(names, sizes, method)] in launch order; method None means the engine's."""
-        offset = 0
-        for i, (names, sizes, method) in enumerate(chunks):
-            method = method or self.method
-            layout = Layout.for_sizes(sizes)
-            b = Bucket(i, "", list(names), layout, method, offset,
-                       flat=torch.zeros(layout.numel))
-            b.state = method.init_state(layout)
-            b.backup = {k: torch.empty_like(v) for k, v in b.state.items()}
-            self.buckets.append(b)
-            offset += layout.numel
+        for names, sizes, method in chunks:
+            self.add_bucket(names, sizes, method)
         # Collectives are named from what they carry, so that ranks agree on the names
         # whatever else they have built, and a disagreement is an error, not a hang.
         self.prefix = "hvd_signsgd." + layout_digest(self.describe_buckets())[:12]
         for b in self.buckets:
             b.name = f"{self.prefix}.b{b.index}"
+
+    def add_bucket(self, names, sizes, method: Method | None = None) -> Bucket:
+        """Append one bucket after the others (for a front end that learns its buckets as they
+        arrive); its offset follows the last bucket's. The collective prefix stays as it is:
+        name-free libraries (torch.distributed) do not need build()'s digest."""
+        method = method or self.method
+        layout = Layout.for_sizes(sizes)
+        last = self.buckets[-1] if self.buckets else None
+        offset = last.offset + last.layout.numel if last else 0
+        b = Bucket(len(self.buckets), "", list(names), layout, method, offset,
+                   flat=torch.zeros(layout.numel))
+        b.name = f"{self.prefix}.b{b.index}"
+        b.state = method.init_state(layout)
+        b.backup = {k: torch.empty_like(v) for k, v in b.state.items()}
+        self.buckets.append(b)
+        return b
+
+    def drop_buckets(self, start: int = 0) -> list[Bucket]:
+        """Remove and return the buckets from index `start` on (a front end whose buckets
+        changed moves their state to the new ones itself). None may be in flight."""
+        dropped, self.buckets = self.buckets[start:], self.buckets[:start]
+        assert all(b.handle is None for b in dropped), "a bucket in flight cannot be dropped"
+        return dropped
 
     def describe_buckets(self):
         return [(b.method.describe(), list(zip(b.names, b.layout.sizes))) for b in self.buckets]
@@ -286,29 +306,42 @@ class Engine:
     def finish(self) -> Outcome:
         """Wait for every bucket in a fixed order and aggregate it into its flat buffer
         (identical on every rank). A non-finite step restores every bucket's state."""
-        c = self.comm.counters
         error = None
         for b in self.buckets:
-            result = b.handle.wait()
-            if error is not None:
-                continue            # finish the collectives in flight; nothing is applied
-            t0 = time.perf_counter()
-            try:
-                update = self.exchange.aggregate(b, result)
-                if b.active is self.dense and not isinstance(self.method, NoCompression) \
-                        and not kernels.all_finite(update):
-                    raise NonFiniteGradientError(
-                        f"NaN or Inf in the uncompressed small tensors of at least one rank "
-                        f"(bucket {b.name}, step {self.step})")
-            except NonFiniteGradientError as e:
-                error = e
-                continue
-            if update is not b.flat:
-                b.flat.copy_(update)
-            if b.active is self.dense and b.method is not self.dense:
-                b.method.warmup_rescale(b.flat, b.layout)
-            c.seconds_decode += time.perf_counter() - t0
-            c.dense_fp32_bytes += 4 * b.layout.real_numel
+            if error is None:
+                error = self.finish_bucket(b)
+            else:
+                b.handle.wait()     # finish the collectives in flight; nothing is applied
+        return self.end_step(error)
+
+    def finish_bucket(self, b: Bucket) -> NonFiniteGradientError | None:
+        """Wait for one bucket and aggregate it into b.flat (identical on every rank). Returns
+        the NonFiniteGradientError of a step in which some rank was non-finite in this bucket
+        (b.flat is then not an update), to be passed to end_step()."""
+        result = b.handle.wait()
+        t0 = time.perf_counter()
+        try:
+            update = self.exchange.aggregate(b, result)
+            if b.active is self.dense and not isinstance(self.method, NoCompression) \
+                    and not kernels.all_finite(update):
+                raise NonFiniteGradientError(
+                    f"NaN or Inf in the uncompressed small tensors of at least one rank "
+                    f"(bucket {b.name}, step {self.step})")
+        except NonFiniteGradientError as e:
+            return e
+        if update is not b.flat:
+            b.flat.copy_(update)
+        if b.active is self.dense and b.method is not self.dense:
+            b.method.warmup_rescale(b.flat, b.layout)
+        c = self.comm.counters
+        c.seconds_decode += time.perf_counter() - t0
+        c.dense_fp32_bytes += 4 * b.layout.real_numel
+        return None
+
+    def end_step(self, error: NonFiniteGradientError | None = None) -> Outcome:
+        """Close a step whose buckets are all finished: advance the step counter and book the
+        counters, or, after a NaN/Inf (error: the first one finish_bucket returned), restore
+        every bucket's state and apply the on_nonfinite policy."""
         for b in self.buckets:
             b.handle = None
         if error is not None:

@@ -20,8 +20,10 @@ if [ ! -x "$PYTHON" ]; then
   echo "error: no Python at $PYTHON; set VENV=/shared/path/to/venv (or PYTHON=...)" >&2
   exit 2
 fi
-if [ ! -f "$REPO/examples/train_digits.py" ]; then
-  echo "error: $REPO/examples/train_digits.py not found; set REPO=/shared/path/to/hvd_signsgd" >&2
+# The training script in examples/ (train_torchrun.sbatch sets train_digits_ddp.py).
+TRAIN_SCRIPT=${TRAIN_SCRIPT:-train_digits.py}
+if [ ! -f "$REPO/examples/$TRAIN_SCRIPT" ]; then
+  echo "error: $REPO/examples/$TRAIN_SCRIPT not found; set REPO=/shared/path/to/hvd_signsgd" >&2
   exit 2
 fi
 
@@ -42,7 +44,7 @@ fi
 
 mkdir -p "$RUN_DIR"
 read -r -a _extra <<< "$SCRIPT_ARGS"
-TRAIN_CMD=("$PYTHON" "$REPO/examples/train_digits.py" --method "$METHOD" --epochs "$EPOCHS"
+TRAIN_CMD=("$PYTHON" "$REPO/examples/$TRAIN_SCRIPT" --method "$METHOD" --epochs "$EPOCHS"
            --out "$RUN_DIR/train_digits-$METHOD-job$SLURM_JOB_ID.json")
 # Progress (four lines per epoch in a batch log) is off unless asked for (PROGRESS=1). The
 # RESULT line and the JSON in RUN_DIR carry the numbers.

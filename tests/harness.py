@@ -2,12 +2,13 @@
 
     results = run_job(CODE, np=4, launcher="mpirun").ok()     # list of dicts, rank order
 
-Launchers: "mpirun" (Open MPI), "horovodrun" (Horovod's launcher, MPI controller) and "gloo"
-(`horovodrun --gloo`). A snippet gets a small prelude: `RANK`/`SIZE` from the launcher's
-environment, its stderr redirected to a per-rank file, and `report(obj)`, which writes the
-rank's JSON result. The job runs in its own session under a hard timeout; on expiry the whole
-process tree is killed and the test fails with every rank's stderr, so a hang can never
-stall CI.
+Launchers: "mpirun" (Open MPI), "horovodrun" (Horovod's launcher, MPI controller), "gloo"
+(`horovodrun --gloo`) and "torchrun" (`torchrun --standalone`, for torch.distributed jobs: the
+snippet calls dist.init_process_group itself). A snippet gets a small prelude: `RANK`/`SIZE`
+from the launcher's environment, its stderr redirected to a per-rank file, and `report(obj)`,
+which writes the rank's JSON result. The job runs in its own session under a hard timeout; on
+expiry the whole process tree is killed and the test fails with every rank's stderr, so a
+hang can never stall CI.
 """
 from __future__ import annotations
 
@@ -26,13 +27,15 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-LAUNCHERS = ("mpirun", "horovodrun", "gloo")
+LAUNCHERS = ("mpirun", "horovodrun", "gloo", "torchrun")
 
 PRELUDE = '''\
 import json as _json, os as _os, sys as _sys
 _OUT = _os.environ["HVD_TEST_OUT"]
-RANK = int(_os.environ.get("OMPI_COMM_WORLD_RANK", _os.environ.get("HOROVOD_RANK", "0")))
-SIZE = int(_os.environ.get("OMPI_COMM_WORLD_SIZE", _os.environ.get("HOROVOD_SIZE", "1")))
+RANK = int(_os.environ.get("OMPI_COMM_WORLD_RANK", _os.environ.get("HOROVOD_RANK",
+                          _os.environ.get("RANK", "0"))))
+SIZE = int(_os.environ.get("OMPI_COMM_WORLD_SIZE", _os.environ.get("HOROVOD_SIZE",
+                          _os.environ.get("WORLD_SIZE", "1"))))
 _fd = _os.open(_os.path.join(_OUT, "rank-%d.stderr" % RANK),
                _os.O_WRONLY | _os.O_CREAT | _os.O_TRUNC)
 _sys.stderr.flush(); _os.dup2(_fd, 2)
@@ -73,6 +76,9 @@ def launch_command(launcher: str, np: int, argv: list[str]) -> list[str]:
                 "--mpi-args=--oversubscribe", *argv]
     if launcher == "gloo":
         return [str(BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", "--gloo", *argv]
+    if launcher == "torchrun":     # RANK / WORLD_SIZE / MASTER_ADDR in each rank's environment
+        return [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={np}", "--no-python",
+                *argv]
     raise ValueError(f"unknown launcher {launcher!r}; expected one of {LAUNCHERS}")
 
 

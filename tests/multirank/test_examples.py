@@ -8,7 +8,8 @@
   simulation of examples/reproduce_paper.py (what makes that script's numbers the numbers of
   a real run).
 - examples/migrate/: the two scripts differ in the import and the optimizer line only, both
-  train on 2 ranks, and the hvd_signsgd one sends over 20x less than float32.
+  train on 2 ranks, and the hvd_signsgd one sends over 20x less than float32; the DDP pair
+  (torchrun) differs in the import and the register_comm_hook line only, and both train.
 - examples/compare_methods.py --quick and examples/reproduce_paper.py --quick write their tables
   and plots.
 """
@@ -186,6 +187,29 @@ def test_migration_scripts_train(mpi_job, script):
     if script == "hvd_signsgd_train.py":
         ratios = [float(r) for r in re.findall(r"\(x([0-9.]+) less than fp32\)", stdout)]
         assert ratios and min(ratios) > 20, job.diagnostics()
+
+
+def test_ddp_migration_scripts_differ_in_import_and_hook_only():
+    before = (MIGRATE / "ddp_train.py").read_text().splitlines(keepends=True)
+    after = (MIGRATE / "hvd_signsgd_ddp_train.py").read_text().splitlines(keepends=True)
+    diff = list(difflib.unified_diff(before, after, "ddp_train.py", "hvd_signsgd_ddp_train.py"))
+    removed = [line for line in diff[2:] if line.startswith("-")]
+    added = [line[1:].strip() for line in diff[2:] if line.startswith("+") and line[1:].strip()]
+    assert removed == [], removed
+    assert added == ["import hvd_signsgd.ddp",
+                     'model.register_comm_hook(hvd_signsgd.ddp.State(method="ef_signsgd"), '
+                     'hvd_signsgd.ddp.hook)'], added
+    assert "".join(diff) in (MIGRATE / "README.md").read_text(), \
+        "examples/migrate/README.md shows an outdated DDP diff"
+
+
+@pytest.mark.parametrize("script", ["ddp_train.py", "hvd_signsgd_ddp_train.py"])
+def test_ddp_migration_scripts_train(script):
+    from harness import run_job
+    job = run_job(script=MIGRATE / script, np=2, launcher="torchrun", timeout=300)
+    assert job.returncode == 0 and not job.timed_out, job.diagnostics()
+    acc = re.search(r"final test accuracy ([0-9.]+)", job.stdout)
+    assert acc and float(acc.group(1)) > 0.85, job.diagnostics()
 
 
 # --- compare_methods.py and reproduce_paper.py smoke runs -----------------------------------------

@@ -1,6 +1,7 @@
 """The batch scripts in slurm/ as a user submits them, on a real local Slurm cluster.
 
-Each job trains examples/train_digits.py for a couple of epochs; the test reads the job's
+Each job trains examples/train_digits.py (train_torchrun.sbatch: its DDP twin,
+examples/train_digits_ddp.py, under torchrun) for a couple of epochs; the test reads the job's
 output file: the "== hosts:" block (one "TASK: HOSTNAME" line per task, printed by the
 script with srun) and rank 0's RESULT line.
 """
@@ -16,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slurm
 
-SCRIPTS = ["train.sbatch", "train_srun.sbatch"]
+SCRIPTS = ["train.sbatch", "train_srun.sbatch", "train_torchrun.sbatch"]
 JOB_TIMEOUT = 300     # seconds; a 2-epoch run takes ~10-30 s on 2 busy cores
 MIN_RATIO = 10        # 1-bit signs: ~24x fewer bytes than fp32 on this model
 
