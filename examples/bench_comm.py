@@ -326,7 +326,8 @@ class SyncBench:
         sign = 1.0 if self.step % 2 == 0 else -1.0
         self.step += 1
         eps = 1e-3 * (1 + self.step % 5)
-        opt.zero_grad(set_to_none=False)   # a new step (hvd_signsgd: synchronize() runs again)
+        if self.is_ours:                   # a new step: synchronize() exchanges again
+            opt.zero_grad(set_to_none=False)   # (Horovod's zero_grad takes no argument)
         for p, (g, noise) in zip(params, self.grads):
             torch.add(g, noise, alpha=eps, out=p.grad)   # written in place, as backward
             if sign < 0:                                   # accumulates into zeroed .grad

@@ -121,6 +121,7 @@ def main(argv=None):
         for name, t, sent in rows:
             print(f"| {name} | {1e3 * t:.2f} | {t / base:.2f} | "
                   f"{sent if sent is not None else '-'} |")
+    dist.barrier()                 # no rank leaves while another is still in a collective
     dist.destroy_process_group()
 
 

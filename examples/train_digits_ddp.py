@@ -124,6 +124,7 @@ def main(argv=None):
         with open(out, "w") as f:
             json.dump(result, f, indent=1)
         print(f"wrote {out}", flush=True)
+    dist.barrier()                 # no rank leaves while another is still in a collective
     dist.destroy_process_group()
     return result
 

@@ -48,4 +48,5 @@ for epoch in range(epochs):
 
 if rank == 0:
     print(f"final test accuracy {accuracy:.4f}", flush=True)
+dist.barrier()                 # no rank leaves while another is still in a collective
 dist.destroy_process_group()
