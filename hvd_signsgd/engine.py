@@ -37,6 +37,7 @@ Nothing here imports a communication library: `comm` is a `communicator.Communic
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import time
@@ -85,6 +86,9 @@ class Outcome:
     error: NonFiniteGradientError | None = None
 
 
+_LAYOUTS = collections.defaultdict(itertools.count)   # layout digest -> engines built so far
+
+
 def layout_digest(*parts) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
@@ -126,8 +130,11 @@ class Engine:
         for names, sizes, method in chunks:
             self.add_bucket(names, sizes, method)
         # Collectives are named from what they carry, so that ranks agree on the names
-        # whatever else they have built, and a disagreement is an error, not a hang.
-        self.prefix = "hvd_signsgd." + layout_digest(self.describe_buckets())[:12]
+        # whatever else they have built, and a disagreement is an error, not a hang; the
+        # count of earlier engines of the same layout in this process keeps the names of
+        # identical models trained side by side apart.
+        digest = layout_digest(self.describe_buckets())[:12]
+        self.prefix = f"hvd_signsgd.{digest}.{next(_LAYOUTS[digest])}"
         for b in self.buckets:
             b.name = f"{self.prefix}.b{b.index}"
 

@@ -1,5 +1,6 @@
 """Helpers imported by the torchrun snippets of tests/multirank/test_ddp.py (DDP front end)."""
 import atexit
+import datetime
 import io
 import warnings
 
@@ -16,13 +17,22 @@ LAYOUT_FREE = ("none", "signsgd", "signum", "ef_signsgd", "topk")
 SMALL = 128      # State's default min_compress_numel
 
 
+def _leave():
+    try:
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+    except RuntimeError:
+        pass
+    dist.destroy_process_group()
+
+
 def init():
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     # without it, Gloo's threads may outlive the interpreter: "terminate called without an
-    # active exception" at exit
-    atexit.register(dist.destroy_process_group)
+    # active exception" at exit; the barrier first, so that no rank leaves while another is
+    # still in a collective (a bounded one: a rank that died must not hang the others)
+    atexit.register(_leave)
     return dist.get_rank(), dist.get_world_size()
 
 
