@@ -2,6 +2,8 @@
 import atexit
 import datetime
 import io
+import os
+import sys
 import warnings
 
 import torch
@@ -23,6 +25,17 @@ def _leave():
     except RuntimeError:
         pass
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(_status[0])     # past the teardown that Gloo's threads can abort (torch 2.13)
+
+
+_status = [0]
+
+
+def _excepthook(kind, value, tb):
+    _status[0] = 1           # an uncaught error still fails the job
+    sys.__excepthook__(kind, value, tb)
 
 
 def init():
@@ -32,6 +45,7 @@ def init():
     # without it, Gloo's threads may outlive the interpreter: "terminate called without an
     # active exception" at exit; the barrier first, so that no rank leaves while another is
     # still in a collective (a bounded one: a rank that died must not hang the others)
+    sys.excepthook = _excepthook
     atexit.register(_leave)
     return dist.get_rank(), dist.get_world_size()
 
