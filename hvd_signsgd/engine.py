@@ -86,7 +86,7 @@ class Outcome:
     error: NonFiniteGradientError | None = None
 
 
-_LAYOUTS = collections.defaultdict(itertools.count)   # layout digest -> engines built so far
+_LAYOUTS = collections.defaultdict(itertools.count)   # name prefix -> engines validated so far
 
 
 def layout_digest(*parts) -> str:
@@ -122,6 +122,7 @@ class Engine:
         self._step_started = False
         self._launched_any = False
         self.launch_times = []       # (bucket indices, start, end) of this step's encodes
+        self._counted = False
 
     # --- construction -------------------------------------------------------------------------
 
@@ -130,13 +131,13 @@ class Engine:
         for names, sizes, method in chunks:
             self.add_bucket(names, sizes, method)
         # Collectives are named from what they carry, so that ranks agree on the names
-        # whatever else they have built, and a disagreement is an error, not a hang; the
-        # count of earlier engines of the same layout in this process keeps the names of
-        # identical models trained side by side apart.
-        digest = layout_digest(self.describe_buckets())[:12]
-        self.prefix = f"hvd_signsgd.{digest}.{next(_LAYOUTS[digest])}"
+        # whatever else they have built, and a disagreement is an error, not a hang.
+        self._rename(f"hvd_signsgd.{layout_digest(self.describe_buckets())[:12]}")
+
+    def _rename(self, prefix: str) -> None:
+        self.prefix = prefix
         for b in self.buckets:
-            b.name = f"{self.prefix}.b{b.index}"
+            b.name = f"{prefix}.b{b.index}"
 
     def add_bucket(self, names, sizes, method: Method | None = None) -> Bucket:
         """Append one bucket after the others (for a front end that learns its buckets as they
@@ -184,6 +185,12 @@ class Engine:
         if len({v[1] for v in views}) > 1:
             raise ValueError("hvd_signsgd: the ranks do not agree on the model, the method or "
                              "its options. " + _first_difference(views))
+        if self.buckets and not self._counted:
+            # The count of earlier validated engines of this layout in this process keeps the
+            # names of identical models trained side by side apart; counted only here, once
+            # every rank agrees, so that a failed construction on some ranks shifts nothing.
+            self._counted = True
+            self._rename(f"{self.prefix}.{next(_LAYOUTS[self.prefix])}")
 
     # --- the step --------------------------------------------------------------------------------
 
