@@ -17,7 +17,8 @@
 # Usage (root):
 #   netsim.sh up N                  create the switch and N hosts (1..32)
 #   netsim.sh rate RATE|off         tbf RATE (e.g. 100mbit, 1gbit) on both directions of every link
-#   netsim.sh mpirun ARGS...        mpirun in the switch namespace, one slot per host, TCP only
+#   netsim.sh mpirun ARGS...        mpirun in the switch namespace, one slot per host (or
+#                                   HSG_NETSIM_SLOTS), TCP only
 #   netsim.sh exec HOST CMD...      run CMD on host hK (its network + UTS namespace)
 #   netsim.sh counters              "host tx_bytes rx_bytes" of each host's net0
 #   netsim.sh status                namespaces, addresses, qdisc counters, processes
@@ -30,6 +31,7 @@
 # 10.213.7), HSG_NETSIM_STATE (state dir, default /tmp/<prefix>), HSG_NETSIM_TBF_LATENCY
 # (tbf queue length in time, default 50ms), HSG_NETSIM_COLL (ring: pin Open MPI's allreduce /
 # allgather(v) to the ring algorithms, the default; tuned: Open MPI's own choice).
+# HSG_NETSIM_SLOTS (ranks per host for `mpirun`, default 1).
 #
 # Pitfalls this handles (found on the project's Debian 12 VMs, Open MPI 4.1.4):
 # - no netem on this kernel, so only the rate can be emulated, not latency;
@@ -156,8 +158,13 @@ cmd_exec() {
 
 cmd_mpirun() {
   ns_exists "$SWITCH" || die "cluster not up"
-  local n extra=()
-  n=$(hosts | wc -l)
+  local n extra=() hostfile=$STATE/hostfile slots=${HSG_NETSIM_SLOTS:-1}
+  [[ $slots =~ ^[1-9][0-9]?$ ]] || die "HSG_NETSIM_SLOTS must be 1..99"
+  if ((slots > 1)); then       # several ranks per host (e.g. a hierarchical exchange)
+    hostfile=$STATE/hostfile.$slots
+    sed "s/slots=1\$/slots=$slots/" "$STATE/hostfile" > "$hostfile"
+  fi
+  n=$(($(hosts | wc -l) * slots))
   # all "hosts" share this box's cores; Open MPI cannot see that oversubscription
   ((n > $(nproc))) && extra+=(--mca mpi_yield_when_idle 1)
   if [[ $COLL == ring ]]; then
@@ -169,7 +176,7 @@ cmd_mpirun() {
     die "HSG_NETSIM_COLL must be ring or tuned"
   fi
   exec ip netns exec "$SWITCH" mpirun --allow-run-as-root "${extra[@]}" \
-    --hostfile "$STATE/hostfile" \
+    --hostfile "$hostfile" \
     --mca plm_rsh_agent "$STATE/agent" --mca plm_rsh_no_tree_spawn 1 \
     --mca pml ob1 --mca btl tcp,self \
     --mca btl_tcp_if_include "$SUBNET.0/24" --mca oob_tcp_if_include "$SUBNET.0/24" \
