@@ -84,5 +84,5 @@ mkdir -p "$OUT/raw"
   "$PYTHON" "$HERE/scaling_report.py" --raw "$OUT/raw" --out "$OUT" \
     --command "${GIVEN}examples/netsim/run_scaling.sh"
   echo "run_scaling.sh: done in $((SECONDS - start)) s; $OUT/SCALING.md"
-} 2>&1 | tee "$OUT/run.log"
+} 2>&1 | if [[ ${APPEND:-0} == 1 ]]; then tee -a "$OUT/run.log"; else tee "$OUT/run.log"; fi
 exit "${PIPESTATUS[0]}"

@@ -44,7 +44,7 @@ def test_scaling_smoke(tmp_path, prefix):
     env = {**os.environ, "HSG_NETSIM_PREFIX": prefix, "HSG_NETSIM_STATE": str(tmp_path / "net"),
            "HOSTS": "2", "RATE": "100mbit", "MODEL": "tiny", "OUT": str(out),
            "PYTHON": sys.executable, "TIMEOUT_S": "100",
-           "BENCH_ARGS": "--steps 3 --min-steps 2 --budget-s 5 --rounds 1 --warmup 1 "
+           "BENCH_ARGS": "--steps 2 --min-steps 2 --budget-s 2 --rounds 1 --warmup 1 "
                          "--profile none"}
     proc = subprocess.run([str(RUN_SCALING)], env=env, capture_output=True, text=True,
                           timeout=170, stdin=subprocess.DEVNULL)
@@ -68,7 +68,9 @@ def test_scaling_smoke(tmp_path, prefix):
     assert abs(a2a["iface_tx_net"] / want - 1) <= 0.05, (a2a, want)
     # the formula without the ties is then 1.5x below, which the report must say
     bytes_target = fit["targets"][0]
-    assert bytes_target["met"] is False and "n=2: 1.5" in bytes_target["measured"], bytes_target
+    assert bytes_target["met"] is False, bytes_target
+    ratio = float(bytes_target["measured"].split("n=2: ")[1].split()[0])
+    assert 1.4 < ratio < 1.6, bytes_target
     # the allgather vote and Horovod's ring: their own formulas, within 5% as well
     ag = points["allgather"]
     assert abs(ag["iface_tx_net"] / ((n - 1) * d / 8) - 1) <= 0.05, ag
@@ -79,7 +81,7 @@ def test_scaling_smoke(tmp_path, prefix):
     for title in ("Horovod fp32 (ring allreduce)", "signsgd, allgather vote",
                   "signsgd, compressed allreduce (alltoall)"):
         assert f"| {title} | 2 |" in md, md
-        assert f"| {title} | " in md.split("Extrapolated step times")[1], md
+        assert f"| {title}, as fitted | " in md.split("Extrapolated step times")[1], md
     assert (out / "scaling.png").stat().st_size > 5000
     # the hierarchical exchange runs with 2 ranks per host where DistributedOptimizer has it,
     # and is skipped with the reason where it does not
