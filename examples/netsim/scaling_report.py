@@ -383,9 +383,15 @@ def plot(points, fits, path: Path) -> None:
         color, marker = STYLE[ex]
         title = EXCHANGES[ex]["title"]
         pts = sorted((p for p in points if p["exchange"] == ex), key=lambda p: p["ranks"])
-        if pts:
-            axes[0].plot([p["ranks"] for p in pts], [p["time"] for p in pts], marker,
+        even = [p for p in pts if ex != "alltoall" or p["ranks"] % 2 == 0]
+        odd = [p for p in pts if p not in even]
+        if even:
+            axes[0].plot([p["ranks"] for p in even], [p["time"] for p in even], marker,
                          color=color, ls="none", ms=8, label=f"{title}, measured")
+        if odd:
+            axes[0].plot([p["ranks"] for p in odd], [p["time"] for p in odd], marker,
+                         color=color, mfc="none", ls="none", ms=8,
+                         label=f"{title}, measured at odd n (no ties; not fitted)")
         if ex not in fits:
             continue
         f = fits[ex]
