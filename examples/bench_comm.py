@@ -133,6 +133,15 @@ MODELS = {"resnet50": resnet50_shapes, "bert_base": bert_base_shapes, "tiny": ti
 EXPECTED_NUMEL = {"resnet50": 25_557_032, "bert_base": 109_482_240}
 
 
+def model_shapes(name: str) -> list[tuple[str, tuple]]:
+    """A model of MODELS, or "d=N": one tensor of N elements."""
+    if name.startswith("d="):
+        return [("w", (int(name[2:]),))]
+    if name not in MODELS:
+        raise SystemExit(f"unknown model {name!r} (have: {', '.join(MODELS)}, or d=N)")
+    return MODELS[name]()
+
+
 class ShapeModel(torch.nn.Module):
     """Parameters with the given shapes and no forward: enough for a DistributedOptimizer.
     The values are never read by synchronize(), so they are left uninitialised (no memory
@@ -559,7 +568,8 @@ def machine_info() -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="resnet50,bert_base",
-                   help=f"comma list of {', '.join(MODELS)} (or '' for none)")
+                   help=f"comma list of {', '.join(MODELS)} or d=N (one tensor of N "
+                        f"elements), or '' for none")
     p.add_argument("--contenders", default=DEFAULT_CONTENDERS,
                    help="comma list: hvd_fp32, hvd_fp16, or an hvd_signsgd method with "
                         "options as name:key=value:key=value (default: %(default)s)")
@@ -627,7 +637,7 @@ def main(argv=None) -> int:
 
     contenders = parse_contenders(args.contenders)
     for model_name in filter(None, args.models.split(",")):
-        shapes = MODELS[model_name]()
+        shapes = model_shapes(model_name)
         numel = sum(torch.Size(s).numel() for _, s in shapes)
         if model_name in EXPECTED_NUMEL:
             assert numel == EXPECTED_NUMEL[model_name], (model_name, numel)

@@ -7,7 +7,7 @@
 #   examples/netsim/run_scaling.sh                          2, 4, 8, 16 hosts, 100 Mbit/s, ResNet-50
 #   HOSTS="2 4 8" examples/netsim/run_scaling.sh
 #
-# Settings (environment): HOSTS ("2 4 8 16"), RATE (100mbit), MODEL (resnet50, or tiny),
+# Settings (environment): HOSTS ("2 4 8 16"), RATE (100mbit), MODEL (resnet50; or tiny, d=N),
 # CONTENDERS (one rank per host: "hvd_fp32,hvd_fp16,signsgd:exchange=allgather,
 # signsgd:exchange=alltoall"), HIER_CONTENDERS (run with HIER_SLOTS ranks per host:
 # "signsgd:exchange=hierarchical"; skipped with a note when DistributedOptimizer rejects the
