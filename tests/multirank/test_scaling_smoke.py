@@ -1,7 +1,12 @@
 """Smoke test of the scaling study, so that it cannot rot: examples/netsim/run_scaling.sh on a
-2-host simulated cluster at 100 Mbit/s with tiny shapes (bench_comm.py, then
+2-host simulated cluster at 100 Mbit/s with one tensor of 2M elements (bench_comm.py, then
 scaling_report.py's fit, table, targets and plot), and the teardown. Needs root (network
-namespaces); CI runs as root."""
+namespaces); CI runs as root.
+
+Why 2M elements and not bench_comm's "tiny" set (0.6M): Horovod's control messages flow all
+the time (tens of kB/s per rank, more under load); with ~0.1 MB of sign bits per step they are
+several % of the bytes, and subtracting their idle rate is only an estimate. At 2M elements
+they stay near 1%, so the 5% bound tests the exchange, not the estimate."""
 from __future__ import annotations
 
 import json
@@ -16,6 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 NETSIM = ROOT / "examples" / "netsim" / "netsim.sh"
 RUN_SCALING = ROOT / "examples" / "netsim" / "run_scaling.sh"
+D = 2_097_152          # gradient elements (one tensor, one bucket)
 sys.path.insert(0, str(ROOT / "examples" / "netsim"))
 
 from scaling_report import EXCHANGES, sharded_down_planes  # noqa: E402
@@ -42,7 +48,7 @@ def prefix():
 def test_scaling_smoke(tmp_path, prefix):
     out = tmp_path / "out"
     env = {**os.environ, "HSG_NETSIM_PREFIX": prefix, "HSG_NETSIM_STATE": str(tmp_path / "net"),
-           "HOSTS": "2", "RATE": "100mbit", "MODEL": "tiny", "OUT": str(out),
+           "HOSTS": "2", "RATE": "100mbit", "MODEL": f"d={D}", "OUT": str(out),
            "PYTHON": sys.executable, "TIMEOUT_S": "100",
            "BENCH_ARGS": "--steps 2 --min-steps 2 --budget-s 2 --rounds 1 --warmup 1 "
                          "--profile none"}
@@ -63,6 +69,7 @@ def test_scaling_smoke(tmp_path, prefix):
     # results carry a tie plane: (n-1)/n * d/8 up + 2 (n-1)/n * d/8 down, plus the 16-byte
     # headers of the pieces and results, within 5% (TCP/IP framing: well under 1% on veth)
     a2a, n, d = points["alltoall"], 2, points["alltoall"]["d"]
+    assert d == D
     assert sharded_down_planes(n) == 2.0
     want = (n - 1) / n * d / 8 * 3 + 16 * 2 * (n - 1)
     assert abs(a2a["iface_tx_net"] / want - 1) <= 0.05, (a2a, want)
