@@ -241,6 +241,11 @@ class Exchange:
             self._gaps[b.name] = g
         return g
 
+    def work(self, b):
+        """What the engine encodes for bucket b this step: the bucket itself (a hierarchical
+        exchange gives its host slice)."""
+        return b
+
     def route(self, b) -> str:
         return choose(b.active, self.mode, b.layout.numel, self.comm.size)
 
