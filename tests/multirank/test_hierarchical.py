@@ -201,3 +201,29 @@ def test_hierarchical_needs_dynamic_process_sets(mpi_job):
     for r in mpi_job(NO_SETS, np=4, launcher="mpirun", timeout=200, env=env).ok():
         assert r["err"].startswith("ValueError") and "HOROVOD_DYNAMIC_PROCESS_SETS=1" in r["err"]
         assert r["bad"].startswith("ValueError") and "local_size=3" in r["bad"], r["bad"]
+
+
+TORCH_SPLIT = """
+import torch, torch.distributed as dist
+from hvd_signsgd.communicator import TorchDistCommunicator
+dist.init_process_group("gloo")
+c = TorchDistCommunicator()
+local, cross = c.split_local(2)
+mine = torch.tensor([RANK], dtype=torch.uint8)
+out = {"local": [local.size, local.rank], "cross": [cross.size, cross.rank],
+       "local_got": local.allgather(mine, "l").wait().tolist(),
+       "cross_got": cross.allgather(mine, "x").wait().tolist()}
+out["bytes"] = [c.counters.bytes_sent, c.counters.extra.get("local_bytes_sent", 0)]
+one_host, alone = c.split_local()          # every rank has the same host name here
+out["one_host"] = [one_host.size, alone.size]
+report(out)
+"""
+
+
+def test_torch_distributed_split(mpi_job):
+    for rank, r in enumerate(mpi_job(TORCH_SPLIT, np=4, launcher="torchrun", timeout=200).ok()):
+        assert r["local"] == [2, rank % 2] and r["cross"] == [2, rank // 2]
+        assert r["local_got"] == [rank // 2 * 2, rank // 2 * 2 + 1]
+        assert r["cross_got"] == [rank % 2, rank % 2 + 2]
+        assert r["bytes"] == [1, 1]          # the cross byte in the fields, the local one apart
+        assert r["one_host"] == [4, 1]
