@@ -182,6 +182,21 @@ class Communicator:
         return Handle(self, self._start_alltoall(payload, list(splits), name), "alltoall",
                       sent, own=own)
 
+    def exchange_sizes(self, nbytes: int, name: str) -> list[int]:
+        """Every rank's payload length, in rank order (blocking): the size exchange of an
+        allgatherv done ahead of it, so that every rank can choose the route from the lengths.
+        Booked exactly as allgather(size_exchange=True) books it; the allgather that follows
+        then passes size_exchange=False."""
+        if self.size == 1:
+            return [nbytes]
+        c = self.counters
+        self._add("bytes_sent", 8)
+        self._add("bytes_received", 8 * (self.size - 1))
+        self._add("wire_bytes_sent", 8)
+        c.extra["size_exchange_bytes"] = c.extra.get("size_exchange_bytes", 0) + 8 * self.size
+        got = self._allgather_bytes(torch.tensor([nbytes], dtype=torch.int64), name)
+        return [int(x) for x in got.tolist()]
+
     def control(self, record: torch.Tensor, name: str) -> torch.Tensor:
         """Blocking int64 sum of `record` over the ranks."""
         self.counters.control_bytes += record.numel() * 8

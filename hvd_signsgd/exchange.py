@@ -62,6 +62,23 @@ engine restores every bucket's state (owner_error included) on a step that fails
 
 `choose` picks the route for exchange="auto" from n and the bucket's length with the cost
 model of `route_seconds` (constants measured by examples/exchange_crossover.py).
+
+Sparse methods at n ranks (topk, threshold; exchange="auto"). The allgather of (index, value)
+pairs grows as the sum of the ranks' payloads P_m, which every rank receives; a ring allreduce
+of the bucket as float32 moves 2(n-1)/n * 4d per rank whatever the density. Per rank on the
+wire (Counters' model) the allgather costs (n-1)/n * sum_m P_m on average, so a bucket goes
+dense when sum_m P_m > 8 d (d: the layout's elements, gaps included): each rank scatters its
+own payload (pairs, or threshold's dense fallback) into a zero float32 vector, the vectors
+are summed by an allreduce, and the aggregate is that sum divided as the method divides
+(ctx.size voters, op=Average). The method's encode ran before, unchanged, so the error memory
+is what this rank selected either way. The lengths: topk's follow from the layout (the same
+every step; a perturbation reset step sends every coordinate on every rank); threshold's vary,
+so their size exchange (8 bytes a rank, counted as before) runs first, by itself, and the
+allgather after it counts none. Identical on every rank, but not bit-identical to the
+allgather path: the allreduce sums in its own order (float32 rounding). A NaN/Inf rank sends
+NaN: the sum is NaN everywhere and every rank raises (the rank is not named, as randomk).
+compression_stats counts such bucket-steps as sparse_dense_buckets. exchange="allgather"
+keeps the pairs always.
 """
 from __future__ import annotations
 
@@ -74,8 +91,9 @@ import numpy as np
 import torch
 
 from . import kernels, wire
-from .codecs import Layout
+from .codecs import Layout, Sparse
 from .methods import NoCompression, NonFiniteGradientError
+from .methods.base import as_mean
 from .methods.sign import EFSignSGD, SignSGD
 
 EXCHANGES = ("auto", "allgather", "alltoall", "hierarchical")
@@ -253,6 +271,8 @@ class Exchange:
         """Start bucket b's exchange of this rank's payload msg; returns a handle whose wait()
         gives what `aggregate` takes."""
         route = self.route(b)
+        if route == "allgather" and self.sparse_switch(b):
+            return self._start_sparse(b, msg)
         if route == "allgather":
             return self.comm.allgather(msg, b.name, size_exchange=b.active.variable_size)
         if route == "allreduce":
@@ -264,7 +284,30 @@ class Exchange:
         """Bucket b's aggregate (identical on every rank) from its handle's result."""
         if isinstance(b.handle, _ShardedHandle) and not b.handle.fell_back:
             return b.handle.decode(result)
+        if isinstance(b.handle, _DenseSparseHandle):
+            return _dense_sparse_aggregate(b, result)
         return b.active.aggregate(result, b.state, b.ctx)
+
+    def sparse_switch(self, b) -> bool:
+        """Bucket b's pairs may go as a dense allreduce (module docstring)."""
+        return (self.mode == "auto" and self.comm.size > 1
+                and isinstance(getattr(b.active, "codec", None), Sparse))
+
+    def _start_sparse(self, b, msg: torch.Tensor):
+        d, n, method = b.layout.numel, self.comm.size, b.active
+        if method.variable_size:
+            sizes = self.comm.exchange_sizes(msg.numel(), f"{b.name}.sizes")
+        elif method.send_whole(b.ctx):
+            sizes = [wire.HEADER_NBYTES + 4 * d] * n
+        else:
+            segs = method.segments(b.layout)
+            nnz = int(torch.minimum(segs[:, 1], segs[:, 2]).sum()) if segs.numel() else 0
+            sizes = [wire.payload_nbytes(method.codec.codec, d, nnz=nnz)] * n
+        if sum(sizes) <= 8 * d:
+            return self.comm.allgather(msg, b.name, size_exchange=False)
+        extra = self.comm.counters.extra
+        extra["sparse_dense_buckets"] = extra.get("sparse_dense_buckets", 0) + 1
+        return _DenseSparseHandle(self.comm.allreduce(_densify(b, msg), f"{b.name}.dense"))
 
 
 class _ShardedHandle:
@@ -494,6 +537,40 @@ class _ShardedHandle:
             raise wire.PayloadError(f"bucket {b.name}: {gathered.numel() - pos} trailing bytes "
                                     f"after the shard results")
         return out
+
+
+class _DenseSparseHandle:
+    """A bucket of pairs on its way as a float32 allreduce (module docstring)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def wait(self) -> torch.Tensor:
+        return self.handle.wait()
+
+
+def _densify(b, msg: torch.Tensor) -> torch.Tensor:
+    """This rank's payload as a float32 vector of the bucket: its pairs (or dense fallback)
+    scattered into zeros; zeros for a joined rank, NaN for a non-finite one."""
+    d = b.layout.numel
+    (p,) = wire.split(msg, 1, bucket=b.name, codec=b.active.codec.codec, n=d)
+    if p.header.flags & wire.FLAG_NONFINITE:
+        return torch.full((d,), float("nan"))
+    if p.header.flags & wire.FLAG_JOINED:
+        return torch.zeros(d)
+    return b.active.codec.aggregate([p], d, b.name).to(torch.float32).contiguous()
+
+
+def _dense_sparse_aggregate(b, total: torch.Tensor) -> torch.Tensor:
+    ctx = b.ctx
+    if not kernels.all_finite(total):
+        raise NonFiniteGradientError(
+            f"NaN or Inf in the gradient of at least one rank (bucket {ctx.bucket}, step "
+            f"{ctx.step}, pairs summed densely); the step is not applied on any rank. Lower "
+            f"the learning rate, clip gradients, or check the data.")
+    out = ctx.out if ctx.out is not None else torch.zeros(b.layout.numel)
+    out.copy_(total)
+    return as_mean(out, ctx)
 
 
 def make_exchange(comm, mode: str = "auto", *, average: bool = True, predivide: float = 1.0):
