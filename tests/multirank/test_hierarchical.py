@@ -20,7 +20,8 @@ rank, n = hvd.rank(), hvd.size()
 L = 2
 H = n // L
 METHODS = [("signsgd", {}), ("signum", {}), ("ef_signsgd", {}), ("topk", {"ratio": 0.05}),
-           ("ef_signsgd", {"double_squeeze": True})]
+           ("ef_signsgd", {"double_squeeze": True}),
+           ("threshold", {"lam": 1e-12, "max_density": 1.0})]
 
 def model():
     torch.manual_seed(0)
@@ -86,6 +87,7 @@ for method, opts in METHODS:
                local_sent=s["local_bytes_sent"], local_received=s["local_bytes_received"],
                local_wire=s["local_wire_bytes_sent"],
                size_exchange=s.get("size_exchange_bytes", 0),
+               dense=s.get("sparse_dense_buckets", 0),
                slices=list(sec["slices"]),
                state={k: int(v.numel()) for b in sec["buckets"] for k, v in b.items()})
     out[key] = res
@@ -140,6 +142,11 @@ def expected(rank, key):
         cross_sent = pieces[1 - j] + pieces[j]       # the other's piece, then my result
         cross_recv = pieces[j] + pieces[1 - j]       # its piece of my shard, its result
         cross_wire = 2 * pieces[1 - j]
+    elif key == "threshold":
+        # every coordinate passes: the 2 hosts' pairs (2 * (16 + 8 * slice)) exceed 8 bytes
+        # per element of the slice, so the slice goes as a float32 allreduce of 2 ranks,
+        # after the size exchange of the lengths (8 bytes each way)
+        cross_sent = cross_recv = cross_wire = 8 + 4 * mine
     else:
         codec, scales, nnz = {"signsgd": ("sign", 0, 0), "signum": ("sign", 0, 0),
                               "ef_signsgd": ("scaled_sign", 1, 0),
@@ -157,7 +164,7 @@ def expected(rank, key):
 @pytest.mark.parametrize("launcher", ["mpirun", "gloo"])
 def test_hierarchical_two_hosts_of_two(mpi_job, launcher):
     results = mpi_job(JOB, np=4, launcher=launcher, timeout=400, env=ENV).ok()
-    for key in ("signsgd", "signum", "ef_signsgd", "topk", "ef_signsgd-squeeze"):
+    for key in ("signsgd", "signum", "ef_signsgd", "topk", "ef_signsgd-squeeze", "threshold"):
         assert len({r[key]["digest"] for r in results}) == 1, f"{key}: ranks differ"
         assert results[0][key]["moved"], key
         for rank, r in enumerate(results):
@@ -168,7 +175,9 @@ def test_hierarchical_two_hosts_of_two(mpi_job, launcher):
             got = (res["sent"], res["received"], res["wire"], res["local_sent"],
                    res["local_received"], res["local_wire"])
             assert got == expected(rank, key), (key, rank, got, expected(rank, key))
-            assert res["size_exchange"] == 16           # the slices' allgather only
+            # the slices' allgather (and threshold's lengths across hosts)
+            assert res["size_exchange"] == (32 if key == "threshold" else 16), key
+            assert res["dense"] == (key == "threshold"), key
     for r in results:
         assert r["signsgd"]["vote_exact"], "the hierarchical vote is not the hosts' vote"
         assert r["ef_signsgd"]["ef_close"], "ef_signsgd's first aggregate is off"
