@@ -31,7 +31,9 @@ ring allreduce moves 2(n-1)/n of the tensor each way): see `wire_bytes_sent` for
 """
 from __future__ import annotations
 
+import os
 import pickle
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -77,20 +79,20 @@ class Handle:
             if self.wait_fn is not None:
                 self._result = self.wait_fn()
             self._booked = True
-            c = self.comm.counters
-            c.seconds_communicate += time.perf_counter() - t0
+            add = self.comm._add
+            self.comm.counters.seconds_communicate += time.perf_counter() - t0
             n = self.comm.size
             if self.kind == "allgather":
                 total = self._result.numel()
-                c.bytes_received += total - self.nbytes
+                add("bytes_received", total - self.nbytes)
                 # a ring allgather forwards every block but the next rank's own
-                c.wire_bytes_sent += total - self.nbytes if n > 1 else 0
+                add("wire_bytes_sent", total - self.nbytes if n > 1 else 0)
             elif self.kind == "alltoall":
-                c.bytes_received += self._result.numel() - self.own
-                c.wire_bytes_sent += self.nbytes     # direct: each piece leaves once
+                add("bytes_received", self._result.numel() - self.own)
+                add("wire_bytes_sent", self.nbytes)     # direct: each piece leaves once
             elif n > 1:
-                c.bytes_received += self.nbytes
-                c.wire_bytes_sent += 2 * (n - 1) * self.nbytes // n
+                add("bytes_received", self.nbytes)
+                add("wire_bytes_sent", 2 * (n - 1) * self.nbytes // n)
         return self._result
 
     def future(self) -> torch.futures.Future:
@@ -111,9 +113,29 @@ class Communicator:
     size: int = 1
     rank: int = 0
     included: bool = True
+    parent = None           # a sub-communicator (split_local) books into its parent's counters
+    scope = None            # "local": its bytes go to extra["local_<field>"], not the fields
 
     def __init__(self):
-        self.counters = Counters()
+        self._counters = Counters()
+
+    @property
+    def counters(self) -> Counters:
+        return self.parent.counters if self.parent is not None else self._counters
+
+    @counters.setter
+    def counters(self, value: Counters) -> None:
+        self._counters = value
+
+    def _add(self, field_name: str, nbytes: int) -> None:
+        """Book bytes: into the field, or for a local sub-communicator into extra (so that
+        bytes_sent / bytes_received / wire_bytes_sent stay the bytes that leave a host)."""
+        c = self.counters
+        if self.scope == "local":
+            key = f"local_{field_name}"
+            c.extra[key] = c.extra.get(key, 0) + nbytes
+        else:
+            setattr(c, field_name, getattr(c, field_name) + nbytes)
 
     def allgather(self, payload: torch.Tensor, name: str, size_exchange: bool = False) -> Handle:
         """size_exchange: the payload length differs between ranks (an allgatherv), so count
@@ -121,12 +143,12 @@ class Communicator:
         other rank; also in extra["size_exchange_bytes"]). Fixed-length payloads need none."""
         assert payload.dtype == torch.uint8 and payload.dim() == 1
         c = self.counters
-        c.bytes_sent += payload.numel()
+        self._add("bytes_sent", payload.numel())
         c.collectives += 1
         if size_exchange and self.size > 1:
-            c.bytes_sent += 8
-            c.bytes_received += 8 * (self.size - 1)
-            c.wire_bytes_sent += 8
+            self._add("bytes_sent", 8)
+            self._add("bytes_received", 8 * (self.size - 1))
+            self._add("wire_bytes_sent", 8)
             c.extra["size_exchange_bytes"] = c.extra.get("size_exchange_bytes", 0) + 8 * self.size
         if self.size == 1:
             return Handle(self, None, "allgather", payload.numel(), result=payload)
@@ -137,7 +159,7 @@ class Communicator:
         """Sum over ranks, in place where the library allows; the scales multiply before and
         after the sum (Horovod's gradient_predivide_factor)."""
         nbytes = tensor.numel() * tensor.element_size()
-        self.counters.bytes_sent += nbytes
+        self._add("bytes_sent", nbytes)
         self.counters.collectives += 1
         if self.size == 1:
             if prescale * postscale != 1.0:
@@ -153,12 +175,27 @@ class Communicator:
         assert len(splits) == self.size and sum(splits) == payload.numel()
         own = splits[self.rank] if self.size > 1 else payload.numel()
         sent = payload.numel() - own
-        self.counters.bytes_sent += sent
+        self._add("bytes_sent", sent)
         self.counters.collectives += 1
         if self.size == 1:
             return Handle(self, None, "alltoall", 0, result=payload, own=own)
         return Handle(self, self._start_alltoall(payload, list(splits), name), "alltoall",
                       sent, own=own)
+
+    def exchange_sizes(self, nbytes: int, name: str) -> list[int]:
+        """Every rank's payload length, in rank order (blocking): the size exchange of an
+        allgatherv done ahead of it, so that every rank can choose the route from the lengths.
+        Booked exactly as allgather(size_exchange=True) books it; the allgather that follows
+        then passes size_exchange=False."""
+        if self.size == 1:
+            return [nbytes]
+        c = self.counters
+        self._add("bytes_sent", 8)
+        self._add("bytes_received", 8 * (self.size - 1))
+        self._add("wire_bytes_sent", 8)
+        c.extra["size_exchange_bytes"] = c.extra.get("size_exchange_bytes", 0) + 8 * self.size
+        got = self._allgather_bytes(torch.tensor([nbytes], dtype=torch.int64), name)
+        return [int(x) for x in got.tolist()]
 
     def control(self, record: torch.Tensor, name: str) -> torch.Tensor:
         """Blocking int64 sum of `record` over the ranks."""
@@ -179,6 +216,62 @@ class Communicator:
             out.append(pickle.loads(gathered[pos:pos + n].numpy().tobytes()))
             pos += n
         return out
+
+    # --- hosts ------------------------------------------------------------------------------
+
+    def split_local(self, local_size: int | None = None) -> tuple[Communicator, Communicator]:
+        """(local, cross): the ranks of this rank's host, and the ranks of the other hosts
+        with the same local rank (exchange="hierarchical"). Collective: every rank of this
+        communicator calls it. Hosts are the library's (Horovod: cross_rank; torch.distributed:
+        the host name), or, with local_size, blocks of local_size consecutive ranks (to fake
+        hosts on one machine, or for a launcher whose hosts are such blocks). Host order is the
+        order of their smallest rank; local and cross ranks follow the global rank order.
+        Every host must have the same number of ranks. Raises the same ValueError on every
+        rank when that, or what the library needs for sub-groups, is missing. The two book
+        their bytes into this communicator's counters: the cross one into the usual fields,
+        the local one into extra["local_bytes_sent"], ["local_bytes_received"],
+        ["local_wire_bytes_sent"]."""
+        n = self.size
+        views = self.allgather_object((self._host_key() if local_size is None else None,
+                                       local_size, self._split_info()),
+                                      name="hvd_signsgd.hosts")
+        if len({v[1] for v in views}) > 1:
+            raise ValueError(f"hvd_signsgd: the ranks were given different local sizes "
+                             f"({[v[1] for v in views]}; HVD_SIGNSGD_LOCAL_SIZE?)")
+        if local_size is not None:
+            if local_size < 1 or n % local_size:
+                raise ValueError(f"hvd_signsgd: local_size={local_size} does not divide the "
+                                 f"{n} ranks into hosts of equal size")
+            host_of = [r // local_size for r in range(n)]
+        else:
+            first = {}
+            host_of = [first.setdefault(v[0], len(first)) for v in views]
+        members = [[r for r in range(n) if host_of[r] == h] for h in range(max(host_of) + 1)]
+        if len({len(m) for m in members}) > 1:
+            raise ValueError(f"hvd_signsgd: exchange='hierarchical' needs the same number of "
+                             f"ranks on every host; the hosts have {[len(m) for m in members]}")
+        width = len(members[0])
+        groups = members + [[m[i] for m in members] for i in range(width)]
+        subs = self._subgroups(groups, [v[2] for v in views])
+        local = subs[host_of[self.rank]]
+        cross = subs[len(members) + members[host_of[self.rank]].index(self.rank)]
+        local.parent, local.scope = self, "local"
+        cross.parent, cross.scope = self, "cross"
+        return local, cross
+
+    def _host_key(self):
+        """What tells this rank's host apart (gathered from every rank)."""
+        return socket.gethostname()
+
+    def _split_info(self):
+        """What _subgroups needs to know of every rank (gathered)."""
+        return None
+
+    def _subgroups(self, groups, infos):
+        """Communicators for `groups` (lists of this communicator's ranks): every rank
+        creates every group in the same order; the entry of a group without this rank is
+        None. A group of one rank needs no library."""
+        return [Communicator() if len(g) == 1 else None for g in groups]
 
     # --- what an implementation provides ----------------------------------------------------
 
@@ -219,6 +312,47 @@ class HorovodCommunicator(Communicator):
         self.size = len(ranks)
         self.rank = ranks.index(hvd.rank()) if self.included else -1
 
+    def _host_key(self):
+        return self._hvd.cross_rank()
+
+    def _split_info(self):
+        return os.environ.get("HOROVOD_DYNAMIC_PROCESS_SETS", "0") not in ("", "0")
+
+    def _subgroups(self, groups, infos):
+        """Horovod process sets of the groups' global ranks: a set that exists already (given
+        to hvd.init(process_sets=...), or made for an earlier optimizer) is reused, the others
+        are added, which Horovod allows only with dynamic process sets on every rank."""
+        hvd = self._hvd
+        glob = list(self.process_set.ranks or range(hvd.size()))
+        if len(glob) != hvd.size():
+            raise ValueError("hvd_signsgd: exchange='hierarchical' runs on the global "
+                             "process set only")
+        existing = _horovod_process_sets()
+        wanted = [tuple(sorted(glob[r] for r in g)) for g in groups]
+        missing = [w for w in wanted if len(w) > 1 and w not in existing
+                   and len(w) != len(glob)]
+        if missing and not all(infos):
+            raise ValueError(
+                "hvd_signsgd: exchange='hierarchical' needs Horovod process sets for the "
+                "ranks of each host and across hosts: run every rank with "
+                "HOROVOD_DYNAMIC_PROCESS_SETS=1 (or call hvd.init(process_sets='dynamic')); "
+                f"ranks without it: {[r for r, ok in enumerate(infos) if not ok]}")
+        out = []
+        for w in wanted:
+            if len(w) == len(glob):
+                ps = hvd.global_process_set
+            elif len(w) == 1:
+                out.append(Communicator() if hvd.rank() in w else None)
+                continue
+            elif w in existing:
+                ps = hvd.ProcessSet(list(w))
+                ps.process_set_id = existing[w]
+            else:
+                ps = hvd.add_process_set(list(w))
+                existing[w] = ps.process_set_id
+            out.append(HorovodCommunicator(ps) if hvd.rank() in w else None)
+        return out
+
     def _start_allgather(self, payload, name):
         h = self._hvd.allgather_async(payload, name=name, process_set=self.process_set)
         return lambda: self._hvd.synchronize(h)
@@ -240,6 +374,17 @@ class HorovodCommunicator(Communicator):
 
     def _allgather_bytes(self, tensor, name):
         return self._hvd.allgather(tensor, name=name, process_set=self.process_set)
+
+
+def _horovod_process_sets() -> dict:
+    """{sorted global ranks: id} of the process sets Horovod knows (Horovod has no public
+    query for this; empty where the private one is missing)."""
+    try:
+        from horovod.common import process_sets as ps_mod
+        ids = ps_mod._basics._get_process_set_ids_and_ranks()
+    except (AttributeError, ImportError):
+        return {}
+    return {tuple(sorted(r)): i for i, r in ids.items() if i != 0}
 
 
 class _Pending:
@@ -280,6 +425,20 @@ class TorchDistCommunicator(Communicator):
         self.backend = str(dist.get_backend(self.group)).lower()
         self.device = (torch.device("cuda", torch.cuda.current_device())
                        if "nccl" in self.backend else torch.device("cpu"))
+
+    def _subgroups(self, groups, infos):
+        """dist.new_group for every group, on every rank, in the same order (as it asks)."""
+        if self.group is not self._dist.group.WORLD:
+            raise ValueError("hvd_signsgd: exchange='hierarchical' runs on the default "
+                             "process group only")
+        out = []
+        for g in groups:
+            pg = self._dist.new_group(ranks=list(g)) if len(g) > 1 else None
+            if self.rank not in g:
+                out.append(None)
+            else:
+                out.append(TorchDistCommunicator(pg) if pg is not None else Communicator())
+        return out
 
     def _dev(self, t):
         return t if t.device == self.device else t.to(self.device)
