@@ -5,14 +5,14 @@ up the bandwidth-limited cluster (4 hosts, 1 Gbit/s) and tears it down again:
 
     mpirun -np 4 python examples/time_to_accuracy.py --out-dir runs/tta
 
-The model: an MLP 64 -> W -> W -> 10 (W = --hidden, default 1536: 2.46 M parameters, 9.8 MB of
+The model: an MLP 64 -> W -> W -> 10 (W = --hidden, default 1536: 2.48 M parameters, 9.9 MB of
 float32 gradients) on scikit-learn's bundled digits (8x8 images, 1437 train / 360 test, nothing
 downloaded). The input is only 64 wide, so almost all parameters (and all communication) sit
 in the W x W layer, while the compute per step stays small (batch 16 per rank: about 0.24
 GFLOP forward + backward). A dense layer costs 6 x batch flops per parameter per step whatever
 its shape, and a CNN on upsampled images would cost far more per parameter; with 4 ranks on 2
 shared cores, a small batch and a wide MLP are what keep communication a visible share of the
-step (Horovod fp32: 1.5 x 9.8 MB through each 1 Gbit/s link per step, about 120 ms).
+step (Horovod fp32: 1.5 x 9.9 MB through each 1 Gbit/s link per step, about 120 ms).
 
 The contenders, each from the same initialisation (same seed, broadcast from rank 0) and the
 same sequence of batches:
