@@ -50,5 +50,13 @@ def test_time_to_accuracy_smoke(tmp_path):
     # the target is fp32's final accuracy (mean of its last 3 evaluations) minus 1 point
     fp32 = [p["test_acc"] for p in results["hvd_fp32"]["curve"]]
     assert abs(summary["target_acc"] - (sum(fp32) / 3 - 0.01)) < 1e-12
-    hit = results["hvd_fp32"]["time_to_target_s"]
-    assert hit is not None and results["hvd_fp32"]["speedup_vs_hvd_fp32"] == 1.0
+    # time to target: the first evaluation at or above it; speed-ups are ratios of those
+    target = summary["target_acc"]
+    for name, r in results.items():
+        hit = next(((p["wall_s"], p["step"]) for p in r["curve"] if p["test_acc"] >= target),
+                   (None, None))
+        assert (r["time_to_target_s"], r["steps_to_target"]) == hit, name
+        for base in ("hvd_fp32", "hvd_fp16"):
+            b, t = results[base]["time_to_target_s"], r["time_to_target_s"]
+            want = b / t if b and t else None
+            assert r[f"speedup_vs_{base}"] == want, (name, base)
