@@ -4,6 +4,8 @@ contender (Horovod fp32 / fp16 and every method in hvd_signsgd.METHODS)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 from harness import ROOT, run_job
 
@@ -60,3 +62,13 @@ def test_time_to_accuracy_smoke(tmp_path):
             b, t = results[base]["time_to_target_s"], r["time_to_target_s"]
             want = b / t if b and t else None
             assert r[f"speedup_vs_{base}"] == want, (name, base)
+        est = r["steps_to_target"] * r["step_s_median"] if r["steps_to_target"] else None
+        assert r["time_to_target_est_s"] == est, name
+
+    # the table and plot can be redrawn from the JSON alone, to the same table
+    again = tmp_path / "again"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--from-json",
+                           str(out / "time_to_accuracy.json"), "--out-dir", str(again)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (again / "time_to_accuracy.md").read_text() == table
