@@ -158,6 +158,10 @@ class State:
             # exchange's second phase
             self.comm.open_follow_ups()
         self._lock = threading.RLock()
+        # The futures' callbacks run on the library's threads (Gloo's two workers), and the
+        # hook may block in a collective (an allgather's lengths) that those threads must
+        # process: the callbacks take a lock of their own, never the hook's
+        self._finishing = threading.Lock()
         self._canon = {}          # (data_ptr, shape) -> the parameter's number
         self._layout = []         # per DDP bucket index: (parameter numbers, [_Part])
         self._where = {}          # parameter number -> (engine bucket, offset) of its state
@@ -194,7 +198,7 @@ class State:
         return fut
 
     def _finish(self, parts, buf):
-        with self._lock:
+        with self._finishing:
             bad = False
             for part in parts:
                 error = self.engine.finish_bucket(part.bucket)
@@ -210,7 +214,7 @@ class State:
             return buf
 
     def _end(self, step, buf):
-        with self._lock:
+        with self._finishing:
             failed = [f for f in step if f.done() and _failed(f)]
             if failed:                       # raise the callback's own error
                 failed[0].wait()

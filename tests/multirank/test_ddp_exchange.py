@@ -196,3 +196,47 @@ def test_alltoall_byte_counts_are_exact(np):
             ties += sum(1 for v in s["aggregate"] if v == 0) if kinds[key] == "vote" else 0
     # with an even number of voters the vote has ties, whose results are longer
     assert (ties > 0) == (np % 2 == 0)
+
+
+BUSY = """
+import time
+
+class Deep(torch.nn.Module):        # 6 DDP buckets of two 64x64 layers each
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(64, 64) for _ in range(12))
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+out = {}
+for exchange in ("allgather", "alltoall"):
+    model = torch.nn.parallel.DistributedDataParallel(Deep(), bucket_cap_mb=0.017)
+    state = hvd_signsgd.ddp.State("signsgd", exchange=exchange)
+    model.register_comm_hook(state, hvd_signsgd.ddp.hook)
+    finish = state.engine.finish_bucket
+    def slow(b, finish=finish):
+        time.sleep(0.05)    # callbacks that keep Gloo's worker threads busy
+        return finish(b)
+    state.engine.finish_bucket = slow
+    for step in range(4):
+        g = torch.Generator().manual_seed(step * 10 + rank)
+        model(torch.randn(8, 64, generator=g)).square().sum().backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    out[exchange] = dict(identical=identical_everywhere(grads),
+                         steps=state.compression_stats()["steps"], buckets=len(state._layout))
+report(out)
+"""
+
+
+def test_slow_callbacks_do_not_deadlock_the_hook():
+    """The futures' callbacks run on Gloo's two worker threads while DDP's thread runs the hook
+    of the next bucket, which blocks in the allgather's length exchange: a callback that
+    waited for the hook's lock would leave no worker to run that exchange (a hang, seen with
+    ResNet-50-sized models on 4 ranks). Slow callbacks and 6 buckets make it certain: the
+    code before this test hung here."""
+    for r in ddp_job(BUSY, 3, timeout=150).ok():
+        for exchange in ("allgather", "alltoall"):
+            assert r[exchange] == dict(identical=True, steps=4, buckets=6), (exchange, r)
