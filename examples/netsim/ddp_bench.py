@@ -21,7 +21,7 @@ and three parts:
   shapes  a model whose parameters have ResNet-50's shapes (bench_comm.resnet50_shapes; "tiny"
           for the smoke test) and a forward that costs almost nothing (the loss is a fixed
           random linear function of the parameters, so each rank's gradient is a fixed random
-          tensor): the step time is DDP's gradient synchronisation;
+          tensor without exact zeros): the step time is DDP's gradient synchronisation;
   e2e     bench_comm's end-to-end WideMLP (~20 M parameters at width 2688), real forward and
           backward, batch --e2e-batch;
   digits  time to accuracy: the MLP of examples/train_digits.py on the digits data (each rank a
@@ -168,7 +168,11 @@ def part_shapes(args, name):
     shapes = bench_comm.MODELS[args.shapes]()
     model = ddp(ShapeNet(shapes), name)
     g = torch.Generator().manual_seed(1 + dist.get_rank())
+    # no exact zeros: randn draws a few in 25 M, and one exact zero (sign(0) = 0, marked)
+    # sends the sharded exchange to its allgather fallback in every step
     coefs = [torch.randn(s, generator=g) for _, s in shapes]
+    for c in coefs:
+        c[c == 0] = 1.0
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     state = register(model, name, args, opt)
 
