@@ -68,7 +68,8 @@ opt = torch.optim.SGD(model.parameters(), lr=0.01)
 def poisoned():
     loss = loss_of(model, 1, rank) * (float("nan") if rank == size - 1 else 1.0)
     loss.backward()
-out["nan"] = attempt(poisoned)
+# the first line: DDP appends the traceback of whichever thread ran the callback
+out["nan"] = attempt(poisoned).splitlines()[0]
 opt.zero_grad()
 loss_of(model, 2, rank).backward()
 opt.step()
