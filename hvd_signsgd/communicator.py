@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import queue
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -79,21 +81,25 @@ class Handle:
             if self.wait_fn is not None:
                 self._result = self.wait_fn()
             self._booked = True
-            add = self.comm._add
-            self.comm.counters.seconds_communicate += time.perf_counter() - t0
-            n = self.comm.size
-            if self.kind == "allgather":
-                total = self._result.numel()
-                add("bytes_received", total - self.nbytes)
-                # a ring allgather forwards every block but the next rank's own
-                add("wire_bytes_sent", total - self.nbytes if n > 1 else 0)
-            elif self.kind == "alltoall":
-                add("bytes_received", self._result.numel() - self.own)
-                add("wire_bytes_sent", self.nbytes)     # direct: each piece leaves once
-            elif n > 1:
-                add("bytes_received", self.nbytes)
-                add("wire_bytes_sent", 2 * (n - 1) * self.nbytes // n)
+            with self.comm.counting:
+                self._book(time.perf_counter() - t0)
         return self._result
+
+    def _book(self, seconds) -> None:
+        add = self.comm._add
+        self.comm.counters.seconds_communicate += seconds
+        n = self.comm.size
+        if self.kind == "allgather":
+            total = self._result.numel()
+            add("bytes_received", total - self.nbytes)
+            # a ring allgather forwards every block but the next rank's own
+            add("wire_bytes_sent", total - self.nbytes if n > 1 else 0)
+        elif self.kind == "alltoall":
+            add("bytes_received", self._result.numel() - self.own)
+            add("wire_bytes_sent", self.nbytes)     # direct: each piece leaves once
+        elif n > 1:
+            add("bytes_received", self.nbytes)
+            add("wire_bytes_sent", 2 * (n - 1) * self.nbytes // n)
 
     def future(self) -> torch.futures.Future:
         """A future completed once the collective is done (its value is not the result: call
@@ -118,6 +124,9 @@ class Communicator:
 
     def __init__(self):
         self._counters = Counters()
+        # the DDP hook counts from several threads (its own, the library's callbacks, the
+        # follow-up worker): each booking is one locked update
+        self._counting = threading.RLock()
 
     @property
     def counters(self) -> Counters:
@@ -127,29 +136,55 @@ class Communicator:
     def counters(self, value: Counters) -> None:
         self._counters = value
 
+    @property
+    def counting(self) -> threading.RLock:
+        """The lock of the counters this communicator books into."""
+        return self.parent.counting if self.parent is not None else self._counting
+
     def _add(self, field_name: str, nbytes: int) -> None:
         """Book bytes: into the field, or for a local sub-communicator into extra (so that
         bytes_sent / bytes_received / wire_bytes_sent stay the bytes that leave a host)."""
-        c = self.counters
-        if self.scope == "local":
-            key = f"local_{field_name}"
-            c.extra[key] = c.extra.get(key, 0) + nbytes
-        else:
-            setattr(c, field_name, getattr(c, field_name) + nbytes)
+        with self.counting:
+            c = self.counters
+            if self.scope == "local":
+                key = f"local_{field_name}"
+                c.extra[key] = c.extra.get(key, 0) + nbytes
+            else:
+                setattr(c, field_name, getattr(c, field_name) + nbytes)
+
+    def follow_up(self, fn) -> torch.futures.Future:
+        """Run fn() (which may start and wait for collectives) after the follow-ups submitted
+        before it; return a future that completes with fn's result, or its exception. For a
+        chain of collectives whose later links depend on earlier results (the sharded
+        exchange's phases) behind a future the caller does not wait for. Here fn runs at
+        once, on the caller's thread; TorchDistCommunicator runs it off the caller's thread
+        once `open_follow_ups()` has run."""
+        fut = torch.futures.Future()
+        try:
+            fut.set_result(fn())
+        except Exception as e:  # noqa: BLE001 - handed to whoever waits for the future
+            fut.set_exception(e)
+        return fut
+
+    def open_follow_ups(self) -> None:
+        """Prepare what follow_up() needs; a collective: every rank calls it at the same
+        point, after the ranks have agreed that they need it."""
 
     def allgather(self, payload: torch.Tensor, name: str, size_exchange: bool = False) -> Handle:
         """size_exchange: the payload length differs between ranks (an allgatherv), so count
         the exchange of sizes it needs: each rank's int64 length (8 bytes sent, 8 from each
         other rank; also in extra["size_exchange_bytes"]). Fixed-length payloads need none."""
         assert payload.dtype == torch.uint8 and payload.dim() == 1
-        c = self.counters
-        self._add("bytes_sent", payload.numel())
-        c.collectives += 1
-        if size_exchange and self.size > 1:
-            self._add("bytes_sent", 8)
-            self._add("bytes_received", 8 * (self.size - 1))
-            self._add("wire_bytes_sent", 8)
-            c.extra["size_exchange_bytes"] = c.extra.get("size_exchange_bytes", 0) + 8 * self.size
+        with self.counting:
+            c = self.counters
+            self._add("bytes_sent", payload.numel())
+            c.collectives += 1
+            if size_exchange and self.size > 1:
+                self._add("bytes_sent", 8)
+                self._add("bytes_received", 8 * (self.size - 1))
+                self._add("wire_bytes_sent", 8)
+                c.extra["size_exchange_bytes"] = (c.extra.get("size_exchange_bytes", 0)
+                                                  + 8 * self.size)
         if self.size == 1:
             return Handle(self, None, "allgather", payload.numel(), result=payload)
         return Handle(self, self._start_allgather(payload, name), "allgather", payload.numel())
@@ -159,8 +194,9 @@ class Communicator:
         """Sum over ranks, in place where the library allows; the scales multiply before and
         after the sum (Horovod's gradient_predivide_factor)."""
         nbytes = tensor.numel() * tensor.element_size()
-        self._add("bytes_sent", nbytes)
-        self.counters.collectives += 1
+        with self.counting:
+            self._add("bytes_sent", nbytes)
+            self.counters.collectives += 1
         if self.size == 1:
             if prescale * postscale != 1.0:
                 tensor.mul_(prescale * postscale)
@@ -175,8 +211,9 @@ class Communicator:
         assert len(splits) == self.size and sum(splits) == payload.numel()
         own = splits[self.rank] if self.size > 1 else payload.numel()
         sent = payload.numel() - own
-        self._add("bytes_sent", sent)
-        self.counters.collectives += 1
+        with self.counting:
+            self._add("bytes_sent", sent)
+            self.counters.collectives += 1
         if self.size == 1:
             return Handle(self, None, "alltoall", 0, result=payload, own=own)
         return Handle(self, self._start_alltoall(payload, list(splits), name), "alltoall",
@@ -199,7 +236,8 @@ class Communicator:
 
     def control(self, record: torch.Tensor, name: str) -> torch.Tensor:
         """Blocking int64 sum of `record` over the ranks."""
-        self.counters.control_bytes += record.numel() * 8
+        with self.counting:
+            self.counters.control_bytes += record.numel() * 8
         if self.size == 1:
             return record
         return self._control(record, name)
@@ -410,6 +448,14 @@ class TorchDistCommunicator(Communicator):
     (module docstring), so that the byte counts are those of the Horovod front end for the
     same payloads.
 
+    Follow-ups (`follow_up`, for the sharded exchange's second phase, chained behind the
+    DDP hook's future): collectives must start in the same order on every rank, which
+    callbacks of the library's threads cannot promise. So after `open_follow_ups()` one worker
+    thread per communicator runs the follow-ups in the order they were submitted (the hook's
+    bucket order, the same on every rank), and the collectives it starts go to a second
+    process group of the same ranks, so they never interleave with the ones the hook starts
+    meanwhile on the first.
+
     Device: the engine works on CPU float32 buffers; with the NCCL backend payloads are
     staged to the current CUDA device and the results back (correct but not fast; NOT TESTED:
     this package's test machines have no GPU). Gloo works on CPU tensors directly."""
@@ -425,6 +471,32 @@ class TorchDistCommunicator(Communicator):
         self.backend = str(dist.get_backend(self.group)).lower()
         self.device = (torch.device("cuda", torch.cuda.current_device())
                        if "nccl" in self.backend else torch.device("cpu"))
+        self._lane = None            # (second process group, worker thread, its queue)
+
+    def open_follow_ups(self) -> None:
+        if self._lane is not None or self.size == 1:
+            return
+        # only the group's ranks take part (use_local_synchronization), so a State built on
+        # a subgroup does not need the other ranks
+        group = self._dist.new_group(self._dist.get_process_group_ranks(self.group),
+                                     backend=self.backend, use_local_synchronization=True)
+        jobs = queue.SimpleQueue()
+        worker = threading.Thread(target=_run_follow_ups, args=(jobs,), daemon=True,
+                                  name="hvd_signsgd.follow_ups")
+        self._lane = (group, worker, jobs)
+        worker.start()
+
+    def follow_up(self, fn) -> torch.futures.Future:
+        if self._lane is None:
+            return super().follow_up(fn)
+        fut = torch.futures.Future()
+        self._lane[2].put((fn, fut))
+        return fut
+
+    def _group(self):
+        lane = self._lane
+        return lane[0] if lane is not None and threading.current_thread() is lane[1] \
+            else self.group
 
     def _subgroups(self, groups, infos):
         """dist.new_group for every group, on every rank, in the same order (as it asks)."""
@@ -451,7 +523,7 @@ class TorchDistCommunicator(Communicator):
         # all_gather_single is all_gather_into_tensor's newer name (the old one warns)
         gather = getattr(self._dist, "all_gather_single", None) or \
             self._dist.all_gather_into_tensor
-        work = gather(out, self._dev(x), group=self.group, async_op=async_op)
+        work = gather(out, self._dev(x), group=self._group(), async_op=async_op)
         return out, work
 
     def _start_allgather(self, payload, name):
@@ -478,7 +550,7 @@ class TorchDistCommunicator(Communicator):
         recv = [splits[self.rank]] * self.size
         out = torch.empty(sum(recv), dtype=torch.uint8, device=self.device)
         work = self._dist.all_to_all_single(out, self._dev(payload), output_split_sizes=recv,
-                                            input_split_sizes=list(splits), group=self.group,
+                                            input_split_sizes=list(splits), group=self._group(),
                                             async_op=True)
         return _Pending(work.get_future(), lambda: self._host(out))
 
@@ -486,7 +558,7 @@ class TorchDistCommunicator(Communicator):
         x = self._dev(tensor)
         if prescale != 1.0:
             x.mul_(prescale)
-        work = self._dist.all_reduce(x, group=self.group, async_op=True)
+        work = self._dist.all_reduce(x, group=self._group(), async_op=True)
 
         def finish():
             if postscale != 1.0:
@@ -499,7 +571,7 @@ class TorchDistCommunicator(Communicator):
 
     def _control(self, record, name):
         x = self._dev(record.clone())
-        self._dist.all_reduce(x, group=self.group)
+        self._dist.all_reduce(x, group=self._group())
         return self._host(x)
 
     def _allgather_bytes(self, tensor, name):
@@ -513,3 +585,15 @@ class TorchDistCommunicator(Communicator):
         out, _ = self._gather_into(slot, False)
         rows = self._host(out).view(self.size, width)
         return torch.cat([rows[r, :k] for r, k in enumerate(sizes)])
+
+
+def _run_follow_ups(jobs) -> None:
+    """The follow-up worker: fn after fn, in submission order; results into their futures."""
+    while True:
+        fn, fut = jobs.get()
+        try:
+            value = fn()
+        except Exception as e:  # noqa: BLE001 - handed to whoever waits for the future
+            fut.set_exception(e)
+        else:
+            fut.set_result(value)

@@ -315,7 +315,8 @@ class Exchange:
 
 
 class _ShardedHandle:
-    """The two phases of one bucket's sharded exchange; wait() runs the owner's part."""
+    """The two phases of one bucket's sharded exchange; wait() runs the owner's part, or
+    future() has the communicator run it (for a front end that chains futures: the DDP hook)."""
 
     def __init__(self, ex: Exchange, b, msg: torch.Tensor):
         self.ex, self.b, self.comm = ex, b, ex.comm
@@ -335,6 +336,15 @@ class _ShardedHandle:
         self.first = self.comm.alltoall(self._pieces(msg), self._splits(), f"{b.name}.shards")
         self.second = None
         self._result = None
+        self._future = None
+
+    def future(self):
+        """A future completed once both phases (and a fallback) are done, after which wait()
+        returns at once: the communicator runs the phases as a follow-up
+        (communicator.follow_up), in the order the handles asked, the same on every rank."""
+        if self._future is None:
+            self._future = self.comm.follow_up(self._run)
+        return self._future
 
     def _splits(self):
         return self.pieces
@@ -361,6 +371,12 @@ class _ShardedHandle:
         return out
 
     def wait(self) -> torch.Tensor:
+        if self._future is not None:     # the follow-up runs the phases; never twice
+            self._future.wait()
+            return self._result
+        return self._run()
+
+    def _run(self) -> torch.Tensor:
         if self._result is None:
             received = self.first.wait()
             if self.second is None:

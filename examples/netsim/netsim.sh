@@ -20,6 +20,8 @@
 #   netsim.sh mpirun ARGS...        mpirun in the switch namespace, HSG_NETSIM_SLOTS ranks per
 #                                   host (as at `up`, or as set for this call), TCP only
 #   netsim.sh exec HOST CMD...      run CMD on host hK (its network + UTS namespace)
+#   netsim.sh torchrun ARGS...      one torchrun per host (node rank K-1 on hK, master h1,
+#                                   GLOO_SOCKET_IFNAME=net0); ARGS: the script and its arguments
 #   netsim.sh counters              "host tx_bytes rx_bytes" of each host's net0
 #   netsim.sh status                namespaces, addresses, qdisc counters, processes
 #   netsim.sh down                  stop what still runs in our namespaces, delete them
@@ -30,8 +32,9 @@
 # clusters side by side), HSG_NETSIM_SUBNET (first three octets of a 10.x /24, default
 # 10.213.7), HSG_NETSIM_STATE (state dir, default /tmp/<prefix>), HSG_NETSIM_TBF_LATENCY
 # (tbf queue length in time, default 50ms), HSG_NETSIM_SLOTS (ranks per host, read by `up`
-# and by each `mpirun`, default 1; ranks of one host talk over its loopback, which the counters leave out),
-# HSG_NETSIM_COLL (ring: pin Open MPI's allreduce /
+# and by each `mpirun`, default 1; ranks of one host talk over its loopback, which the
+# counters leave out), HSG_NETSIM_TORCHRUN (the torchrun command, default torchrun),
+# HSG_NETSIM_PORT (torchrun's master port, default 29500), HSG_NETSIM_COLL (ring: pin Open MPI's allreduce /
 # allgather(v) to the ring algorithms, the default; tuned: Open MPI's own choice).
 #
 # Pitfalls this handles (found on the project's Debian 12 VMs, Open MPI 4.1.4):
@@ -185,6 +188,22 @@ cmd_mpirun() {
     --bind-to none "$@"
 }
 
+cmd_torchrun() {
+  ns_exists "$SWITCH" || die "cluster not up"
+  local n k=0 h rc=0 pids=()
+  n=$(hosts | wc -l)
+  for h in $(hosts); do
+    # shellcheck disable=SC2086  # the torchrun command may be several words (python -m ...)
+    GLOO_SOCKET_IFNAME=$IFACE "$SELF" exec "$h" ${HSG_NETSIM_TORCHRUN:-torchrun} \
+      --nnodes "$n" --node-rank "$k" --nproc-per-node 1 \
+      --master-addr "$SUBNET.1" --master-port "${HSG_NETSIM_PORT:-29500}" "$@" &
+    pids+=("$!")
+    k=$((k + 1))
+  done
+  for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+  return "$rc"
+}
+
 cmd_counters() {
   local h
   for h in $(hosts); do
@@ -239,7 +258,7 @@ cmd_with() {
 
 [[ $(id -u) == 0 ]] || die "needs root (network namespaces, tc)"
 case "${1:-}" in
-  up | rate | agent | exec | mpirun | counters | status | down | with)
+  up | rate | agent | exec | mpirun | torchrun | counters | status | down | with)
     sub=$1; shift; "cmd_$sub" "$@" ;;
   *) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$SELF" >&2; exit 2 ;;
 esac
