@@ -56,7 +56,9 @@ inner() {
     if [[ -n $ok ]]; then
       echo "=== $n hosts x $HIER_SLOTS ranks, $RATE ($(date +%T), load $(cut -d' ' -f1-3 /proc/loadavg))"
       # shellcheck disable=SC2086
-      HSG_NETSIM_SLOTS=$HIER_SLOTS "${bench[@]}" "$((n * HIER_SLOTS))" "$PYTHON" \
+      # the hierarchical exchange adds Horovod process sets after hvd.init()
+      HSG_NETSIM_SLOTS=$HIER_SLOTS "${bench[@]}" "$((n * HIER_SLOTS))" \
+        -x HOROVOD_DYNAMIC_PROCESS_SETS=1 "$PYTHON" \
         "$ROOT/examples/bench_comm.py" --rate "$RATE" --models "$MODEL" --contenders "$ok" \
         $BENCH_ARGS --out "$OUT/raw/h$n-x$HIER_SLOTS.json"
     else

@@ -70,14 +70,24 @@ EXCHANGES = {
                  "bytes": lambda n, d, s: (n - 1) / n * d / 8 * (1 + sharded_down_planes(n)),
                  "formula": "2(n−1)/n·d/8",
                  "issue_bytes": lambda n, d: 2 * (n - 1) / n * d / 8},
-    # placeholder until the hierarchical exchange exists: the sharded exchange between hosts
-    # (its bytes per host shared by the host's ranks), plus one step inside each host
-    "hierarchical": {"title": "signsgd, hierarchical", "latency":
-                     lambda n, s: 2 * (n // s - 1) + 2,
-                     "bytes": lambda n, d, s: (n // s - 1) / (n // s) * d / 8
-                     * (1 + sharded_down_planes(n // s)) / s,
-                     "formula": "2(H−1)/H·d/8 per host (H hosts)"},
+    # the host's ranks reduce on the host (loopback, not counted), then local rank l sends its
+    # slice (d/s) across to the same local rank of the other H = n/s hosts, by the route
+    # "auto" picks among H ranks (allgather up to 6, the sharded vote beyond); the slices'
+    # updates are shared on the host. Bytes leaving a host = the cross route's bytes for d,
+    # per rank / s; latency: the cross route's steps plus the host's reduce and share.
+    "hierarchical": {"title": "signsgd, hierarchical (2 ranks per host)",
+                     "latency": lambda n, s: _hier_cross(n // s, "latency") + 3 * (s - 1),
+                     "bytes": lambda n, d, s: _hier_cross(n // s, "bytes", d) / s,
+                     "formula": "cross route among H = n/s hosts, per host"},
 }
+
+
+def _hier_cross(h: int, what: str, d: float = 0.0) -> float:
+    """The hierarchical exchange's cross step among h hosts (its route as "auto" picks it)."""
+    route = EXCHANGES["allgather" if h <= 6 else "alltoall"]
+    return route["latency"](h, 1) if what == "latency" else route["bytes"](h, d, 1)
+
+
 ORDER = list(EXCHANGES)
 STYLE = {"hvd_fp32": ("tab:red", "o"), "hvd_fp16": ("tab:orange", "s"),
          "allgather": ("tab:blue", "^"), "alltoall": ("tab:green", "D"),
