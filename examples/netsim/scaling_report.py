@@ -342,7 +342,7 @@ def markdown(points, fits, notes, metas, command: str) -> str:
               "| exchange | L(n) | B(n) | α | β (ns/byte) | c | link efficiency | "
               "fit residuals |", "|---|---|---|---|---|---|---|---|"]
     lat = {"hvd_fp32": "2(n−1)", "hvd_fp16": "2(n−1)", "allgather": "n−1",
-           "alltoall": "2(n−1)", "hierarchical": "2(H−1)+2"}
+           "alltoall": "2(n−1)", "hierarchical": "(H−1) or 2(H−1), + 3(s−1) on the host"}
     bts = {"alltoall": "(n−1)/n·d/8·(1 + planes(n))"}
     for ex, f in fits.items():
         eff = f["link_efficiency"]
