@@ -80,7 +80,9 @@ mkdir -p "$OUT/raw"
   echo "run_scaling.sh on $(hostname) $(date '+%F %T'): HOSTS='$HOSTS' RATE=$RATE MODEL=$MODEL"
   start=$SECONDS
   for n in $HOSTS; do
-    rm -f "$OUT/raw/h$n.json" "$OUT/raw/h$n-x"*
+    # only the results this run replaces (APPEND=1 keeps the others)
+    if [[ -n $CONTENDERS ]]; then rm -f "$OUT/raw/h$n.json"; fi
+    if [[ -n $HIER_CONTENDERS ]]; then rm -f "$OUT/raw/h$n-x"*; fi
     "$NETSIM" with "$n" "$SELF" _inner "$n"
   done
   "$PYTHON" "$HERE/scaling_report.py" --raw "$OUT/raw" --out "$OUT" \

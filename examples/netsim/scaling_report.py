@@ -72,7 +72,7 @@ EXCHANGES = {
                  "issue_bytes": lambda n, d: 2 * (n - 1) / n * d / 8},
     # the host's ranks reduce on the host (loopback, not counted), then local rank l sends its
     # slice (d/s) across to the same local rank of the other H = n/s hosts, by the route
-    # "auto" picks among H ranks (allgather up to 6, the sharded vote beyond); the slices'
+    # "auto" picks among H ranks (allgather up to 8 hosts, the sharded vote beyond); the slices'
     # updates are shared on the host. Bytes leaving a host = the cross route's bytes for d,
     # per rank / s; latency: the cross route's steps plus the host's reduce and share.
     "hierarchical": {"title": "signsgd, hierarchical (2 ranks per host)",
@@ -84,7 +84,8 @@ EXCHANGES = {
 
 def _hier_cross(h: int, what: str, d: float = 0.0) -> float:
     """The hierarchical exchange's cross step among h hosts (its route as "auto" picks it)."""
-    route = EXCHANGES["allgather" if h <= 6 else "alltoall"]
+    # what "auto" picks for ResNet-50's bucket slices (exchange.choose): allgather up to 8
+    route = EXCHANGES["allgather" if h <= 8 else "alltoall"]
     return route["latency"](h, 1) if what == "latency" else route["bytes"](h, d, 1)
 
 
