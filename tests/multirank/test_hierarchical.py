@@ -1,7 +1,8 @@
 """exchange="hierarchical" (exchange.HierarchicalExchange) in real mpirun and horovodrun --gloo
-jobs of 4 ranks, grouped as 2 "hosts" of 2 ranks (HVD_SIGNSGD_LOCAL_SIZE=2: on one machine
-Horovod sees every rank as local). Horovod process sets are added after hvd.init(), so the
-jobs run with HOROVOD_DYNAMIC_PROCESS_SETS=1; without it every rank raises the same error.
+jobs of 4 ranks, grouped as 2 "hosts" of 2 ranks, and of 6 ranks as 3 hosts
+(HVD_SIGNSGD_LOCAL_SIZE=2: on one machine Horovod sees every rank as local). Horovod
+process sets are added after hvd.init(), so the jobs run with HOROVOD_DYNAMIC_PROCESS_SETS=1;
+without it every rank raises the same error.
 
 The compressed bucket is one 61x33 weight, 2013 elements: 63 words of packed bits, cut into
 host slices of 32 words (elements 0..1023) and 31 words (1024..2012). The 5x61 weight (305
@@ -161,9 +162,12 @@ def expected(rank, key):
             local_sent, local_recv, local_wire)
 
 
-@pytest.mark.parametrize("launcher", ["mpirun", "gloo"])
-def test_hierarchical_two_hosts_of_two(mpi_job, launcher):
-    results = mpi_job(JOB, np=4, launcher=launcher, timeout=400, env=ENV).ok()
+@pytest.mark.parametrize("launcher,np", [("mpirun", 4), ("gloo", 4), ("mpirun", 6)])
+def test_hierarchical_hosts_of_two(mpi_job, launcher, np):
+    """2 hosts of 2 (exact bytes), and 3 hosts of 2: n = 6, not a power of two, an odd
+    number of hosts voting (no ties), the same checks but the byte counts."""
+    results = mpi_job(JOB, np=np, launcher=launcher, timeout=600, env=ENV).ok()
+    hosts = np // 2
     for key in ("signsgd", "signum", "ef_signsgd", "topk", "ef_signsgd-squeeze", "threshold"):
         assert len({r[key]["digest"] for r in results}) == 1, f"{key}: ranks differ"
         assert results[0][key]["moved"], key
@@ -172,11 +176,12 @@ def test_hierarchical_two_hosts_of_two(mpi_job, launcher):
             assert res["slices"] == [2, rank % 2]
             # the method state holds this rank's slice only
             assert set(res["state"].values()) <= {SLICES[rank % 2]}, (key, res["state"])
-            got = (res["sent"], res["received"], res["wire"], res["local_sent"],
-                   res["local_received"], res["local_wire"])
-            assert got == expected(rank, key), (key, rank, got, expected(rank, key))
-            # the slices' allgather (and threshold's lengths across hosts)
-            assert res["size_exchange"] == (32 if key == "threshold" else 16), key
+            if hosts == 2:
+                got = (res["sent"], res["received"], res["wire"], res["local_sent"],
+                       res["local_received"], res["local_wire"])
+                assert got == expected(rank, key), (key, rank, got, expected(rank, key))
+                # the slices' allgather (and threshold's lengths across hosts)
+                assert res["size_exchange"] == (32 if key == "threshold" else 16), key
             assert res["dense"] == (key == "threshold"), key
     for r in results:
         assert r["signsgd"]["vote_exact"], "the hierarchical vote is not the hosts' vote"
@@ -187,7 +192,10 @@ def test_hierarchical_two_hosts_of_two(mpi_job, launcher):
             r["flat_ckpt"]
         assert r["model_norm"].startswith("ValueError") and "hierarchical" in r["model_norm"]
         assert r["join"].startswith("StepError") and "hierarchical" in r["join"], r["join"]
-    assert results[0]["signsgd"]["ties"] > 0     # two hosts disagree somewhere: vote 0
+    if hosts == 2:
+        assert results[0]["signsgd"]["ties"] > 0     # two hosts disagree somewhere: vote 0
+    else:
+        assert results[0]["signsgd"]["ties"] == 0    # an odd number of hosts never ties
     assert len({r["after_nan_digest"] for r in results}) == 1
 
 
