@@ -238,7 +238,12 @@ class EFSignSGD(ErrorFeedbackMethod):
     def encode_nonfinite(self, ctx):
         return self.codec.encode(None, ctx.layout, None, flags=wire.FLAG_NONFINITE)
 
-    def compress(self, p, ctx):
+    fused = True
+
+    def compress_fused(self, g, e, e_out, ctx):
+        return self.codec.encode_fused(g, e, e_out, ctx.layout)
+
+    def compress(self, p, ctx):      # the unfused reference (tests compare the two)
         z = count_zeros(p, ctx.layout)
         scales = self.codec.scales(p, ctx.layout, zeros=z)
         msg = self.codec.encode(p, ctx.layout, scales, zeros=z)
