@@ -31,7 +31,8 @@ encoding, the state of each stateful bucket is copied to a backup, and a step in
 was non-finite restores every bucket from it, on every rank: the method state is exactly as
 before the step. Methods with fused kernels (method.encode_checks_finite) find NaN/Inf in their
 own encode, and keys they write out of place (method.self_restored_keys: ef_signsgd's error
-memory) are not copied: method.rollback swaps the old buffer back, method.commit keeps the new. Then on_nonfinite="raise" raises NonFiniteGradientError on every rank, and
+memory) are not copied: method.rollback swaps the old buffer back, method.commit keeps the new.
+Then on_nonfinite="raise" raises NonFiniteGradientError on every rank, and
 "skip" writes NaN into every gradient (so `torch.amp.GradScaler` sees the overflow and skips
 the step, as with Horovod) and reports `skipped`.
 

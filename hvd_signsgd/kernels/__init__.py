@@ -130,8 +130,8 @@ import torch
 from . import _cpu, _torch
 from ._loader import load_native
 
-__all__ = ["SparseIndexError", "all_finite", "backend", "count_zeros", "ef_sign", "pack_bits", "pack_signs",
-           "pack_stochastic_signs", "sparse_sum", "threshold_count", "threshold_take",
+__all__ = ["SparseIndexError", "all_finite", "backend", "count_zeros", "ef_sign", "pack_bits",
+           "pack_signs", "pack_stochastic_signs", "sparse_sum", "threshold_count", "threshold_take",
            "topk_take", "unpack_bits", "unpack_signs", "vote"]
 
 _native, _native_unavailable = load_native()
