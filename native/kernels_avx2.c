@@ -385,7 +385,11 @@ static int ef_pass1_avx2(const float *g, const float *e, size_t from, size_t to,
     return _mm256_testz_si256(bad, bad) && sg_ef_pass1_scalar(g, e, i, to, t, zeros);
 }
 
-static void ef_pass2_avx2(const sg_ef_io *io, size_t from, size_t to, float scale) {
+/* e_out is written with non-temporal stores when it is 32-byte aligned (segments start at
+ * multiples of 8 elements): the new memory is next read a step later, so reading its old
+ * lines in first (a normal store's read-for-ownership) would only add traffic. */
+static inline __attribute__((always_inline)) void
+ef_pass2_body(const sg_ef_io *io, size_t from, size_t to, float scale, int stream) {
     const __m256 sign = _mm256_set1_ps(-0.0f), sc = _mm256_set1_ps(scale);
     const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF), zero = _mm256_setzero_si256();
     for (size_t i = from; i < to; i += 8) {
@@ -394,18 +398,35 @@ static void ef_pass2_avx2(const sg_ef_io *io, size_t from, size_t to, float scal
         __m256 p = _mm256_add_ps(_mm256_loadu_ps(io->g + i), _mm256_loadu_ps(io->e + i));
         __m256 z = _mm256_castsi256_ps(
             _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(p), abs_mask), zero));
-        __m256 r = _mm256_sub_ps(p, _mm256_or_ps(sc, _mm256_and_ps(p, sign)));
-        _mm256_storeu_ps(io->e_out + i, _mm256_blendv_ps(r, p, z));
+        __m256 r = _mm256_blendv_ps(_mm256_sub_ps(p, _mm256_or_ps(sc, _mm256_and_ps(p, sign))),
+                                    p, z);
+        if (stream)
+            _mm256_stream_ps(io->e_out + i, r);
+        else
+            _mm256_storeu_ps(io->e_out + i, r);
         io->bits[i / 8] = (uint8_t)_mm256_movemask_ps(p);
         io->zplane[i / 8] = (uint8_t)_mm256_movemask_ps(z);
     }
 }
 
+static void ef_pass2_avx2(const sg_ef_io *io, size_t from, size_t to, float scale) {
+    ef_pass2_body(io, from, to, scale, 0);
+}
+
+static void ef_pass2_stream_avx2(const sg_ef_io *io, size_t from, size_t to, float scale) {
+    ef_pass2_body(io, from, to, scale, 1);
+}
+
 static int ef_sign_avx2(const float *g, const float *e, float *e_out, size_t n,
                         const int64_t *segs, size_t n_segs, uint8_t *bits, uint8_t *zplane,
                         float *scales, uint64_t *zeros) {
-    return sg_ef_sign_run(g, e, e_out, n, segs, n_segs, bits, zplane, scales, zeros,
-                          ef_pass1_avx2, ef_pass2_avx2);
+    if ((uintptr_t)e_out % 32 != 0)
+        return sg_ef_sign_run(g, e, e_out, n, segs, n_segs, bits, zplane, scales, zeros,
+                              ef_pass1_avx2, ef_pass2_avx2);
+    int ok = sg_ef_sign_run(g, e, e_out, n, segs, n_segs, bits, zplane, scales, zeros,
+                            ef_pass1_avx2, ef_pass2_stream_avx2);
+    _mm_sfence();   /* the streamed stores are visible before the caller reads e_out */
+    return ok;
 }
 
 const sg_kernels sg_kernels_avx2 = {
