@@ -264,3 +264,29 @@ def test_engine_rollback_after_a_failed_step_restores_the_memory():
     launch(torch.randn(b.layout.numel))
     assert eng.finish().error is None and not torch.equal(b.state["error"], before)
     assert eng.step == 2
+
+
+@pytest.mark.parametrize("shift", [0, 1, 3])
+def test_unaligned_buffers_give_the_same_result(shift):
+    """e_out at a 32-byte boundary takes the streaming-store path, elsewhere the plain one;
+    g and e off any boundary: every combination gives the fallback's bits."""
+    layout = Layout.for_sizes([1000, 77, 4097])
+    g0, e0 = make_inputs(layout, ["normal", "zeros"], 7)
+    n = layout.numel
+    want_out = torch.empty(n)
+    want = T.ef_sign(g0, e0, want_out, list(layout.segments()))
+    base = torch.zeros(3 * (n + 8))
+    g = base[shift:shift + n]
+    e = base[n + 8 + shift:2 * n + 8 + shift]
+    out = torch.full((n + 8,), 7.0)[shift:shift + n]
+    g.copy_(g0)
+    e.copy_(e0)
+    for name in ISAS:
+        previous = NATIVE.set_isa(name)
+        try:
+            got = K.ef_sign(g, e, out, segment_pairs(layout))
+        finally:
+            NATIVE.set_isa(previous)
+        for a, b in zip(got, want):
+            assert torch.equal(bits_of(a), bits_of(b)), name
+        assert torch.equal(bits_of(out), bits_of(want_out)), name
