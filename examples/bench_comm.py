@@ -12,9 +12,11 @@ launched and waits for all of them. The contenders are exactly what a user gets:
     hvd_fp32, hvd_fp16   stock hvd.DistributedOptimizer (Compression.none / .fp16) on a model
                          whose parameters have the real shapes (Horovod fuses them itself)
     <method>[:k=v...]    hvd_signsgd.DistributedOptimizer(opt, named_parameters, method=<method>,
-                         k=v, ...), e.g. signsgd, ssdm, ef_signsgd, none, topk:ratio=0.01
+                         k=v, ...), e.g. signsgd, ssdm, ef_signsgd, none, topk:ratio=0.01;
+                         exchange=... picks the exchange (signsgd:exchange=alltoall)
 
-A method that hvd_signsgd.METHODS lacks (or that rejects its options) is skipped with a note.
+A method that hvd_signsgd.METHODS lacks (or that rejects its options), or an exchange that
+DistributedOptimizer rejects for it, is skipped with a note.
 Per contender the result holds every step's time (the slowest rank's), hvd_signsgd's own
 split into encode / communicate / decode and byte counts (compression_stats()), and the bytes
 each rank's network interface really sent in the timed window (/sys/class/net/<iface>), to be
@@ -131,6 +133,15 @@ MODELS = {"resnet50": resnet50_shapes, "bert_base": bert_base_shapes, "tiny": ti
 EXPECTED_NUMEL = {"resnet50": 25_557_032, "bert_base": 109_482_240}
 
 
+def model_shapes(name: str) -> list[tuple[str, tuple]]:
+    """A model of MODELS, or "d=N": one tensor of N elements."""
+    if name.startswith("d="):
+        return [("w", (int(name[2:]),))]
+    if name not in MODELS:
+        raise SystemExit(f"unknown model {name!r} (have: {', '.join(MODELS)}, or d=N)")
+    return MODELS[name]()
+
+
 class ShapeModel(torch.nn.Module):
     """Parameters with the given shapes and no forward: enough for a DistributedOptimizer.
     The values are never read by synchronize(), so they are left uninitialised (no memory
@@ -206,10 +217,19 @@ def unavailable(c: Contender) -> str | None:
     if c.method not in hvd_signsgd.METHODS:
         return (f"not available: hvd_signsgd.METHODS has no {c.method!r} "
                 f"(has: {', '.join(hvd_signsgd.METHODS)})")
+    # exchange= is DistributedOptimizer's argument, not the method's
+    options = {k: v for k, v in c.options.items() if k != "exchange"}
     try:
-        hvd_signsgd.make_method(c.method, **c.options)
+        method = hvd_signsgd.make_method(c.method, **options)
     except ValueError as e:
         return f"not available: {e}"
+    if "exchange" in c.options:
+        # the check DistributedOptimizer itself makes (an exchange this version lacks, or
+        # one the method cannot take)
+        from hvd_signsgd.exchange import exchange_problem
+        problem = exchange_problem(method, c.options["exchange"])
+        if problem:
+            return f"not available: DistributedOptimizer rejects it: {problem}"
     return None
 
 
@@ -410,7 +430,7 @@ class SyncBench:
         n = sum(g.numel() for g, _ in self.grads)
         per_step = [max(r["times"][i] for r in ranks) for i in range(steps)]
         res = {"model": self.model_name, "contender": self.c.label, "kind": self.c.kind,
-               "numel": n, "ranks": hvd.size(), **self.info,
+               "numel": n, "ranks": hvd.size(), "options": self.c.options, **self.info,
                "steps": steps, "rounds": self.rounds, "warmup": self.warm,
                "first_step_s": self.first, "step_times": per_step, "time": summary(per_step),
                "rank_times": [r["times"] for r in ranks],
@@ -548,7 +568,8 @@ def machine_info() -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="resnet50,bert_base",
-                   help=f"comma list of {', '.join(MODELS)} (or '' for none)")
+                   help=f"comma list of {', '.join(MODELS)} or d=N (one tensor of N "
+                        f"elements), or '' for none")
     p.add_argument("--contenders", default=DEFAULT_CONTENDERS,
                    help="comma list: hvd_fp32, hvd_fp16, or an hvd_signsgd method with "
                         "options as name:key=value:key=value (default: %(default)s)")
@@ -616,7 +637,7 @@ def main(argv=None) -> int:
 
     contenders = parse_contenders(args.contenders)
     for model_name in filter(None, args.models.split(",")):
-        shapes = MODELS[model_name]()
+        shapes = model_shapes(model_name)
         numel = sum(torch.Size(s).numel() for _, s in shapes)
         if model_name in EXPECTED_NUMEL:
             assert numel == EXPECTED_NUMEL[model_name], (model_name, numel)

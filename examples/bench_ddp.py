@@ -8,7 +8,8 @@ In one run, on the same model and data, one configuration after the other:
     powersgd-r1/2/4  torch's PowerSGD hook, matrix_approximation_rank 1, 2, 4; its default
                    warm-up (start_powerSGD_iter=1000 plain allreduce steps) unless
                    --powersgd-start says otherwise: runs shorter than the warm-up time the
-                   allreduce, and the script says so
+                   allreduce, and the script says so; all gradients in one DDP bucket
+                   (with several, torch's PowerSGD hook aborts on Gloo: see run())
     signsgd, signum, ef_signsgd, topk-1%   hvd_signsgd.ddp.hook
 Each configuration trains --warmup untimed steps, then --steps timed ones; rank 0 prints the
 median step time, its ratio to fp32 (below 1: faster) and the bytes this rank sent per step
@@ -76,8 +77,12 @@ def configurations(args):
     return [c for c in out if args.only is None or c[0] in args.only]
 
 
-def run(args, register):
-    model = torch.nn.parallel.DistributedDataParallel(make_model(args.width, args.layers))
+def run(args, name, register):
+    # PowerSGD in one bucket: its hook starts its second allreduce from a future callback,
+    # which with several buckets in flight starts collectives in different orders on different
+    # ranks (Gloo aborts: "Received data size doesn't match expected size")
+    kw = {"bucket_cap_mb": 1e6} if name.startswith("powersgd") else {}
+    model = torch.nn.parallel.DistributedDataParallel(make_model(args.width, args.layers), **kw)
     state = register(model) if register else None
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(dist.get_rank())
@@ -104,7 +109,7 @@ def main(argv=None):
     rank = dist.get_rank()
     rows, base = [], None
     for name, register in configurations(args):
-        t, n, state = run(args, register)
+        t, n, state = run(args, name, register)
         if isinstance(state, hvd_signsgd.ddp.State):
             sent = state.compression_stats()["bytes_sent"]
         else:

@@ -31,7 +31,11 @@ ring allreduce moves 2(n-1)/n of the tensor each way): see `wire_bytes_sent` for
 """
 from __future__ import annotations
 
+import os
 import pickle
+import queue
+import socket
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -77,21 +81,25 @@ class Handle:
             if self.wait_fn is not None:
                 self._result = self.wait_fn()
             self._booked = True
-            c = self.comm.counters
-            c.seconds_communicate += time.perf_counter() - t0
-            n = self.comm.size
-            if self.kind == "allgather":
-                total = self._result.numel()
-                c.bytes_received += total - self.nbytes
-                # a ring allgather forwards every block but the next rank's own
-                c.wire_bytes_sent += total - self.nbytes if n > 1 else 0
-            elif self.kind == "alltoall":
-                c.bytes_received += self._result.numel() - self.own
-                c.wire_bytes_sent += self.nbytes     # direct: each piece leaves once
-            elif n > 1:
-                c.bytes_received += self.nbytes
-                c.wire_bytes_sent += 2 * (n - 1) * self.nbytes // n
+            with self.comm.counting:
+                self._book(time.perf_counter() - t0)
         return self._result
+
+    def _book(self, seconds) -> None:
+        add = self.comm._add
+        self.comm.counters.seconds_communicate += seconds
+        n = self.comm.size
+        if self.kind == "allgather":
+            total = self._result.numel()
+            add("bytes_received", total - self.nbytes)
+            # a ring allgather forwards every block but the next rank's own
+            add("wire_bytes_sent", total - self.nbytes if n > 1 else 0)
+        elif self.kind == "alltoall":
+            add("bytes_received", self._result.numel() - self.own)
+            add("wire_bytes_sent", self.nbytes)     # direct: each piece leaves once
+        elif n > 1:
+            add("bytes_received", self.nbytes)
+            add("wire_bytes_sent", 2 * (n - 1) * self.nbytes // n)
 
     def future(self) -> torch.futures.Future:
         """A future completed once the collective is done (its value is not the result: call
@@ -111,23 +119,72 @@ class Communicator:
     size: int = 1
     rank: int = 0
     included: bool = True
+    parent = None           # a sub-communicator (split_local) books into its parent's counters
+    scope = None            # "local": its bytes go to extra["local_<field>"], not the fields
 
     def __init__(self):
-        self.counters = Counters()
+        self._counters = Counters()
+        # the DDP hook counts from several threads (its own, the library's callbacks, the
+        # follow-up worker): each booking is one locked update
+        self._counting = threading.RLock()
+
+    @property
+    def counters(self) -> Counters:
+        return self.parent.counters if self.parent is not None else self._counters
+
+    @counters.setter
+    def counters(self, value: Counters) -> None:
+        self._counters = value
+
+    @property
+    def counting(self) -> threading.RLock:
+        """The lock of the counters this communicator books into."""
+        return self.parent.counting if self.parent is not None else self._counting
+
+    def _add(self, field_name: str, nbytes: int) -> None:
+        """Book bytes: into the field, or for a local sub-communicator into extra (so that
+        bytes_sent / bytes_received / wire_bytes_sent stay the bytes that leave a host)."""
+        with self.counting:
+            c = self.counters
+            if self.scope == "local":
+                key = f"local_{field_name}"
+                c.extra[key] = c.extra.get(key, 0) + nbytes
+            else:
+                setattr(c, field_name, getattr(c, field_name) + nbytes)
+
+    def follow_up(self, fn) -> torch.futures.Future:
+        """Run fn() (which may start and wait for collectives) after the follow-ups submitted
+        before it; return a future that completes with fn's result, or its exception. For a
+        chain of collectives whose later links depend on earlier results (the sharded
+        exchange's phases) behind a future the caller does not wait for. Here fn runs at
+        once, on the caller's thread; TorchDistCommunicator runs it off the caller's thread
+        once `open_follow_ups()` has run."""
+        fut = torch.futures.Future()
+        try:
+            fut.set_result(fn())
+        except Exception as e:  # noqa: BLE001 - handed to whoever waits for the future
+            fut.set_exception(e)
+        return fut
+
+    def open_follow_ups(self) -> None:
+        """Prepare what follow_up() needs; a collective: every rank calls it at the same
+        point, after the ranks have agreed that they need it."""
 
     def allgather(self, payload: torch.Tensor, name: str, size_exchange: bool = False) -> Handle:
         """size_exchange: the payload length differs between ranks (an allgatherv), so count
         the exchange of sizes it needs: each rank's int64 length (8 bytes sent, 8 from each
         other rank; also in extra["size_exchange_bytes"]). Fixed-length payloads need none."""
         assert payload.dtype == torch.uint8 and payload.dim() == 1
-        c = self.counters
-        c.bytes_sent += payload.numel()
-        c.collectives += 1
-        if size_exchange and self.size > 1:
-            c.bytes_sent += 8
-            c.bytes_received += 8 * (self.size - 1)
-            c.wire_bytes_sent += 8
-            c.extra["size_exchange_bytes"] = c.extra.get("size_exchange_bytes", 0) + 8 * self.size
+        with self.counting:
+            c = self.counters
+            self._add("bytes_sent", payload.numel())
+            c.collectives += 1
+            if size_exchange and self.size > 1:
+                self._add("bytes_sent", 8)
+                self._add("bytes_received", 8 * (self.size - 1))
+                self._add("wire_bytes_sent", 8)
+                c.extra["size_exchange_bytes"] = (c.extra.get("size_exchange_bytes", 0)
+                                                  + 8 * self.size)
         if self.size == 1:
             return Handle(self, None, "allgather", payload.numel(), result=payload)
         return Handle(self, self._start_allgather(payload, name), "allgather", payload.numel())
@@ -137,8 +194,9 @@ class Communicator:
         """Sum over ranks, in place where the library allows; the scales multiply before and
         after the sum (Horovod's gradient_predivide_factor)."""
         nbytes = tensor.numel() * tensor.element_size()
-        self.counters.bytes_sent += nbytes
-        self.counters.collectives += 1
+        with self.counting:
+            self._add("bytes_sent", nbytes)
+            self.counters.collectives += 1
         if self.size == 1:
             if prescale * postscale != 1.0:
                 tensor.mul_(prescale * postscale)
@@ -153,16 +211,33 @@ class Communicator:
         assert len(splits) == self.size and sum(splits) == payload.numel()
         own = splits[self.rank] if self.size > 1 else payload.numel()
         sent = payload.numel() - own
-        self.counters.bytes_sent += sent
-        self.counters.collectives += 1
+        with self.counting:
+            self._add("bytes_sent", sent)
+            self.counters.collectives += 1
         if self.size == 1:
             return Handle(self, None, "alltoall", 0, result=payload, own=own)
         return Handle(self, self._start_alltoall(payload, list(splits), name), "alltoall",
                       sent, own=own)
 
+    def exchange_sizes(self, nbytes: int, name: str) -> list[int]:
+        """Every rank's payload length, in rank order (blocking): the size exchange of an
+        allgatherv done ahead of it, so that every rank can choose the route from the lengths.
+        Booked exactly as allgather(size_exchange=True) books it; the allgather that follows
+        then passes size_exchange=False."""
+        if self.size == 1:
+            return [nbytes]
+        c = self.counters
+        self._add("bytes_sent", 8)
+        self._add("bytes_received", 8 * (self.size - 1))
+        self._add("wire_bytes_sent", 8)
+        c.extra["size_exchange_bytes"] = c.extra.get("size_exchange_bytes", 0) + 8 * self.size
+        got = self._allgather_bytes(torch.tensor([nbytes], dtype=torch.int64), name)
+        return [int(x) for x in got.tolist()]
+
     def control(self, record: torch.Tensor, name: str) -> torch.Tensor:
         """Blocking int64 sum of `record` over the ranks."""
-        self.counters.control_bytes += record.numel() * 8
+        with self.counting:
+            self.counters.control_bytes += record.numel() * 8
         if self.size == 1:
             return record
         return self._control(record, name)
@@ -179,6 +254,62 @@ class Communicator:
             out.append(pickle.loads(gathered[pos:pos + n].numpy().tobytes()))
             pos += n
         return out
+
+    # --- hosts ------------------------------------------------------------------------------
+
+    def split_local(self, local_size: int | None = None) -> tuple[Communicator, Communicator]:
+        """(local, cross): the ranks of this rank's host, and the ranks of the other hosts
+        with the same local rank (exchange="hierarchical"). Collective: every rank of this
+        communicator calls it. Hosts are the library's (Horovod: cross_rank; torch.distributed:
+        the host name), or, with local_size, blocks of local_size consecutive ranks (to fake
+        hosts on one machine, or for a launcher whose hosts are such blocks). Host order is the
+        order of their smallest rank; local and cross ranks follow the global rank order.
+        Every host must have the same number of ranks. Raises the same ValueError on every
+        rank when that, or what the library needs for sub-groups, is missing. The two book
+        their bytes into this communicator's counters: the cross one into the usual fields,
+        the local one into extra["local_bytes_sent"], ["local_bytes_received"],
+        ["local_wire_bytes_sent"]."""
+        n = self.size
+        views = self.allgather_object((self._host_key() if local_size is None else None,
+                                       local_size, self._split_info()),
+                                      name="hvd_signsgd.hosts")
+        if len({v[1] for v in views}) > 1:
+            raise ValueError(f"hvd_signsgd: the ranks were given different local sizes "
+                             f"({[v[1] for v in views]}; HVD_SIGNSGD_LOCAL_SIZE?)")
+        if local_size is not None:
+            if local_size < 1 or n % local_size:
+                raise ValueError(f"hvd_signsgd: local_size={local_size} does not divide the "
+                                 f"{n} ranks into hosts of equal size")
+            host_of = [r // local_size for r in range(n)]
+        else:
+            first = {}
+            host_of = [first.setdefault(v[0], len(first)) for v in views]
+        members = [[r for r in range(n) if host_of[r] == h] for h in range(max(host_of) + 1)]
+        if len({len(m) for m in members}) > 1:
+            raise ValueError(f"hvd_signsgd: exchange='hierarchical' needs the same number of "
+                             f"ranks on every host; the hosts have {[len(m) for m in members]}")
+        width = len(members[0])
+        groups = members + [[m[i] for m in members] for i in range(width)]
+        subs = self._subgroups(groups, [v[2] for v in views])
+        local = subs[host_of[self.rank]]
+        cross = subs[len(members) + members[host_of[self.rank]].index(self.rank)]
+        local.parent, local.scope = self, "local"
+        cross.parent, cross.scope = self, "cross"
+        return local, cross
+
+    def _host_key(self):
+        """What tells this rank's host apart (gathered from every rank)."""
+        return socket.gethostname()
+
+    def _split_info(self):
+        """What _subgroups needs to know of every rank (gathered)."""
+        return None
+
+    def _subgroups(self, groups, infos):
+        """Communicators for `groups` (lists of this communicator's ranks): every rank
+        creates every group in the same order; the entry of a group without this rank is
+        None. A group of one rank needs no library."""
+        return [Communicator() if len(g) == 1 else None for g in groups]
 
     # --- what an implementation provides ----------------------------------------------------
 
@@ -219,6 +350,47 @@ class HorovodCommunicator(Communicator):
         self.size = len(ranks)
         self.rank = ranks.index(hvd.rank()) if self.included else -1
 
+    def _host_key(self):
+        return self._hvd.cross_rank()
+
+    def _split_info(self):
+        return os.environ.get("HOROVOD_DYNAMIC_PROCESS_SETS", "0") not in ("", "0")
+
+    def _subgroups(self, groups, infos):
+        """Horovod process sets of the groups' global ranks: a set that exists already (given
+        to hvd.init(process_sets=...), or made for an earlier optimizer) is reused, the others
+        are added, which Horovod allows only with dynamic process sets on every rank."""
+        hvd = self._hvd
+        glob = list(self.process_set.ranks or range(hvd.size()))
+        if len(glob) != hvd.size():
+            raise ValueError("hvd_signsgd: exchange='hierarchical' runs on the global "
+                             "process set only")
+        existing = _horovod_process_sets()
+        wanted = [tuple(sorted(glob[r] for r in g)) for g in groups]
+        missing = [w for w in wanted if len(w) > 1 and w not in existing
+                   and len(w) != len(glob)]
+        if missing and not all(infos):
+            raise ValueError(
+                "hvd_signsgd: exchange='hierarchical' needs Horovod process sets for the "
+                "ranks of each host and across hosts: run every rank with "
+                "HOROVOD_DYNAMIC_PROCESS_SETS=1 (or call hvd.init(process_sets='dynamic')); "
+                f"ranks without it: {[r for r, ok in enumerate(infos) if not ok]}")
+        out = []
+        for w in wanted:
+            if len(w) == len(glob):
+                ps = hvd.global_process_set
+            elif len(w) == 1:
+                out.append(Communicator() if hvd.rank() in w else None)
+                continue
+            elif w in existing:
+                ps = hvd.ProcessSet(list(w))
+                ps.process_set_id = existing[w]
+            else:
+                ps = hvd.add_process_set(list(w))
+                existing[w] = ps.process_set_id
+            out.append(HorovodCommunicator(ps) if hvd.rank() in w else None)
+        return out
+
     def _start_allgather(self, payload, name):
         h = self._hvd.allgather_async(payload, name=name, process_set=self.process_set)
         return lambda: self._hvd.synchronize(h)
@@ -240,6 +412,17 @@ class HorovodCommunicator(Communicator):
 
     def _allgather_bytes(self, tensor, name):
         return self._hvd.allgather(tensor, name=name, process_set=self.process_set)
+
+
+def _horovod_process_sets() -> dict:
+    """{sorted global ranks: id} of the process sets Horovod knows (Horovod has no public
+    query for this; empty where the private one is missing)."""
+    try:
+        from horovod.common import process_sets as ps_mod
+        ids = ps_mod._basics._get_process_set_ids_and_ranks()
+    except (AttributeError, ImportError):
+        return {}
+    return {tuple(sorted(r)): i for i, r in ids.items() if i != 0}
 
 
 class _Pending:
@@ -265,6 +448,14 @@ class TorchDistCommunicator(Communicator):
     (module docstring), so that the byte counts are those of the Horovod front end for the
     same payloads.
 
+    Follow-ups (`follow_up`, for the sharded exchange's second phase, chained behind the
+    DDP hook's future): collectives must start in the same order on every rank, which
+    callbacks of the library's threads cannot promise. So after `open_follow_ups()` one worker
+    thread per communicator runs the follow-ups in the order they were submitted (the hook's
+    bucket order, the same on every rank), and the collectives it starts go to a second
+    process group of the same ranks, so they never interleave with the ones the hook starts
+    meanwhile on the first.
+
     Device: the engine works on CPU float32 buffers; with the NCCL backend payloads are
     staged to the current CUDA device and the results back (correct but not fast; NOT TESTED:
     this package's test machines have no GPU). Gloo works on CPU tensors directly."""
@@ -280,6 +471,46 @@ class TorchDistCommunicator(Communicator):
         self.backend = str(dist.get_backend(self.group)).lower()
         self.device = (torch.device("cuda", torch.cuda.current_device())
                        if "nccl" in self.backend else torch.device("cpu"))
+        self._lane = None            # (second process group, worker thread, its queue)
+
+    def open_follow_ups(self) -> None:
+        if self._lane is not None or self.size == 1:
+            return
+        # only the group's ranks take part (use_local_synchronization), so a State built on
+        # a subgroup does not need the other ranks
+        group = self._dist.new_group(self._dist.get_process_group_ranks(self.group),
+                                     backend=self.backend, use_local_synchronization=True)
+        jobs = queue.SimpleQueue()
+        worker = threading.Thread(target=_run_follow_ups, args=(jobs,), daemon=True,
+                                  name="hvd_signsgd.follow_ups")
+        self._lane = (group, worker, jobs)
+        worker.start()
+
+    def follow_up(self, fn) -> torch.futures.Future:
+        if self._lane is None:
+            return super().follow_up(fn)
+        fut = torch.futures.Future()
+        self._lane[2].put((fn, fut))
+        return fut
+
+    def _group(self):
+        lane = self._lane
+        return lane[0] if lane is not None and threading.current_thread() is lane[1] \
+            else self.group
+
+    def _subgroups(self, groups, infos):
+        """dist.new_group for every group, on every rank, in the same order (as it asks)."""
+        if self.group is not self._dist.group.WORLD:
+            raise ValueError("hvd_signsgd: exchange='hierarchical' runs on the default "
+                             "process group only")
+        out = []
+        for g in groups:
+            pg = self._dist.new_group(ranks=list(g)) if len(g) > 1 else None
+            if self.rank not in g:
+                out.append(None)
+            else:
+                out.append(TorchDistCommunicator(pg) if pg is not None else Communicator())
+        return out
 
     def _dev(self, t):
         return t if t.device == self.device else t.to(self.device)
@@ -292,7 +523,7 @@ class TorchDistCommunicator(Communicator):
         # all_gather_single is all_gather_into_tensor's newer name (the old one warns)
         gather = getattr(self._dist, "all_gather_single", None) or \
             self._dist.all_gather_into_tensor
-        work = gather(out, self._dev(x), group=self.group, async_op=async_op)
+        work = gather(out, self._dev(x), group=self._group(), async_op=async_op)
         return out, work
 
     def _start_allgather(self, payload, name):
@@ -319,7 +550,7 @@ class TorchDistCommunicator(Communicator):
         recv = [splits[self.rank]] * self.size
         out = torch.empty(sum(recv), dtype=torch.uint8, device=self.device)
         work = self._dist.all_to_all_single(out, self._dev(payload), output_split_sizes=recv,
-                                            input_split_sizes=list(splits), group=self.group,
+                                            input_split_sizes=list(splits), group=self._group(),
                                             async_op=True)
         return _Pending(work.get_future(), lambda: self._host(out))
 
@@ -327,7 +558,7 @@ class TorchDistCommunicator(Communicator):
         x = self._dev(tensor)
         if prescale != 1.0:
             x.mul_(prescale)
-        work = self._dist.all_reduce(x, group=self.group, async_op=True)
+        work = self._dist.all_reduce(x, group=self._group(), async_op=True)
 
         def finish():
             if postscale != 1.0:
@@ -340,7 +571,7 @@ class TorchDistCommunicator(Communicator):
 
     def _control(self, record, name):
         x = self._dev(record.clone())
-        self._dist.all_reduce(x, group=self.group)
+        self._dist.all_reduce(x, group=self._group())
         return self._host(x)
 
     def _allgather_bytes(self, tensor, name):
@@ -354,3 +585,15 @@ class TorchDistCommunicator(Communicator):
         out, _ = self._gather_into(slot, False)
         rows = self._host(out).view(self.size, width)
         return torch.cat([rows[r, :k] for r, k in enumerate(sizes)])
+
+
+def _run_follow_ups(jobs) -> None:
+    """The follow-up worker: fn after fn, in submission order; results into their futures."""
+    while True:
+        fn, fut = jobs.get()
+        try:
+            value = fn()
+        except Exception as e:  # noqa: BLE001 - handed to whoever waits for the future
+            fut.set_exception(e)
+        else:
+            fut.set_result(value)

@@ -54,6 +54,7 @@ import torch
 from .codecs import Layout
 from .communicator import TorchDistCommunicator
 from .engine import Engine
+from .exchange import EXCHANGES, exchange_problem, shardable
 from .methods import Method, NoCompression, make_method
 
 _MODEL_SCOPE = ("stochastic_sign", "ssdm")
@@ -98,6 +99,16 @@ class State:
         front end.
     seed: global seed of the stochastic methods' random streams; the same on every rank.
     on_nonfinite: "raise" or "skip" (module docstring).
+    exchange: how compressed buckets travel, as with the Horovod front end: "auto" (the
+        default: per bucket, the cost model of hvd_signsgd.exchange picks the allgather or
+        the sharded exchange from the world size and the bucket's length), "allgather", or
+        "alltoall" (the sharded exchange: all_to_all_single of shards, then the owners'
+        results by all_gather; for the methods aggregated by a vote or a mean of signs, and
+        ef_signsgd(double_squeeze=True), which needs it). The sharded exchange's second phase
+        depends on the first's result: it runs on a worker thread of the communicator, over a
+        second process group of the same ranks (created by the constructor when the method
+        can shard and exchange is not "allgather"), so the hook's future completes after both
+        phases without DDP's thread waiting.
 
     Errors of the arguments (an unknown method, a bad option, different methods or options on
     different ranks) are raised by the constructor on every rank with the same message.
@@ -109,18 +120,26 @@ class State:
     buckets (bucket_cap_mb) mean fewer headers and collectives.
 
     Statistics: compression_stats() (the keys of DistributedOptimizer.compression_stats());
-    the seconds_communicate it reports is the wait in the future's callback, about 0 here,
-    since DDP, not the hook, waits for the collectives.
+    the seconds_communicate it reports is the wait in the future's callback (about 0: DDP,
+    not the hook, waits for the collectives) plus, on the sharded exchange, the follow-up
+    worker's waits for each phase.
     """
 
     def __init__(self, method="ef_signsgd", process_group=None, *, optimizer=None,
                  min_compress_numel=128, start_step=0, seed=0, on_nonfinite="raise",
-                 **method_options):
+                 exchange="auto", **method_options):
         resolved, problem = None, None
         try:
             if on_nonfinite not in ("raise", "skip"):
                 raise ValueError(f"on_nonfinite must be 'raise' or 'skip', not {on_nonfinite!r}")
             resolved = _resolve(method, method_options)
+            if exchange == "hierarchical":
+                raise ValueError("exchange='hierarchical' is offered by the Horovod front end "
+                                 "only (hvd_signsgd.DistributedOptimizer); the DDP hook takes "
+                                 "'auto', 'allgather' or 'alltoall'")
+            bad_exchange = exchange_problem(resolved, exchange)
+            if bad_exchange:
+                raise ValueError(bad_exchange)
         except ValueError as e:
             problem = str(e)
         if resolved is not None and optimizer is not None:
@@ -129,18 +148,25 @@ class State:
                 warnings.warn(f"{resolved.name} keeps its own momentum before the sign; the "
                               f"wrapped optimizer's momentum is applied on top of it",
                               stacklevel=2)
-            problem = resolved.check_optimizer(optimizer.param_groups)
+            problem = problem or resolved.check_optimizer(optimizer.param_groups)
         self.method = resolved
         self.min_compress_numel = min_compress_numel
         self.comm = TorchDistCommunicator(process_group)
-        # The sharded exchange's second phase runs inside its wait(), which DDP's futures
-        # cannot chain yet: the hook keeps the allgather.
+        # a bad one is the problem, raised by validate on every rank
+        mode = exchange if exchange in EXCHANGES and exchange != "hierarchical" else "auto"
         self.engine = Engine(self.comm, resolved or NoCompression(), seed=seed,
-                             start_step=start_step, on_nonfinite=on_nonfinite,
-                             exchange="allgather")
+                             start_step=start_step, on_nonfinite=on_nonfinite, exchange=mode)
         self._options = (min_compress_numel, "ddp")
         self.engine.validate(problem, options=self._options)
+        if mode != "allgather" and shardable(resolved):
+            # every rank agrees by now (validate): the second group for the sharded
+            # exchange's second phase
+            self.comm.open_follow_ups()
         self._lock = threading.RLock()
+        # The futures' callbacks run on the library's threads (Gloo's two workers), and the
+        # hook may block in a collective (an allgather's lengths) that those threads must
+        # process: the callbacks take a lock of their own, never the hook's
+        self._finishing = threading.Lock()
         self._canon = {}          # (data_ptr, shape) -> the parameter's number
         self._layout = []         # per DDP bucket index: (parameter numbers, [_Part])
         self._where = {}          # parameter number -> (engine bucket, offset) of its state
@@ -177,7 +203,7 @@ class State:
         return fut
 
     def _finish(self, parts, buf):
-        with self._lock:
+        with self._finishing:
             bad = False
             for part in parts:
                 error = self.engine.finish_bucket(part.bucket)
@@ -193,7 +219,7 @@ class State:
             return buf
 
     def _end(self, step, buf):
-        with self._lock:
+        with self._finishing:
             failed = [f for f in step if f.done() and _failed(f)]
             if failed:                       # raise the callback's own error
                 failed[0].wait()

@@ -52,7 +52,7 @@ import torch
 from . import kernels
 from .codecs import Layout
 from .communicator import Counters
-from .exchange import Exchange
+from .exchange import make_exchange
 from .methods import Method, NoCompression, NonFiniteGradientError, StepContext
 
 _FLAG_LOADED = 1       # this rank loaded a checkpoint section since the last step
@@ -80,6 +80,8 @@ class Bucket:
     handle: object = None
     ctx: StepContext = None
     active: Method = None   # the method used this step (the dense one during warm-up)
+    part: object = None     # exchange="hierarchical": this rank's slice (exchange._Part)
+    work: object = None     # what this step encodes: the bucket, or its part
 
 
 @dataclass
@@ -107,7 +109,7 @@ class Engine:
                  average: bool = True, predivide: float = 1.0, on_nonfinite: str = "raise",
                  exchange: str = "auto"):
         self.comm = comm
-        self.exchange = Exchange(comm, exchange, average=average, predivide=predivide)
+        self.exchange = make_exchange(comm, exchange, average=average, predivide=predivide)
         self.method = method
         self.dense = NoCompression()
         self.seed, self.start_step = seed, start_step
@@ -154,8 +156,7 @@ class Engine:
                    flat=torch.zeros(layout.numel))
         b.name = f"{self.prefix}.b{b.index}"
         b.state = method.init_state(layout)
-        b.backup = {k: torch.empty_like(v) for k, v in b.state.items()
-                    if k not in method.self_restored_keys}
+        b.backup = _backup_for(b)
         self.buckets.append(b)
         return b
 
@@ -189,12 +190,24 @@ class Engine:
         if len({v[1] for v in views}) > 1:
             raise ValueError("hvd_signsgd: the ranks do not agree on the model, the method or "
                              "its options. " + _first_difference(views))
+        if hasattr(self.exchange, "setup") and self.comm.included:
+            self._setup_exchange()
         if self.buckets and not self._counted:
             # The count of earlier validated engines of this layout in this process keeps the
             # names of identical models trained side by side apart; counted only here, once
             # every rank agrees, so that a failed construction on some ranks shifts nothing.
             self._counted = True
             self._rename(f"{self.prefix}.{next(_LAYOUTS[self.prefix])}")
+
+    def _setup_exchange(self) -> None:
+        """Hierarchical exchange: split the communicator (every rank agreed on it, so every
+        rank is here) and size each bucket's state to this rank's slice."""
+        if self.exchange.local is not None:
+            return
+        self.exchange.setup()
+        for b in self.buckets:
+            b.state = b.method.init_state(self.exchange.state_layout(b))
+            b.backup = _backup_for(b)
 
     # --- the step --------------------------------------------------------------------------------
 
@@ -230,6 +243,13 @@ class Engine:
         self._reconcile(steps, flags)
         self.sparse_mode = any(f & _FLAG_SPARSE for f in flags)
         self._active_ranks = [k for k in range(n) if not flags[k] & _FLAG_JOINED]
+        if self.exchange.mode == "hierarchical" and len(self._active_ranks) < n:
+            self._abort_step()
+            joined = sorted(set(range(n)) - set(self._active_ranks))
+            raise StepError(f"hvd_signsgd: rank(s) {joined} "
+                            f"joined (optimizer.join()), which exchange='hierarchical' does not "
+                            f"support: every rank of a host reduces its gradients with the "
+                            f"others")
         return self._active_ranks
 
     def _raise_load_problems(self, flags):
@@ -299,8 +319,10 @@ class Engine:
         for b in buckets:
             for k, v in b.backup.items():     # restored if any rank is non-finite
                 v.copy_(b.state[k])
+            # the hierarchical exchange reduces on the host first and encodes a slice
+            b.work = b if self._joined else self.exchange.work(b)
             if not self._joined:
-                b.active.prepare(b.flat, b.state, b.ctx)
+                b.active.prepare(b.work.flat, b.state, b.work.ctx)
         if method.model_scope and not self._joined:
             norm = method.combine_norms([method.norm_part(b.flat, b.state, b.ctx)
                                          for b in buckets])
@@ -314,12 +336,13 @@ class Engine:
         self.launch_times.append(([b.index for b in buckets], t0, t1))
 
     def _send(self, b: Bucket) -> None:
+        w = b.work
         if self._joined:
-            msg = b.active.encode_joined(b.flat, b.ctx)
+            msg = b.active.encode_joined(w.flat, w.ctx)
         else:
-            msg = b.active.encode(b.flat, b.state, b.ctx)
+            msg = b.active.encode(w.flat, b.state, w.ctx)
         extra = self.comm.counters.extra
-        for k, v in b.ctx.stats.items():      # method counts (nnz_sent, dense_fallbacks, ...)
+        for k, v in w.ctx.stats.items():      # method counts (nnz_sent, dense_fallbacks, ...)
             extra[k] = extra.get(k, 0) + v
         b.handle = self.exchange.start(b, msg)
 
@@ -459,6 +482,7 @@ class Engine:
         """This rank's method state, for the front end's state_dict()."""
         return {"format": 1, "method": self.method.describe(), "rank": self.comm.rank,
                 "world_size": self.comm.size, "step": self.step, "seed": self.seed,
+                "slices": self._slices(),
                 "buckets": [{k: v.clone() for k, v in b.state.items()} for b in self.buckets]}
 
     def load_section(self, section: dict | None) -> None:
@@ -479,8 +503,22 @@ class Engine:
         self._loaded = (section["step"], problem)
         self.step = section["step"]
 
+    def _slices(self):
+        """Hierarchical exchange: (ranks per host, this rank's slice): the state holds only
+        that slice of each bucket. None: the whole bucket."""
+        if self.exchange.mode == "hierarchical" and self.exchange.local is not None:
+            return (self.exchange.local.size, self.exchange.local.rank)
+        return None
+
     def _check_section(self, s) -> str | None:
         stateful = any(b.state for b in self.buckets)
+        if stateful and s.get("slices") != self._slices():
+            def what(x):
+                return (f"slice {x[1]} of {x[0]} (exchange='hierarchical')" if x
+                        else "whole buckets")
+            return (f"the method state was saved as {what(s.get('slices'))} and this optimizer "
+                    f"keeps {what(self._slices())}; resume with the exchange and ranks per host "
+                    f"of the job that saved it")
         if s["method"] != self.method.describe():
             return f"the state is for {s['method']}, this optimizer runs {self.method.describe()}"
         if stateful and s["world_size"] != self.comm.size:
@@ -495,6 +533,13 @@ class Engine:
         if shapes != mine:
             return "the method state does not match this model's buckets (another model?)"
         return None
+
+
+def _backup_for(b: Bucket) -> dict:
+    """Spare copies of the state the engine restores after a failed step (the method restores
+    its self_restored_keys itself)."""
+    return {k: torch.empty_like(v) for k, v in b.state.items()
+            if k not in b.method.self_restored_keys}
 
 
 def _first_difference(views) -> str:

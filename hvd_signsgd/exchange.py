@@ -42,21 +42,61 @@ counts a size exchange (communicator.py); mean and scaled results have a fixed l
 A non-finite rank, or a failing owner, is found before the owner touches its memory, and the
 engine restores every bucket's state (owner_error included) on a step that fails.
 
+"hierarchical" (HierarchicalExchange; ALGORITHMS.md section 11): H hosts of L ranks each.
+  1. local   the ranks of a host sum their raw float32 bucket (allreduce on the host's
+             communicator), scaled by 1/L for op=Average: every local rank holds the host mean.
+  2. cross   local rank l takes slice l of the host mean (shard_elements(d, L): contiguous,
+             whole 32-element words) as a bucket of its own (the tensors' pieces in it) and
+             runs the method on it with the same-local-rank ranks of the other hosts (H
+             ranks, route "auto" among H: allgather or the sharded exchange), so a host sends
+             one compressed payload of the bucket in all, split over its L ranks.
+  3. share   the L slices' updates (float32, a 4-byte status first) are allgathered on the
+             host and laid side by side: every rank holds the same whole update.
+  The method sees H voters, each the mean of L ranks: a vote is a vote of hosts, an error
+  memory or a momentum holds its slice of the host mean and lives on that slice's local rank
+  (its checkpoint is that slice; load_section refuses a flat one). Not the flat exchange's
+  result, but identical on every rank. A non-finite gradient or a failing aggregate on any
+  slice is in every rank's status words, so every rank raises. Methods with a whole-model
+  norm are refused (the norm would be per slice); so is optimizer.join(). Warm-up and
+  NoCompression buckets take the flat route.
+
 `choose` picks the route for exchange="auto" from n and the bucket's length with the cost
 model of `route_seconds` (constants measured by examples/exchange_crossover.py).
+
+Sparse methods at n ranks (topk, threshold; exchange="auto"). The allgather of (index, value)
+pairs grows as the sum of the ranks' payloads P_m, which every rank receives; a ring allreduce
+of the bucket as float32 moves 2(n-1)/n * 4d per rank whatever the density. Per rank on the
+wire (Counters' model) the allgather costs (n-1)/n * sum_m P_m on average, so a bucket goes
+dense when sum_m P_m > 8 d (d: the layout's elements, gaps included): each rank scatters its
+own payload (pairs, or threshold's dense fallback) into a zero float32 vector, the vectors
+are summed by an allreduce, and the aggregate is that sum divided as the method divides
+(ctx.size voters, op=Average). The method's encode ran before, unchanged, so the error memory
+is what this rank selected either way. The lengths: topk's follow from the layout (the same
+every step; a perturbation reset step sends every coordinate on every rank); threshold's vary,
+so their size exchange (8 bytes a rank, counted as before) runs first, by itself, and the
+allgather after it counts none. Identical on every rank, but not bit-identical to the
+allgather path: the allreduce sums in its own order (float32 rounding). A NaN/Inf rank sends
+NaN: the sum is NaN everywhere and every rank raises (the rank is not named, as randomk).
+compression_stats counts such bucket-steps as sparse_dense_buckets. exchange="allgather"
+keeps the pairs always.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from . import kernels, wire
-from .methods import NonFiniteGradientError
+from .codecs import Layout, Sparse
+from .methods import NoCompression, NonFiniteGradientError
+from .methods.base import as_mean
 from .methods.sign import EFSignSGD, SignSGD
 
-EXCHANGES = ("auto", "allgather", "alltoall")
+EXCHANGES = ("auto", "allgather", "alltoall", "hierarchical")
+LOCAL_SIZE_ENV = "HVD_SIGNSGD_LOCAL_SIZE"
 WORD = 4                      # shard granularity in bytes of packed bits
 _FLAG_FAILED = 1 << 8         # phase 2: the owner could not aggregate its shard
 _FLAG_MARKED = 1 << 9         # phase 1: the sender's payload marks exact zeros (sign(0) = 0),
@@ -127,6 +167,10 @@ def exchange_problem(method, mode: str) -> str | None:
     if mode == "allgather" and method is not None and squeezed(method):
         return (f"{method.describe()} compresses on the shard owners of the sharded exchange; "
                 f"use exchange='alltoall' or 'auto'")
+    if mode == "hierarchical" and method is not None and method.model_scope:
+        return (f"exchange='hierarchical' compresses each host's slice of a bucket on its own "
+                f"rank, so a whole-model norm is not available; {method.describe()} needs one "
+                f"(use norm='tensor' or another exchange)")
     if mode == "alltoall" and method is not None and not shardable(method):
         return (f"exchange='alltoall' needs a method aggregated by a majority vote or a mean "
                 f"of signs (signsgd, signum, stochastic_sign, ssdm with aggregation "
@@ -178,13 +222,18 @@ def choose(method, mode: str, numel: int, n: int) -> str:
     return "alltoall" if a2a < route_seconds(method, numel, n, "allgather") else "allgather"
 
 
-def _pack_bool(mask: np.ndarray) -> torch.Tensor:
-    """Bits LSB first (element 8j+i -> bit i of byte j), as kernels.pack_signs lays them."""
-    return torch.from_numpy(np.packbits(mask, bitorder="little"))
+def _pack_where_negative(x: torch.Tensor) -> torch.Tensor:
+    """A bit plane (bit set where x < 0), with the native sign packer; x must hold no -0.0."""
+    return kernels.pack_signs(x)
 
 
-def _unpack_bool(bits: torch.Tensor, k: int) -> torch.Tensor:
-    return torch.from_numpy(np.unpackbits(bits.numpy(), count=k, bitorder="little").view(bool))
+def _zero_where_set(seg: torch.Tensor, bits: torch.Tensor, k: int) -> None:
+    """seg[i] = +0.0 where bit i is set; seg must be +-1 with +1 wherever a bit is set.
+
+    Native unpack to -0.5 / +0.5, + 0.5 gives exactly +0.0 / 1.0, then one multiply: the same
+    values as masked_fill, in three vectorised passes instead of numpy's bool unpacking."""
+    keep = kernels.unpack_signs(bits, k, scale=0.5).add_(0.5)
+    seg.mul_(keep)
 
 
 class Exchange:
@@ -214,6 +263,11 @@ class Exchange:
             self._gaps[b.name] = g
         return g
 
+    def work(self, b):
+        """What the engine encodes for bucket b this step: the bucket itself (a hierarchical
+        exchange gives its host slice)."""
+        return b
+
     def route(self, b) -> str:
         return choose(b.active, self.mode, b.layout.numel, self.comm.size)
 
@@ -221,6 +275,8 @@ class Exchange:
         """Start bucket b's exchange of this rank's payload msg; returns a handle whose wait()
         gives what `aggregate` takes."""
         route = self.route(b)
+        if route == "allgather" and self.sparse_switch(b):
+            return self._start_sparse(b, msg)
         if route == "allgather":
             return self.comm.allgather(msg, b.name, size_exchange=b.active.variable_size)
         if route == "allreduce":
@@ -232,11 +288,35 @@ class Exchange:
         """Bucket b's aggregate (identical on every rank) from its handle's result."""
         if isinstance(b.handle, _ShardedHandle) and not b.handle.fell_back:
             return b.handle.decode(result)
+        if isinstance(b.handle, _DenseSparseHandle):
+            return _dense_sparse_aggregate(b, result)
         return b.active.aggregate(result, b.state, b.ctx)
+
+    def sparse_switch(self, b) -> bool:
+        """Bucket b's pairs may go as a dense allreduce (module docstring)."""
+        return (self.mode == "auto" and self.comm.size > 1
+                and isinstance(getattr(b.active, "codec", None), Sparse))
+
+    def _start_sparse(self, b, msg: torch.Tensor):
+        d, n, method = b.layout.numel, self.comm.size, b.active
+        if method.variable_size:
+            sizes = self.comm.exchange_sizes(msg.numel(), f"{b.name}.sizes")
+        elif method.send_whole(b.ctx):
+            sizes = [wire.HEADER_NBYTES + 4 * d] * n
+        else:
+            segs = method.segments(b.layout)
+            nnz = int(torch.minimum(segs[:, 1], segs[:, 2]).sum()) if segs.numel() else 0
+            sizes = [wire.payload_nbytes(method.codec.codec, d, nnz=nnz)] * n
+        if sum(sizes) <= 8 * d:
+            return self.comm.allgather(msg, b.name, size_exchange=False)
+        extra = self.comm.counters.extra
+        extra["sparse_dense_buckets"] = extra.get("sparse_dense_buckets", 0) + 1
+        return _DenseSparseHandle(self.comm.allreduce(_densify(b, msg), f"{b.name}.dense"))
 
 
 class _ShardedHandle:
-    """The two phases of one bucket's sharded exchange; wait() runs the owner's part."""
+    """The two phases of one bucket's sharded exchange; wait() runs the owner's part, or
+    future() has the communicator run it (for a front end that chains futures: the DDP hook)."""
 
     def __init__(self, ex: Exchange, b, msg: torch.Tensor):
         self.ex, self.b, self.comm = ex, b, ex.comm
@@ -256,6 +336,15 @@ class _ShardedHandle:
         self.first = self.comm.alltoall(self._pieces(msg), self._splits(), f"{b.name}.shards")
         self.second = None
         self._result = None
+        self._future = None
+
+    def future(self):
+        """A future completed once both phases (and a fallback) are done, after which wait()
+        returns at once: the communicator runs the phases as a follow-up
+        (communicator.follow_up), in the order the handles asked, the same on every rank."""
+        if self._future is None:
+            self._future = self.comm.follow_up(self._run)
+        return self._future
 
     def _splits(self):
         return self.pieces
@@ -282,6 +371,12 @@ class _ShardedHandle:
         return out
 
     def wait(self) -> torch.Tensor:
+        if self._future is not None:     # the follow-up runs the phases; never twice
+            self._future.wait()
+            return self._result
+        return self._run()
+
+    def _run(self) -> torch.Tensor:
         if self._result is None:
             received = self.first.wait()
             if self.second is None:
@@ -364,19 +459,21 @@ class _ShardedHandle:
             return self._squeeze(rows, scales.contiguous().view(torch.float32), len(voters))
         if self.mean:
             total = kernels.vote(rows, k, mode="sum")           # voters - 2c, exact
-            count = ((len(voters) - total) / 2).to(torch.int32).numpy()
-            planes = [_pad4(_pack_bool((count >> i) & 1 == 1)) for i in range(self.bits)]
+            count = ((len(voters) - total) / 2).to(torch.int32)
+            planes = [_pad4(_pack_where_negative(0.5 - ((count >> i) & 1).to(torch.float32)))
+                      for i in range(self.bits)]
             return _message(self.codec, k, 0, self.bits, *planes)
         vote = kernels.vote(rows, k, mode="majority")
         signs = _pad4(kernels.pack_signs(vote))
-        ties = (vote == 0).nonzero().flatten()
-        t = ties.numel()
+        t = kernels.count_zeros(vote)
         if t == 0:
             return _message(self.codec, k, 0, 0, signs)
         if 4 * t < _r4(nb):
+            ties = (vote == 0).nonzero().flatten()
             return _message(self.codec, k, 0, t, signs, ties.to(torch.int32).view(torch.uint8))
+        # the vote is -1, +0.0 or 1 (a tie's sign bit is clear), so |vote| - 0.5 < 0 at ties
         return _message(self.codec, k, wire.FLAG_DENSE, t, signs,
-                        _pad4(_pack_bool((vote == 0).numpy())))
+                        _pad4(_pack_where_negative(vote.abs().sub_(0.5))))
 
     def _squeeze(self, rows, scales, v) -> torch.Tensor:
         """Double squeeze on this rank's shard: a = mean_m q_m + owner_error,
@@ -451,7 +548,7 @@ class _ShardedHandle:
                 kernels.unpack_signs(gathered[body:body + b1 - b0], k, out=seg)
                 end = body + plane
                 if h.flags & wire.FLAG_DENSE:
-                    seg.masked_fill_(_unpack_bool(gathered[end:end + b1 - b0], k), 0.0)
+                    _zero_where_set(seg, gathered[end:end + b1 - b0], k)
                     end += plane
                 elif h.nnz:
                     idx = gathered[end:end + 4 * h.nnz].clone().view(torch.int32)
@@ -461,6 +558,199 @@ class _ShardedHandle:
         if pos != gathered.numel():
             raise wire.PayloadError(f"bucket {b.name}: {gathered.numel() - pos} trailing bytes "
                                     f"after the shard results")
+        return out
+
+
+class _DenseSparseHandle:
+    """A bucket of pairs on its way as a float32 allreduce (module docstring)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def wait(self) -> torch.Tensor:
+        return self.handle.wait()
+
+
+def _densify(b, msg: torch.Tensor) -> torch.Tensor:
+    """This rank's payload as a float32 vector of the bucket: its pairs (or dense fallback)
+    scattered into zeros; zeros for a joined rank, NaN for a non-finite one."""
+    d = b.layout.numel
+    (p,) = wire.split(msg, 1, bucket=b.name, codec=b.active.codec.codec, n=d)
+    if p.header.flags & wire.FLAG_NONFINITE:
+        return torch.full((d,), float("nan"))
+    if p.header.flags & wire.FLAG_JOINED:
+        return torch.zeros(d)
+    return b.active.codec.aggregate([p], d, b.name).to(torch.float32).contiguous()
+
+
+def _dense_sparse_aggregate(b, total: torch.Tensor) -> torch.Tensor:
+    ctx = b.ctx
+    if not kernels.all_finite(total):
+        raise NonFiniteGradientError(
+            f"NaN or Inf in the gradient of at least one rank (bucket {ctx.bucket}, step "
+            f"{ctx.step}, pairs summed densely); the step is not applied on any rank. Lower "
+            f"the learning rate, clip gradients, or check the data.")
+    out = ctx.out if ctx.out is not None else torch.zeros(b.layout.numel)
+    out.copy_(total)
+    return as_mean(out, ctx)
+
+
+def make_exchange(comm, mode: str = "auto", *, average: bool = True, predivide: float = 1.0):
+    """The Exchange of `mode` (HierarchicalExchange for "hierarchical")."""
+    cls = HierarchicalExchange if mode == "hierarchical" else Exchange
+    return cls(comm, mode, average=average, predivide=predivide)
+
+
+def slice_layout(layout: Layout, e0: int, k: int) -> Layout:
+    """The pieces of layout's tensors inside elements [e0, e0 + k) (e0 a multiple of 8), as
+    a Layout of their own: its elements are those of the bucket from e0 on."""
+    offsets, sizes = [], []
+    for o, s in layout.segments():
+        lo, hi = max(o, e0), min(o + s, e0 + k)
+        if lo < hi:
+            offsets.append(lo - e0)
+            sizes.append(hi - lo)
+    return Layout(tuple(offsets), tuple(sizes))
+
+
+@dataclass
+class _Part:
+    """This rank's slice of a bucket under the hierarchical exchange: what the method encodes
+    and the cross exchange moves (it has the fields of engine.Bucket that Exchange reads)."""
+    name: str
+    layout: Layout
+    offset: int             # first element in the whole model (RNG stream position)
+    start: int              # first element in the bucket
+    state: dict
+    active: object = None
+    flat: torch.Tensor = None
+    out: torch.Tensor = None
+    ctx: object = None
+    handle: object = None
+
+
+class _Ready:
+    """A handle whose result is known (an empty slice exchanges nothing across hosts)."""
+
+    def wait(self):
+        return torch.zeros(0, dtype=torch.uint8)
+
+
+_OK, _NONFINITE, _FAILED = 0, 1, 2
+
+
+class HierarchicalExchange(Exchange):
+    """exchange="hierarchical" (module docstring). local_size: ranks per host, as blocks of
+    consecutive ranks, instead of the library's hosts (default: the environment variable
+    HVD_SIGNSGD_LOCAL_SIZE, else the library's). setup() splits the communicator
+    (collective); the engine calls it once every rank agreed on the options."""
+
+    def __init__(self, comm, mode: str = "hierarchical", *, average: bool = True,
+                 predivide: float = 1.0, local_size: int | None = None):
+        super().__init__(comm, "auto", average=average, predivide=predivide)
+        self.mode = "hierarchical"
+        env = os.environ.get(LOCAL_SIZE_ENV, "").strip()
+        self.local_size = local_size if local_size is not None else (int(env) if env else None)
+        self.local = self.cross = self.inner = None
+
+    def setup(self) -> None:
+        if self.local is None:
+            self.local, self.cross = self.comm.split_local(self.local_size)
+            self.inner = Exchange(self.cross, "auto", average=self.average)
+
+    @property
+    def width(self) -> int:
+        """L, ranks per host (after setup)."""
+        return self.local.size
+
+    def bounds(self, b) -> list[tuple[int, int]]:
+        """[(first element, element count)] of the L slices of bucket b."""
+        return shard_elements(b.layout.numel, self.local.size)
+
+    def part(self, b) -> _Part:
+        """This rank's slice of bucket b (cached; its layout is what the state is sized to)."""
+        p = getattr(b, "part", None)
+        if p is None or p.name != f"{b.name}.x{self.local.rank}":
+            e0, k = self.bounds(b)[self.local.rank]
+            layout = slice_layout(b.layout, e0, k)
+            p = _Part(f"{b.name}.x{self.local.rank}", layout, b.offset + e0, e0, b.state,
+                      out=torch.zeros(layout.numel))
+            b.part = p
+        return p
+
+    def state_layout(self, b) -> Layout:
+        return self.part(b).layout
+
+    def hierarchical(self, b) -> bool:
+        return not isinstance(b.active, NoCompression) and self.comm.size > 1
+
+    def work(self, b):
+        """Step 1 for bucket b (blocking): the host mean into b.flat; returns this rank's
+        part, with its context for the H ranks of the cross exchange (or b itself for a
+        bucket on the flat route)."""
+        if not self.hierarchical(b):
+            return b
+        p = self.part(b)
+        p.state, p.active = b.state, b.active
+        f = 1.0 / self.local.size if self.average else 1.0
+        self.local.allreduce(b.flat, f"{b.name}.local", prescale=f).wait()
+        p.flat = b.flat[p.start:p.start + p.layout.numel]
+        n = self.cross.size
+        p.ctx = dataclasses.replace(
+            b.ctx, rank=self.cross.rank, size=n, n_ranks=n, voters=list(range(n)),
+            bucket=p.name, offset=p.offset, layout=p.layout, out=p.out, stats={},
+            nonfinite=not kernels.all_finite(p.flat))
+        return p
+
+    def start(self, b, msg: torch.Tensor):
+        if not self.hierarchical(b):
+            return super().start(b, msg)
+        p = b.part
+        p.handle = self.inner.start(p, msg) if p.layout.numel else _Ready()
+        return p.handle
+
+    def aggregate(self, b, result: torch.Tensor) -> torch.Tensor:
+        if not self.hierarchical(b):
+            return super().aggregate(b, result)
+        p = b.part
+        status, text, update = _OK, "", None
+        try:
+            update = self.inner.aggregate(p, result) if p.layout.numel else p.out
+        except NonFiniteGradientError as e:
+            status, text = _NONFINITE, f"{e} [host slice {self.local.rank}]"
+        except (wire.PayloadError, ValueError) as e:
+            status, text = _FAILED, f"{e} [host slice {self.local.rank}]"
+        k = p.layout.numel
+        body = torch.zeros(4 * k, dtype=torch.uint8)
+        if status == _OK:
+            body = update[:k].contiguous().view(torch.uint8)
+        else:
+            raw = text.encode()[:4 * k]
+            body[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        msg = torch.cat([torch.tensor([status], dtype=torch.int32).view(torch.uint8), body])
+        lengths = [slice_layout(b.layout, e0, n).numel for e0, n in self.bounds(b)]
+        gathered = self.local.allgather(msg, f"{b.name}.slices",
+                                        size_exchange=len(set(lengths)) > 1).wait()
+        out = b.ctx.out if b.ctx.out is not None else torch.zeros(b.layout.numel)
+        out.zero_()
+        pos, problems = 0, []
+        for i, ((e0, _), n) in enumerate(zip(self.bounds(b), lengths)):
+            (st,) = gathered[pos:pos + 4].clone().view(torch.int32).tolist()
+            seg = gathered[pos + 4:pos + 4 + 4 * n]
+            if st == _OK:
+                out[e0:e0 + n] = seg.clone().view(torch.float32)
+            else:
+                msg = bytes(seg.tolist()).rstrip(b"\0").decode(errors="replace")
+                problems.append((st, msg or f"(slice {i} of bucket {b.name} failed)"))
+            pos += 4 + 4 * n
+        if pos != gathered.numel():
+            raise wire.PayloadError(f"bucket {b.name}: the host's slices came to "
+                                    f"{gathered.numel()} bytes, expected {pos}")
+        for st, msg in problems:
+            if st == _NONFINITE:
+                raise NonFiniteGradientError(msg)
+        if problems:
+            raise wire.PayloadError(problems[0][1])
         return out
 
 
@@ -479,5 +769,6 @@ def _message(codec: str, n: int, flags: int, nnz: int, *parts, n_scales: int = 0
                             *[p.reshape(-1) for p in parts]]))
 
 
-__all__ = ["EXCHANGES", "Exchange", "choose", "count_bits", "exchange_problem", "route_bytes",
+__all__ = ["EXCHANGES", "Exchange", "HierarchicalExchange", "choose", "make_exchange",
+           "slice_layout", "count_bits", "exchange_problem", "route_bytes",
            "route_seconds", "shard_bounds", "shard_elements", "shardable"]

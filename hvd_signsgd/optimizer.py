@@ -584,7 +584,19 @@ def DistributedOptimizer(optimizer, named_parameters=None, compression=None,
             n, for methods aggregated by a majority vote or a mean of signs (signsgd, signum,
             stochastic_sign, ssdm with aggregation "majority"/"mean"); the result is
             bit-identical to "allgather". "auto" (default): per bucket, the cheaper of the two
-            by a cost model of n and the bucket's length; other methods keep their collective.
+            by a cost model of n and the bucket's length; other methods keep their collective,
+            except that a topk / threshold bucket whose ranks' pairs add up to more than 8
+            bytes per element goes as a float32 allreduce of the scattered pairs (identical
+            on every rank, not bit-identical to the pairs' allgather).
+            "hierarchical": the ranks of a host first sum their float32 gradients (a local
+            allreduce), each local rank compresses its 1/L slice of the host mean and
+            exchanges it with its peers on the other hosts, and the slices are shared on the
+            host: each host sends one compressed payload per bucket instead of L. A vote is
+            then a vote of hosts, and error memory / momentum are per slice (checkpoints say
+            so). Needs Horovod dynamic process sets (HOROVOD_DYNAMIC_PROCESS_SETS=1 or
+            hvd.init(process_sets="dynamic")) and the same number of ranks on every host;
+            HVD_SIGNSGD_LOCAL_SIZE=L groups blocks of L consecutive ranks as hosts instead of
+            Horovod's. Refuses methods with a whole-model norm and optimizer.join().
             The same on every rank (checked).
 
     Methods with momentum of their own (signum, ssdm) expect a wrapped optimizer without

@@ -17,8 +17,11 @@
 # Usage (root):
 #   netsim.sh up N                  create the switch and N hosts (1..32)
 #   netsim.sh rate RATE|off         tbf RATE (e.g. 100mbit, 1gbit) on both directions of every link
-#   netsim.sh mpirun ARGS...        mpirun in the switch namespace, one slot per host, TCP only
+#   netsim.sh mpirun ARGS...        mpirun in the switch namespace, HSG_NETSIM_SLOTS ranks per
+#                                   host (as at `up`, or as set for this call), TCP only
 #   netsim.sh exec HOST CMD...      run CMD on host hK (its network + UTS namespace)
+#   netsim.sh torchrun ARGS...      one torchrun per host (node rank K-1 on hK, master h1,
+#                                   GLOO_SOCKET_IFNAME=net0); ARGS: the script and its arguments
 #   netsim.sh counters              "host tx_bytes rx_bytes" of each host's net0
 #   netsim.sh status                namespaces, addresses, qdisc counters, processes
 #   netsim.sh down                  stop what still runs in our namespaces, delete them
@@ -28,7 +31,10 @@
 # Environment: HSG_NETSIM_PREFIX (namespace prefix, default hsgnet; use another one to run two
 # clusters side by side), HSG_NETSIM_SUBNET (first three octets of a 10.x /24, default
 # 10.213.7), HSG_NETSIM_STATE (state dir, default /tmp/<prefix>), HSG_NETSIM_TBF_LATENCY
-# (tbf queue length in time, default 50ms), HSG_NETSIM_COLL (ring: pin Open MPI's allreduce /
+# (tbf queue length in time, default 50ms), HSG_NETSIM_SLOTS (ranks per host, read by `up`
+# and by each `mpirun`, default 1; ranks of one host talk over its loopback, which the
+# counters leave out), HSG_NETSIM_TORCHRUN (the torchrun command, default torchrun),
+# HSG_NETSIM_PORT (torchrun's master port, default 29500), HSG_NETSIM_COLL (ring: pin Open MPI's allreduce /
 # allgather(v) to the ring algorithms, the default; tuned: Open MPI's own choice).
 #
 # Pitfalls this handles (found on the project's Debian 12 VMs, Open MPI 4.1.4):
@@ -46,6 +52,7 @@ SUBNET=${HSG_NETSIM_SUBNET:-10.213.7}
 STATE=${HSG_NETSIM_STATE:-/tmp/$PREFIX}
 TBF_LATENCY=${HSG_NETSIM_TBF_LATENCY:-50ms}
 COLL=${HSG_NETSIM_COLL:-ring}
+SLOTS=${HSG_NETSIM_SLOTS:-1}
 SWITCH=$PREFIX-sw
 IFACE=net0
 SELF=$(readlink -f "${BASH_SOURCE[0]}")
@@ -54,6 +61,7 @@ die() { echo "netsim: $*" >&2; exit 1; }
 
 [[ $PREFIX =~ ^[a-z][a-z0-9]{1,11}$ ]] || die "HSG_NETSIM_PREFIX must be 2-12 lowercase letters/digits"
 [[ $SUBNET =~ ^10\.([0-9]{1,3})\.([0-9]{1,3})$ ]] || die "HSG_NETSIM_SUBNET must look like 10.A.B"
+[[ $SLOTS =~ ^[1-9][0-9]?$ ]] || die "HSG_NETSIM_SLOTS must be 1..99"
 
 hosts() { [[ -f $STATE/hosts ]] && cat "$STATE/hosts"; true; }
 ns_exists() { ip netns list | awk '{print $1}' | grep -qx -- "$1"; }
@@ -102,7 +110,7 @@ cmd_up() {
     ip -n "$ns" addr add "$SUBNET.$i/24" dev "$IFACE"
     ip -n "$ns" link set "$IFACE" up
     echo "h$i" >> "$STATE/hosts"
-    echo "h$i slots=1" >> "$STATE/hostfile"
+    echo "h$i slots=$SLOTS" >> "$STATE/hostfile"
   done
   {
     echo "127.0.0.1 localhost"
@@ -116,7 +124,7 @@ cmd_up() {
   # plm_rsh_agent takes one executable path: a two-line wrapper that calls back into us
   printf '#!/bin/sh\nexec %q agent "$@"\n' "$SELF" > "$STATE/agent"
   chmod +x "$STATE/agent"
-  echo "netsim: up $n hosts ($(paste -sd' ' "$STATE/hosts")), $SUBNET.0/24, switch $SWITCH"
+  echo "netsim: up $n hosts ($(paste -sd' ' "$STATE/hosts")), $SLOTS slot(s) each, $SUBNET.0/24, switch $SWITCH"
 }
 
 cmd_rate() {
@@ -156,8 +164,12 @@ cmd_exec() {
 
 cmd_mpirun() {
   ns_exists "$SWITCH" || die "cluster not up"
-  local n extra=()
-  n=$(hosts | wc -l)
+  local n extra=() hostfile slots=${HSG_NETSIM_SLOTS:-1}
+  [[ $slots =~ ^[1-9][0-9]?$ ]] || die "HSG_NETSIM_SLOTS must be 1..99"
+  # this call's ranks per host (e.g. 2 for a hierarchical exchange), whatever `up` was given
+  hostfile=$STATE/hostfile.$slots
+  sed "s/slots=[0-9]*\$/slots=$slots/" "$STATE/hostfile" > "$hostfile"
+  n=$(($(hosts | wc -l) * slots))
   # all "hosts" share this box's cores; Open MPI cannot see that oversubscription
   ((n > $(nproc))) && extra+=(--mca mpi_yield_when_idle 1)
   if [[ $COLL == ring ]]; then
@@ -169,11 +181,27 @@ cmd_mpirun() {
     die "HSG_NETSIM_COLL must be ring or tuned"
   fi
   exec ip netns exec "$SWITCH" mpirun --allow-run-as-root "${extra[@]}" \
-    --hostfile "$STATE/hostfile" \
+    --hostfile "$hostfile" \
     --mca plm_rsh_agent "$STATE/agent" --mca plm_rsh_no_tree_spawn 1 \
     --mca pml ob1 --mca btl tcp,self \
     --mca btl_tcp_if_include "$SUBNET.0/24" --mca oob_tcp_if_include "$SUBNET.0/24" \
     --bind-to none "$@"
+}
+
+cmd_torchrun() {
+  ns_exists "$SWITCH" || die "cluster not up"
+  local n k=0 h rc=0 pids=()
+  n=$(hosts | wc -l)
+  for h in $(hosts); do
+    # shellcheck disable=SC2086  # the torchrun command may be several words (python -m ...)
+    GLOO_SOCKET_IFNAME=$IFACE "$SELF" exec "$h" ${HSG_NETSIM_TORCHRUN:-torchrun} \
+      --nnodes "$n" --node-rank "$k" --nproc-per-node 1 \
+      --master-addr "$SUBNET.1" --master-port "${HSG_NETSIM_PORT:-29500}" "$@" &
+    pids+=("$!")
+    k=$((k + 1))
+  done
+  for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+  return "$rc"
 }
 
 cmd_counters() {
@@ -223,13 +251,14 @@ cmd_with() {
   trap 'exit 143' TERM
   cmd_up "$n"
   export HSG_NETSIM_PREFIX=$PREFIX HSG_NETSIM_SUBNET=$SUBNET HSG_NETSIM_STATE=$STATE \
-    HSG_NETSIM_TBF_LATENCY=$TBF_LATENCY HSG_NETSIM_COLL=$COLL HSG_NETSIM=$SELF
+    HSG_NETSIM_TBF_LATENCY=$TBF_LATENCY HSG_NETSIM_COLL=$COLL HSG_NETSIM_SLOTS=$SLOTS \
+    HSG_NETSIM=$SELF
   "$@"
 }
 
 [[ $(id -u) == 0 ]] || die "needs root (network namespaces, tc)"
 case "${1:-}" in
-  up | rate | agent | exec | mpirun | counters | status | down | with)
+  up | rate | agent | exec | mpirun | torchrun | counters | status | down | with)
     sub=$1; shift; "cmd_$sub" "$@" ;;
   *) sed -n '2,/^set -euo/{/^#/s/^# \{0,1\}//p}' "$SELF" >&2; exit 2 ;;
 esac

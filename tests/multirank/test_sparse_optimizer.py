@@ -7,16 +7,20 @@ import math
 import pytest
 from harness import ROOT
 
-# name -> (method, options); every rank runs all of them in one job, 50 steps each.
+# name -> (method, options); every rank runs all of them in one job, 50 steps each. The
+# dense ones keep the pairs' allgather (exchange="allgather"): exchange="auto" would send them
+# as a dense allreduce (test_sparse_dense.py).
 CONFIGS = {
     "topk": ("topk", {}),
     "topk_bucket_fp16": ("topk", {"ratio": 0.05, "scope": "bucket", "values": "fp16"}),
-    "threshold": ("threshold", {"lam": 0.03}),
-    "threshold_all": ("threshold", {"lam": 1e-12, "max_density": 1.0}),
+    "threshold": ("threshold", {"lam": 0.03, "exchange": "allgather"}),
+    "threshold_all": ("threshold", {"lam": 1e-12, "max_density": 1.0,
+                                    "exchange": "allgather"}),
     "randomk": ("randomk", {"ratio": 0.05}),
     "ecx": ("ecx", {}),
     "ecx_single": ("ecx", {"compensation": "single"}),
-    "topk_perturbed": ("topk", {"ratio": 0.02, "noise": 0.01, "reset_every": 7}),
+    "topk_perturbed": ("topk", {"ratio": 0.02, "noise": 0.01, "reset_every": 7,
+                                "exchange": "allgather"}),
     "randomk_perturbed": ("randomk", {"noise": 0.01, "noise_seed": "shared",
                                       "reset_every": 9}),
 }
