@@ -67,12 +67,57 @@ class Table:
                   f"{read / s / 1e9:9.1f} | {note}")
 
 
+FUSED_NOTE = ("\nFused encodes: 'bound' is the time to move the kernel's own streams (bytes read "
+              "+ written) at the read bandwidth measured above; 'of bound' = bound / time "
+              "(the target is >= 0.5).")
+
+
+def unfused_ef_sign(g, e, layout):
+    """What ef_signsgd did before the fused kernel: e += g, zeros, scales, pack, residual."""
+    from hvd_signsgd.codecs import ScaledSign, count_zeros
+    p = e.add_(g)
+    z = count_zeros(p, layout)
+    scales = ScaledSign.scales(p, layout, zeros=z)
+    msg = ScaledSign().encode(p, layout, scales, zeros=z)
+    ScaledSign.subtract_local(p, scales, layout, zeros=z)
+    return msg
+
+
+def fused_encodes(t, n, rep, bw, rng):
+    """ef_sign over one n-element tensor and over tensors of 2^16 and 2^20 elements; streams:
+    g, e read, e_out written (4 bytes each), sign bits and zero plane written (n/8 each)."""
+    from hvd_signsgd.codecs import Layout, ScaledSign, segment_pairs
+    g = torch.from_numpy(rng.standard_normal(n, dtype=np.float32))
+    e = torch.from_numpy(rng.standard_normal(n, dtype=np.float32) * 0.1)
+    e_out = torch.empty(n)
+    streams = 12 * n + 2 * (n / 8)
+    bound = streams / (4 * n / bw)
+    for seg in (n, 1 << 20, 1 << 16):
+        if seg > n:
+            continue
+        layout = Layout.for_sizes([seg] * (n // seg))
+        segs = segment_pairs(layout)
+        s = best_time(lambda segs=segs: kernels.ef_sign(g, e, e_out, segs), rep)
+        t.add(f"native ef_sign kernel, tensors of 2^{seg.bit_length() - 1}", s, 8 * n,
+              f"bound {bound * 1e3:.2f} ms: {bound / s:.2f} of bound")
+    layout = Layout.for_sizes([1 << 20] * (n >> 20)) if n >= 1 << 20 else Layout.for_sizes([n])
+    codec = ScaledSign()
+    s = best_time(lambda: codec.encode_fused(g, e, e_out, layout), rep)
+    t.add("ScaledSign.encode_fused (kernel + payload)", s, 8 * n,
+          f"{bound / s:.2f} of bound")
+    work = e.clone()
+    s_old = best_time(lambda: unfused_ef_sign(g, work, layout), max(1, rep // 3))
+    t.add("unfused ef_signsgd encode (before)", s_old, 8 * n, f"fused is {s_old / s:.1f}x faster")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--log2n", type=int, default=24)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--ranks", type=int, nargs="*", default=[2, 4, 8, 16, 64])
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    parser.add_argument("--only", choices=["all", "fused"], default="all",
+                        help="fused: the read bandwidth and the fused encodes alone")
     args = parser.parse_args()
     global CLOCK
     CLOCK = time.perf_counter if args.clock == "wall" else time.thread_time
@@ -90,6 +135,11 @@ def main():
 
     # -- reference points
     bw = t.add("numpy sum (read bandwidth), f32", best_time(x_np.sum, rep), 4 * n)
+    fused_encodes(t, n, rep, bw, rng)
+    if args.only == "fused":
+        t.print()
+        print(FUSED_NOTE)
+        return
     packbits = t.add("numpy.packbits(x < 0), f32",
                      best_time(lambda: np.packbits(x_np < 0, bitorder="little"), rep), 4 * n)
 
@@ -146,6 +196,7 @@ def main():
         t.add(f"native vote weighted sum, R={ranks}", s, ranks * n / 8,
               f"{base / s:.0f}x unpack+sum")
     t.print()
+    print(FUSED_NOTE)
     print("\nG elem/s: elements of one vector per second; read GB/s: input bytes per second "
           "(packed bytes of all ranks for unpack/vote).")
 

@@ -87,6 +87,23 @@ def count_zeros(x: torch.Tensor, layout: Layout | None = None) -> int:
     return z
 
 
+def _marks_from_plane(plane: torch.Tensor, bits: torch.Tensor, z: int, n: int):
+    """As _mark_zeros, from the bitplane of x == 0 (the fused kernels write it)."""
+    if z == n:
+        return None, None
+    if 4 * z < (n + 7) // 8:
+        marks = torch.nonzero(kernels.unpack_bits(plane, n)).reshape(-1).to(torch.int32)
+    else:
+        marks = plane
+    return bits.bitwise_and_(plane.bitwise_not()), marks
+
+
+@functools.lru_cache(maxsize=256)
+def segment_pairs(layout: Layout) -> torch.Tensor:
+    """The layout's (offset, size) pairs as the int64 (S, 2) tensor the fused kernels take."""
+    return torch.tensor(list(layout.segments()), dtype=torch.int64).reshape(-1, 2)
+
+
 def _mark_zeros(x: torch.Tensor, bits: torch.Tensor | None, z: int):
     """(sign bits with every marked position cleared, marks for wire.build) for z >= 1."""
     n = x.numel()
@@ -296,6 +313,27 @@ class ScaledSign:
             if zeros is None or zeros:
                 q.masked_fill_(seg == 0, 0.0)
             seg.sub_(q)
+
+    def encode_fused(self, g: torch.Tensor, e: torch.Tensor, e_out: torch.Tensor,
+                     layout: Layout) -> torch.Tensor | None:
+        """Error feedback and encoding in one kernel (kernels.ef_sign): the payload of
+        x = g + e, and e_out <- x - (x as decoded). None, with e_out unspecified, when x or a
+        scale is NaN/Inf; g and e are only read. The payload's bytes are encode()'s for x,
+        except that each scale sums |x| in the kernel's fixed order (a last-bit difference
+        from torch's sum)."""
+        result = kernels.ef_sign(g, e, e_out, segment_pairs(layout))
+        if result is None:
+            return None
+        bits, plane, scales, zeros = result
+        n, n_scales = layout.numel, len(layout.sizes)
+        real = int(zeros[:-1].sum())   # gap zeros are marked only along with real ones
+        if not real:
+            return wire.build(wire.Header(self.codec, n, n_scales=n_scales), scales=scales,
+                              body=bits)
+        z = real + int(zeros[-1])
+        h = wire.Header(self.codec, n, n_scales=n_scales, nnz=z, flags=wire.FLAG_ZEROS)
+        bits, marks = _marks_from_plane(plane, bits, z, n)
+        return wire.build(h, scales=scales, body=bits, zeros=marks)
 
     def encode(self, x, layout: Layout, scales: torch.Tensor, flags: int = 0,
                zeros: int | None = None) -> torch.Tensor:

@@ -29,7 +29,10 @@ Non-finite gradients. A rank whose bucket holds NaN/Inf flags its payload and le
 alone; ranks with finite gradients have updated theirs by the time the flag arrives. So before
 encoding, the state of each stateful bucket is copied to a backup, and a step in which any rank
 was non-finite restores every bucket from it, on every rank: the method state is exactly as
-before the step. Then on_nonfinite="raise" raises NonFiniteGradientError on every rank, and
+before the step. Methods with fused kernels (method.encode_checks_finite) find NaN/Inf in their
+own encode, and keys they write out of place (method.self_restored_keys: ef_signsgd's error
+memory) are not copied: method.rollback swaps the old buffer back, method.commit keeps the new.
+Then on_nonfinite="raise" raises NonFiniteGradientError on every rank, and
 "skip" writes NaN into every gradient (so `torch.amp.GradScaler` sees the overflow and skips
 the step, as with Horovod) and reports `skipped`.
 
@@ -153,7 +156,7 @@ class Engine:
                    flat=torch.zeros(layout.numel))
         b.name = f"{self.prefix}.b{b.index}"
         b.state = method.init_state(layout)
-        b.backup = {k: torch.empty_like(v) for k, v in b.state.items()}
+        b.backup = _backup_for(b)
         self.buckets.append(b)
         return b
 
@@ -204,7 +207,7 @@ class Engine:
         self.exchange.setup()
         for b in self.buckets:
             b.state = b.method.init_state(self.exchange.state_layout(b))
-            b.backup = {k: torch.empty_like(v) for k, v in b.state.items()}
+            b.backup = _backup_for(b)
 
     # --- the step --------------------------------------------------------------------------------
 
@@ -305,15 +308,17 @@ class Engine:
         for b in buckets:
             b.active = self.dense if warm else b.method
             compressed = b.active is not self.dense
+            # a method that checks NaN/Inf in its own encode sets ctx.nonfinite itself
             b.ctx = self.context(b, compressed and not self._joined
+                                 and not b.active.encode_checks_finite
                                  and not kernels.all_finite(b.flat))
         method = buckets[0].active
         if method.model_scope and any(b.ctx.nonfinite for b in buckets):
             for b in buckets:     # no finite whole-model norm: every bucket reports it
                 b.ctx.nonfinite = True
         for b in buckets:
-            for k, v in b.state.items():      # restored if any rank is non-finite
-                b.backup[k].copy_(v)
+            for k, v in b.backup.items():     # restored if any rank is non-finite
+                v.copy_(b.state[k])
             # the hierarchical exchange reduces on the host first and encodes a slice
             b.work = b if self._joined else self.exchange.work(b)
             if not self._joined:
@@ -385,6 +390,8 @@ class Engine:
         if error is not None:
             self._restore()
             return self._nonfinite(error)
+        for b in self.buckets:
+            b.method.commit(b.state)
         self._end_step(advance=True)
         return Outcome()
 
@@ -400,8 +407,9 @@ class Engine:
 
     def _restore(self):
         for b in self.buckets:
-            for k, v in b.state.items():
-                v.copy_(b.backup[k])
+            for k, v in b.backup.items():
+                b.state[k].copy_(v)
+            b.method.rollback(b.state)        # what the method restores itself
 
     def drain(self) -> None:
         """After an error between launch and finish: wait for what is in flight, so that no
@@ -525,6 +533,13 @@ class Engine:
         if shapes != mine:
             return "the method state does not match this model's buckets (another model?)"
         return None
+
+
+def _backup_for(b: Bucket) -> dict:
+    """Spare copies of the state the engine restores after a failed step (the method restores
+    its self_restored_keys itself)."""
+    return {k: torch.empty_like(v) for k, v in b.state.items()
+            if k not in b.method.self_restored_keys}
 
 
 def _first_difference(views) -> str:

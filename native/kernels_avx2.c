@@ -14,6 +14,7 @@
 
 #include <immintrin.h>
 
+#include "sg_fused.h"
 #include "sg_vote.h"
 
 #define SG_PREFETCH_ELEMS 512 /* how far ahead the streaming loops fetch their input */
@@ -355,10 +356,83 @@ static size_t count_zeros_avx2(const void *x, sg_dtype dt, size_t n) {
     return sg_count_zeros_scalar(x, dt, 0, n);
 }
 
+/* ---- fused error-feedback scaled sign (sg_fused.h) ------------------------------------- */
+
+/* A 64-element block is 8 vectors: the vector adds are sg_sum64's lane sums, the horizontal
+ * sum its final tree. */
+static int ef_pass1_avx2(const float *g, const float *e, size_t from, size_t to, sg_tree *t,
+                         size_t *zeros) {
+    const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF), max_finite = _mm256_set1_epi32(0x7F7FFFFF);
+    const __m256i zero = _mm256_setzero_si256();
+    __m256i bad = zero, zc = zero;
+    size_t i = from;
+    for (; i + SG_TREE_FAN <= to; i += SG_TREE_FAN) {
+        __m256 v = _mm256_setzero_ps();
+        for (int r = 0; r < 8; r++) {
+            __m256 p = _mm256_add_ps(_mm256_loadu_ps(g + i + 8 * r), _mm256_loadu_ps(e + i + 8 * r));
+            __m256i a = _mm256_and_si256(_mm256_castps_si256(p), abs_mask);
+            bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(a, max_finite));
+            zc = _mm256_sub_epi32(zc, _mm256_cmpeq_epi32(a, zero));
+            v = r ? _mm256_add_ps(v, _mm256_castsi256_ps(a)) : _mm256_castsi256_ps(a);
+        }
+        __m128 a4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        __m128 b2 = _mm_add_ps(a4, _mm_movehl_ps(a4, a4));
+        sg_tree_push(t, 1, _mm_cvtss_f32(_mm_add_ss(b2, _mm_shuffle_ps(b2, b2, 1))));
+    }
+    uint32_t lanes[8];
+    _mm256_storeu_si256((__m256i *)(void *)lanes, zc);
+    for (int k = 0; k < 8; k++) *zeros += lanes[k];   /* < 2^32 / 8 blocks per lane: n <= 2^31 */
+    return _mm256_testz_si256(bad, bad) && sg_ef_pass1_scalar(g, e, i, to, t, zeros);
+}
+
+/* e_out is written with non-temporal stores when it is 32-byte aligned (segments start at
+ * multiples of 8 elements): the new memory is next read a step later, so reading its old
+ * lines in first (a normal store's read-for-ownership) would only add traffic. */
+static inline __attribute__((always_inline)) void
+ef_pass2_body(const sg_ef_io *io, size_t from, size_t to, float scale, int stream) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), sc = _mm256_set1_ps(scale);
+    const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF), zero = _mm256_setzero_si256();
+    for (size_t i = from; i < to; i += 8) {
+        _mm_prefetch((const char *)(io->g + i + SG_PREFETCH_ELEMS), _MM_HINT_T0);
+        _mm_prefetch((const char *)(io->e + i + SG_PREFETCH_ELEMS), _MM_HINT_T0);
+        __m256 p = _mm256_add_ps(_mm256_loadu_ps(io->g + i), _mm256_loadu_ps(io->e + i));
+        __m256 z = _mm256_castsi256_ps(
+            _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(p), abs_mask), zero));
+        __m256 r = _mm256_blendv_ps(_mm256_sub_ps(p, _mm256_or_ps(sc, _mm256_and_ps(p, sign))),
+                                    p, z);
+        if (stream)
+            _mm256_stream_ps(io->e_out + i, r);
+        else
+            _mm256_storeu_ps(io->e_out + i, r);
+        io->bits[i / 8] = (uint8_t)_mm256_movemask_ps(p);
+        io->zplane[i / 8] = (uint8_t)_mm256_movemask_ps(z);
+    }
+}
+
+static void ef_pass2_avx2(const sg_ef_io *io, size_t from, size_t to, float scale) {
+    ef_pass2_body(io, from, to, scale, 0);
+}
+
+static void ef_pass2_stream_avx2(const sg_ef_io *io, size_t from, size_t to, float scale) {
+    ef_pass2_body(io, from, to, scale, 1);
+}
+
+static int ef_sign_avx2(const float *g, const float *e, float *e_out, size_t n,
+                        const int64_t *segs, size_t n_segs, uint8_t *bits, uint8_t *zplane,
+                        float *scales, uint64_t *zeros) {
+    if ((uintptr_t)e_out % 32 != 0)
+        return sg_ef_sign_run(g, e, e_out, n, segs, n_segs, bits, zplane, scales, zeros,
+                              ef_pass1_avx2, ef_pass2_avx2);
+    int ok = sg_ef_sign_run(g, e, e_out, n, segs, n_segs, bits, zplane, scales, zeros,
+                            ef_pass1_avx2, ef_pass2_stream_avx2);
+    _mm_sfence();   /* the streamed stores are visible before the caller reads e_out */
+    return ok;
+}
+
 const sg_kernels sg_kernels_avx2 = {
     "avx2",          pack_avx2,          pack_stochastic_avx2, unpack_avx2,
     vote_count_avx2, vote_weighted_avx2, scan_ge_avx2,         count_ge_avx2,
-    count_zeros_avx2,
+    count_zeros_avx2, ef_sign_avx2,
 };
 
 #if defined(__clang__)

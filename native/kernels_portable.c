@@ -1,6 +1,7 @@
 /* Portable C kernels: the reference path, used on any CPU (arm64 included) and forced with
  * HVD_SIGNSGD_NATIVE_ISA=portable. Written so that compilers can vectorize the full-byte
  * loops; endianness-independent (bytes are only combined arithmetically). */
+#include "sg_fused.h"
 #include "sg_vote.h"
 
 static void pack_portable(const void *x, sg_dtype dt, size_t n, uint8_t *out) {
@@ -69,8 +70,39 @@ static size_t count_zeros_portable(const void *x, sg_dtype dt, size_t n) {
     return sg_count_zeros_scalar(x, dt, 0, n);
 }
 
+/* 64 elements at a time into the tree's first level (see sg_fused.h), the rest one by one. */
+static int ef_pass1_portable(const float *g, const float *e, size_t from, size_t to,
+                             sg_tree *t, size_t *zeros) {
+    size_t i = from, z = 0;
+    uint32_t worst = 0;
+    float a[SG_TREE_FAN];
+    for (; i + SG_TREE_FAN <= to; i += SG_TREE_FAN) {
+        for (unsigned k = 0; k < SG_TREE_FAN; k++) {
+            uint32_t b = sg_bits_from_f32(g[i + k] + e[i + k]) & 0x7FFFFFFFu;
+            worst = b > worst ? b : worst;
+            z += b == 0;
+            a[k] = sg_f32_from_bits(b);
+        }
+        sg_tree_push(t, 1, sg_sum64(a));
+    }
+    *zeros += z;
+    return worst < 0x7F800000u && sg_ef_pass1_scalar(g, e, i, to, t, zeros);
+}
+
+static void ef_pass2_portable(const sg_ef_io *io, size_t from, size_t to, float scale) {
+    size_t unused = 0;
+    sg_ef_pass2_scalar(io, from, to, to, scale, &unused);
+}
+
+static int ef_sign_portable(const float *g, const float *e, float *e_out, size_t n,
+                            const int64_t *segs, size_t n_segs, uint8_t *bits, uint8_t *zplane,
+                            float *scales, uint64_t *zeros) {
+    return sg_ef_sign_run(g, e, e_out, n, segs, n_segs, bits, zplane, scales, zeros,
+                          ef_pass1_portable, ef_pass2_portable);
+}
+
 const sg_kernels sg_kernels_portable = {
     "portable",          pack_portable,          pack_stochastic_portable, unpack_portable,
     vote_count_portable, vote_weighted_portable, scan_ge_portable,         count_ge_portable,
-    count_zeros_portable,
+    count_zeros_portable, ef_sign_portable,
 };

@@ -778,6 +778,93 @@ done:
     return result;
 }
 
+/* ---- ef_sign: fused error-feedback scaled sign --------------------------------------------- */
+
+PyDoc_STRVAR(ef_sign_doc,
+"ef_sign(g, e, e_out, segments, bits, zplane, scales, zeros) -> bool\n\n"
+"Fused error-feedback scaled sign over p = g + e (native/sg_fused.h). g, e, e_out: float32,\n"
+"aligned, C-contiguous, n elements each, e_out disjoint from g and e. segments: int64\n"
+"(offset, size) pairs, offsets multiples of 8, ascending, non-overlapping, inside [0, n).\n"
+"Writes e_out (the new memory), bits and zplane (ceil(n/8) bytes each: sign bits of p, and\n"
+"where p is +-0), scales (float32, one per segment) and zeros (int64, one per segment, then\n"
+"the gaps' count). Returns False, with the outputs unspecified, if any p or scale is NaN/Inf.");
+
+static int get_f32_vector(PyObject *obj, const char *name, int mode, Py_buffer *v) {
+    if (get_buffer(obj, name, mode, v) < 0) return -1;
+    return check_float32_aligned(v, name) < 0 || check_contiguous(v, name) < 0 ? -1 : 0;
+}
+
+static PyObject *py_ef_sign(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"g", "e", "e_out", "segments", "bits", "zplane", "scales", "zeros",
+                             NULL};
+    PyObject *o[8], *result = NULL;
+    Py_buffer v[8] = {{0}};   /* g, e, e_out, segments, bits, zplane, scales, zeros */
+    int64_t *segs = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOO:ef_sign", kwlist, &o[0], &o[1], &o[2],
+                                     &o[3], &o[4], &o[5], &o[6], &o[7]))
+        return NULL;
+    if (get_f32_vector(o[0], "g", ARG_IN, &v[0]) < 0 || get_f32_vector(o[1], "e", ARG_IN, &v[1]) < 0 ||
+        get_f32_vector(o[2], "e_out", ARG_OUT, &v[2]) < 0 ||
+        get_buffer(o[3], "segments", ARG_IN, &v[3]) < 0 ||
+        check_int_format(&v[3], "segments", 8) < 0 || check_contiguous(&v[3], "segments") < 0 ||
+        get_buffer(o[4], "bits", ARG_OUT, &v[4]) < 0 || check_bytes_format(&v[4], "bits") < 0 ||
+        check_contiguous(&v[4], "bits") < 0 || get_buffer(o[5], "zplane", ARG_OUT, &v[5]) < 0 ||
+        check_bytes_format(&v[5], "zplane") < 0 || check_contiguous(&v[5], "zplane") < 0 ||
+        get_f32_vector(o[6], "scales", ARG_OUT, &v[6]) < 0 ||
+        get_buffer(o[7], "zeros", ARG_OUT, &v[7]) < 0 || check_int_format(&v[7], "zeros", 8) < 0 ||
+        check_contiguous(&v[7], "zeros") < 0)
+        goto done;
+    size_t n = (size_t)(v[0].len / 4), n_segs = (size_t)(v[3].len / 16), end = 0;
+    if (v[1].len != v[0].len || v[2].len != v[0].len || v[3].len % 16 != 0) {
+        PyErr_SetString(PyExc_ValueError, "g, e and e_out must have the same length, segments "
+                        "(offset, size) pairs");
+        goto done;
+    }
+    if (n > ((size_t)1 << 31)) {
+        PyErr_SetString(PyExc_ValueError, "more than 2**31 elements");
+        goto done;
+    }
+    if (check_room(v[4].len, sg_nbytes(n), "bits", "bytes") < 0 ||
+        check_room(v[5].len, sg_nbytes(n), "zplane", "bytes") < 0 ||
+        check_room(v[6].len / 4, n_segs, "scales", "elements") < 0 ||
+        check_room(v[7].len / 8, n_segs + 1, "zeros", "elements") < 0)
+        goto done;
+    for (int a = 0; a < 8; a++)
+        for (int b = a + 1; b < 8; b++)
+            if ((a >= 2 || b >= 2) && (a != 3 && b != 3) &&
+                check_disjoint(v[a].buf, (size_t)v[a].len, v[b].buf, (size_t)v[b].len) < 0)
+                goto done;
+    if (check_disjoint(v[3].buf, (size_t)v[3].len, v[2].buf, (size_t)v[2].len) < 0) goto done;
+    segs = PyMem_Malloc(v[3].len ? (size_t)v[3].len : 1);
+    if (!segs) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    memcpy(segs, v[3].buf, (size_t)v[3].len);   /* copied: unaligned buffers are allowed */
+    for (size_t t = 0; t < n_segs; t++) {
+        int64_t off = segs[2 * t], size = segs[2 * t + 1];
+        if (off < 0 || size < 0 || off % 8 != 0 || (size_t)off < end || (size_t)size > n ||
+            (size_t)off > n - (size_t)size) {
+            PyErr_Format(PyExc_ValueError, "segment %zu (offset %lld, size %lld): need offsets "
+                         "that are multiples of 8 and ascending, non-overlapping ranges inside "
+                         "[0, %zu)", t, (long long)off, (long long)size, n);
+            goto done;
+        }
+        end = (size_t)(off + size);
+    }
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = active->ef_sign((const float *)v[0].buf, (const float *)v[1].buf, (float *)v[2].buf, n,
+                         segs, n_segs, (uint8_t *)v[4].buf, (uint8_t *)v[5].buf,
+                         (float *)v[6].buf, (uint64_t *)v[7].buf);
+    Py_END_ALLOW_THREADS
+    result = PyBool_FromLong(ok);
+done:
+    PyMem_Free(segs);
+    release_all(v, 8);
+    return result;
+}
+
 /* ---- module ------------------------------------------------------------------------------ */
 
 static PyMethodDef methods[] = {
@@ -796,6 +883,8 @@ static PyMethodDef methods[] = {
      METH_VARARGS | METH_KEYWORDS, threshold_take_doc},
     {"sparse_sum", (PyCFunction)(void (*)(void))py_sparse_sum, METH_VARARGS | METH_KEYWORDS,
      sparse_sum_doc},
+    {"ef_sign", (PyCFunction)(void (*)(void))py_ef_sign, METH_VARARGS | METH_KEYWORDS,
+     ef_sign_doc},
     {"count_zeros", py_count_zeros, METH_VARARGS, count_zeros_doc},
     {"isa", py_isa, METH_NOARGS, "isa() -> name of the active kernel set"},
     {"set_isa", py_set_isa, METH_VARARGS,

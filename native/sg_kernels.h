@@ -44,6 +44,11 @@ typedef struct {
     size_t (*count_ge)(const float *x, size_t n, uint32_t lo);
     /* Number of elements of x[0 .. n) that are +0 or -0. */
     size_t (*count_zeros)(const void *x, sg_dtype dt, size_t n);
+    /* Fused error-feedback scaled sign over p = g + e (sg_fused.h): e_out, the sign bits, the
+     * zero plane, one scale per segment and the zero counts; 0 if anything is NaN/Inf. */
+    int (*ef_sign)(const float *g, const float *e, float *e_out, size_t n, const int64_t *segs,
+                   size_t n_segs, uint8_t *bits, uint8_t *zplane, float *scales,
+                   uint64_t *zeros);
 } sg_kernels;
 
 extern const sg_kernels sg_kernels_portable;

@@ -57,6 +57,23 @@ NaN, only its NaN-ness is specified, not its sign or payload):
                                           out: as for unpack_signs, but float32.
     count_zeros(x) -> int                 number of elements of x equal to +0 or -0 (one pass,
                                           no temporary in the native kernel). x: as pack_signs.
+    ef_sign(g, e, e_out, segments) -> (bits, zplane, scales, zeros) or None
+                                          fused error-feedback scaled sign over p = g + e
+                                          (g, e, e_out: float32, 1-D, contiguous, same numel
+                                          n <= 2^31 and device; e_out disjoint from g and e).
+                                          segments: (offset, size) pairs (a sequence or int64
+                                          tensor (S, 2)), offsets multiples of 8, ascending,
+                                          non-overlapping, inside [0, n); other elements are
+                                          gaps. Per segment t: scale_t = tree_sum(|p_t|) /
+                                          float32(max(size - zeros_t, 1)) (float32 division;
+                                          tree_sum: the fixed order of native/sg_fused.h);
+                                          e_out = p - copysign(scale_t, p) in segments where
+                                          p != +-0, else p (gaps included). bits: sign bits of
+                                          p (as pack_signs), zplane: bits of p == +-0, scales:
+                                          float32 (S,), zeros: int64 (S + 1,) the +-0 count of
+                                          each segment, then of the gaps. None (e_out
+                                          unspecified, g and e untouched) when any p or scale
+                                          is NaN/Inf.
     pack_bits(mask) -> uint8 tensor       a bool tensor packed like pack_signs (bit set = True).
     unpack_bits(bits, n) -> bool tensor   the first n bits of bits (inverse of pack_bits).
 
@@ -113,8 +130,8 @@ import torch
 from . import _cpu, _torch
 from ._loader import load_native
 
-__all__ = ["SparseIndexError", "all_finite", "backend", "count_zeros", "pack_bits", "pack_signs",
-           "pack_stochastic_signs", "sparse_sum", "threshold_count", "threshold_take",
+__all__ = ["SparseIndexError", "all_finite", "backend", "count_zeros", "ef_sign", "pack_bits",
+           "pack_signs", "pack_stochastic_signs", "sparse_sum", "threshold_count", "threshold_take",
            "topk_take", "unpack_bits", "unpack_signs", "vote"]
 
 _native, _native_unavailable = load_native()
@@ -268,6 +285,48 @@ def count_zeros(x):
     if _native_for(x):
         return _cpu.count_zeros(_native, x)
     return _torch.count_zeros(x.detach())
+
+
+def _segment_pairs(segments, n):
+    """(S, 2) int64 CPU tensor of validated (offset, size) pairs for ef_sign."""
+    if isinstance(segments, torch.Tensor):
+        segs = segments.detach().to("cpu", torch.int64).reshape(-1, 2).contiguous()
+    else:
+        segs = torch.tensor([[operator.index(v) for v in s] for s in segments],
+                            dtype=torch.int64).reshape(-1, 2)
+    end = 0
+    for t, (o, s) in enumerate(segs.tolist()):
+        if o < 0 or s < 0 or o % 8 or o < end or o + s > n:
+            raise ValueError(f"segment {t} (offset {o}, size {s}): need offsets that are "
+                             f"multiples of 8 and ascending, non-overlapping ranges inside "
+                             f"[0, {n})")
+        end = o + s
+    return segs
+
+
+def ef_sign(g, e, e_out, segments):
+    """Fused error-feedback scaled sign over p = g + e (see the module doc)."""
+    for t, name in ((g, "g"), (e, "e"), (e_out, "e_out")):
+        _check_tensor(t, name)
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, not {t.dtype}")
+        if t.dim() != 1 or not t.is_contiguous() or t.device != g.device:
+            raise ValueError(f"{name} must be 1-D, contiguous, on {g.device}")
+    n = g.numel()
+    if e.numel() != n or e_out.numel() != n:
+        raise ValueError("g, e and e_out must have the same number of elements")
+    if n > 1 << 31:
+        raise ValueError("more than 2**31 elements")
+    if n and (e_out.data_ptr() == e.data_ptr() or e_out.data_ptr() == g.data_ptr()):
+        raise ValueError("e_out must not be g or e")
+    if _native_for(g) and isinstance(segments, torch.Tensor):
+        # the extension checks the pairs itself (ValueError), cheaper than these Python checks
+        return _cpu.ef_sign(_native, g, e, e_out,
+                            segments.detach().to("cpu", torch.int64).reshape(-1, 2).contiguous())
+    segs = _segment_pairs(segments, n)
+    if _native_for(g):
+        return _cpu.ef_sign(_native, g, e, e_out, segs)
+    return _torch.ef_sign(g.detach(), e.detach(), e_out, segs.tolist())
 
 
 def pack_bits(mask):

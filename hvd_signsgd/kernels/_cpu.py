@@ -69,3 +69,16 @@ def sparse_sum(native, parts, n, out):
 
 def count_zeros(native, x):
     return native.count_zeros(buffer(_contiguous(x)))
+
+
+def ef_sign(native, g, e, e_out, segments):
+    """segments: int64 (S, 2) CPU tensor. None when something is not finite."""
+    nb = nbytes(g.numel())
+    bits = torch.empty(nb, dtype=torch.uint8)
+    zplane = torch.empty(nb, dtype=torch.uint8)
+    scales = torch.empty(segments.shape[0], dtype=torch.float32)
+    zeros = torch.empty(segments.shape[0] + 1, dtype=torch.int64)
+    if not native.ef_sign(buffer(g), buffer(e), buffer(e_out), buffer(segments), buffer(bits),
+                          buffer(zplane), buffer(scales), buffer(zeros)):
+        return None
+    return bits, zplane, scales, zeros

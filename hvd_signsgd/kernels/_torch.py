@@ -158,6 +158,57 @@ def vote(rows, n, majority, weights, out):
         out.copy_((out > 0).to(torch.float32) - (out < 0).to(torch.float32))
 
 
+# ---- fused error-feedback scaled sign (native/sg_fused.h) ------------------------------------
+
+
+def tree_abs_sum(x):
+    """sum |x_i| as a float32 0-dim tensor, in the fixed order of native/sg_fused.h: zero-pad
+    to a multiple of 64; each block of 64 is 8 rows of 8 lanes, the rows added in order per
+    lane, then the lanes as ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)); repeat on the
+    block sums until one value is left (0 for an empty x). Element-wise adds only, so every
+    device gives the same bits."""
+    t = x.reshape(-1).abs()
+    if t.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    while True:
+        pad = -t.numel() % 64
+        if pad:
+            t = torch.cat([t, t.new_zeros(pad)])
+        rows = t.view(-1, 8, 8)
+        v = rows[:, 0]
+        for r in range(1, 8):
+            v = v + rows[:, r]
+        a = v[:, :4] + v[:, 4:]
+        t = (a[:, 0] + a[:, 2]) + (a[:, 1] + a[:, 3])
+        if t.numel() == 1:
+            return t[0]
+
+
+def ef_sign(g, e, e_out, segments):
+    """The fused error-feedback scaled sign (see kernels.ef_sign); segments: (offset, size)
+    pairs. Returns None when a p or a scale is not finite (e_out then unspecified), else
+    (bits, zplane, scales, zeros)."""
+    p = g + e
+    if not bool(torch.isfinite(p).all()):
+        return None
+    zero = p == 0
+    scales = torch.zeros(len(segments), dtype=torch.float32, device=p.device)
+    zeros = []
+    for t, (o, s) in enumerate(segments):
+        z = int(zero[o:o + s].sum())
+        zeros.append(z)
+        count = torch.tensor(float(max(s - z, 1)), dtype=torch.float32, device=p.device)
+        scales[t] = tree_abs_sum(p[o:o + s]) / count
+    if not bool(torch.isfinite(scales).all()):
+        return None
+    e_out.copy_(p)
+    for t, (o, s) in enumerate(segments):
+        seg = p[o:o + s]
+        torch.where(zero[o:o + s], seg, seg - torch.copysign(scales[t], seg), out=e_out[o:o + s])
+    zeros.append(int(zero.sum()) - sum(zeros))
+    return pack_signs(p), pack_bools(zero), scales, torch.tensor(zeros, dtype=torch.int64)
+
+
 # ---- sparse: Top-k / threshold with fused error feedback, scatter-add decode ----------------
 # The native rules (native/sg_sparse.h): magnitude is the bit pattern with the sign cleared,
 # compared as an integer (|v| for non-NaN v, +0 == -0, NaN above Inf); ties at the cut go to

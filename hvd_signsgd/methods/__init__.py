@@ -9,7 +9,7 @@ perturb.py   noise + periodic error reset for the EF sparsifiers (escaping saddl
 """
 from __future__ import annotations
 
-from .base import Method, NonFiniteGradientError, StepContext, mix_seed
+from .base import MemoryState, Method, NonFiniteGradientError, StepContext, mix_seed
 from .baselines import FP16, NoCompression
 from .ecx import ErrorCompensatedX, storm_direction
 from .sign import SSDM, EFSignSGD, SignSGD, Signum, StochasticSignMethod, ssdm_lr_lambda
@@ -45,7 +45,8 @@ def make_method(name, **options) -> Method:
 
 
 
-__all__ = ["METHODS", "Method", "StepContext", "NonFiniteGradientError", "make_method",
-           "mix_seed", "ssdm_lr_lambda", "NoCompression", "FP16", "SignSGD", "Signum",
+__all__ = ["METHODS", "MemoryState", "Method", "StepContext", "NonFiniteGradientError",
+           "make_method", "mix_seed", "ssdm_lr_lambda", "NoCompression", "FP16", "SignSGD",
+           "Signum",
            "StochasticSignMethod", "SSDM", "EFSignSGD", "TopK", "HardThreshold", "RandomK",
            "ErrorCompensatedX", "threshold_for", "topk_indices", "storm_direction"]

@@ -144,6 +144,18 @@ class Method:
             if l1 > 0.0:
                 seg.mul_(s / l1)
 
+    # Non-finite steps and the state backup (engine.py). A method whose encode finds NaN/Inf
+    # itself (setting ctx.nonfinite) spares the engine its own pass over the gradient; state
+    # keys the method can put back itself after a failed step need no backup copy.
+    encode_checks_finite = False
+    self_restored_keys: tuple = ()
+
+    def rollback(self, state: dict) -> None:
+        """Undo what the last encode did to self_restored_keys (a step failed on some rank)."""
+
+    def commit(self, state: dict) -> None:
+        """The step that last encoded succeeded on every rank."""
+
     def describe(self) -> str:
         opts = ", ".join(f"{k}={v}" for k, v in self.options().items())
         return f"{self.name}({opts})"
@@ -155,6 +167,17 @@ class Method:
         payloads = [p for p in payloads if not p.header.flags & wire.FLAG_JOINED]
         check_flags(payloads, ctx)
         return payloads
+
+
+class MemoryState(dict):
+    """A method's state (the dict checkpoints save) plus what they do not save: the spare
+    buffer the error memory is written into out of place, and whether the last encode swapped
+    it in (and may still be rolled back)."""
+    __slots__ = ("spare", "pending")
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.spare, self.pending = None, False
 
 
 class ErrorFeedback:
@@ -170,29 +193,92 @@ class ErrorFeedback:
     compressor gets error feedback by composition: an `ErrorFeedbackMethod` whose `compress`
     writes the residual into p (the fused kernels do it in the same pass as the packing or
     the selection).
+
+    A fused compressor instead reads g and e and writes the new memory into a second buffer
+    (`fused`), which is swapped in on success: a NaN/Inf found by the kernel leaves e as it
+    was, and a step that fails on another rank swaps the old memory back (`rollback`), so
+    the engine needs no backup copy of it.
     """
 
     @staticmethod
     def init_state(layout) -> dict:
-        return {"error": torch.zeros(layout.numel)}
+        return MemoryState(error=torch.zeros(layout.numel))
 
     @staticmethod
     def compensate(g: torch.Tensor, state: dict) -> torch.Tensor:
         return state["error"].add_(g)
 
+    @staticmethod
+    def fused(g: torch.Tensor, state: dict, kernel):
+        """kernel(g, e, e_out) -> payload, or None (NaN/Inf; e_out unspecified, g and e
+        untouched). Returns the kernel's result; on success e_out is the new memory."""
+        e = state["error"]
+        if not isinstance(state, MemoryState):     # no room for a spare: copy back
+            out = torch.empty_like(e)
+            msg = kernel(g, e, out)
+            if msg is not None:
+                e.copy_(out)
+            return msg
+        state.pending = False
+        out = state.spare
+        if out is None or out.shape != e.shape or out.device != e.device:
+            out = torch.empty_like(e)
+        msg = kernel(g, e, out)
+        if msg is not None:
+            state["error"], state.spare, state.pending = out, e, True
+        else:
+            state.spare = out
+        return msg
+
+    @staticmethod
+    def rollback(state: dict) -> None:
+        if isinstance(state, MemoryState) and state.pending:
+            state["error"], state.spare, state.pending = state.spare, state["error"], False
+
+    @staticmethod
+    def commit(state: dict) -> None:
+        if isinstance(state, MemoryState):
+            state.pending = False
+
 
 class ErrorFeedbackMethod(Method):
     """A compressor with the ErrorFeedback memory: subclasses give `compress(p, ctx)` (payload;
     leaves p - q in p) and `encode_nonfinite(ctx)`; `perturb(p, ctx)` may add to p first, and
-    `send_whole(ctx)` may ask for p to be sent dense this step (perturb.py's reset)."""
+    `send_whole(ctx)` may ask for p to be sent dense this step (perturb.py's reset).
+
+    A subclass with a fused kernel sets `fused = True` and gives `compress_fused(g, e, e_out,
+    ctx)` (payload of p = g + e, e_out <- p - q; None on NaN/Inf); it then has neither perturb
+    nor send_whole, checks NaN/Inf itself and writes its memory out of place (ErrorFeedback)."""
     memory = ErrorFeedback()
+    fused = False
 
     def init_state(self, layout):
         return self.memory.init_state(layout)
 
+    @property
+    def encode_checks_finite(self):
+        return self.fused
+
+    @property
+    def self_restored_keys(self):
+        return ("error",) if self.fused else ()
+
+    def rollback(self, state):
+        self.memory.rollback(state)
+
+    def commit(self, state):
+        self.memory.commit(state)
+
     def encode(self, g, state, ctx):
         if ctx.nonfinite:          # memory untouched; every rank raises (or skips)
             return self.encode_nonfinite(ctx)
+        if self.fused:
+            msg = self.memory.fused(g, state,
+                                    lambda g, e, e_out: self.compress_fused(g, e, e_out, ctx))
+            if msg is None:
+                ctx.nonfinite = True
+                return self.encode_nonfinite(ctx)
+            return msg
         p = self.memory.compensate(g, state)
         self.perturb(p, ctx)
         if self.send_whole(ctx):
@@ -210,6 +296,9 @@ class ErrorFeedbackMethod(Method):
         return False
 
     def compress(self, p, ctx) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compress_fused(self, g, e, e_out, ctx) -> torch.Tensor | None:
         raise NotImplementedError
 
     def compress_whole(self, p, ctx) -> torch.Tensor:

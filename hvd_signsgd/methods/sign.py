@@ -206,8 +206,11 @@ class EFSignSGD(ErrorFeedbackMethod):
     the update is the mean over ranks of q (a mean, not a vote). 1 bit per coordinate + one
     float32 per tensor. A coordinate with p_i = 0 sends q_i = 0 and keeps e_i = 0; the scale
     is the least-squares one for sign with sign(0) = 0, and equals ||p_t||_1 / d_t (the
-    paper's) bit for bit for a tensor without zeros. e <- p - q is exact as before, so
-    sum_t q_t + e_T = sum_t g_t still holds.
+    paper's) for a tensor without zeros. e <- p - q is exact as before, so
+    sum_t q_t + e_T = sum_t g_t still holds. Encoding is one fused kernel (kernels.ef_sign,
+    through ErrorFeedback.fused): ||p_t||_1 is summed in its fixed order (the last bit may
+    differ from torch's sum), NaN/Inf is found in the same pass, and the new memory is written
+    out of place (no backup copy in the engine).
 
     double_squeeze=True: the named variant with a second error memory on the owner of each
     shard of the sharded exchange (ALGORITHMS.md section 11, DoubleSqueeze): the mean of q is
@@ -238,7 +241,12 @@ class EFSignSGD(ErrorFeedbackMethod):
     def encode_nonfinite(self, ctx):
         return self.codec.encode(None, ctx.layout, None, flags=wire.FLAG_NONFINITE)
 
-    def compress(self, p, ctx):
+    fused = True
+
+    def compress_fused(self, g, e, e_out, ctx):
+        return self.codec.encode_fused(g, e, e_out, ctx.layout)
+
+    def compress(self, p, ctx):      # the unfused reference (tests compare the two)
         z = count_zeros(p, ctx.layout)
         scales = self.codec.scales(p, ctx.layout, zeros=z)
         msg = self.codec.encode(p, ctx.layout, scales, zeros=z)

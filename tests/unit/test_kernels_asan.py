@@ -18,6 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TESTS = ["tests/unit/test_kernels.py", "tests/unit/test_native_args.py",
+         "tests/unit/test_kernels_fused.py",
          "tests/unit/test_kernels_sparse.py"]
 SANITIZER_REPORTS = ("ERROR: AddressSanitizer", "runtime error:", "ERROR: LeakSanitizer",
                      "UndefinedBehaviorSanitizer")

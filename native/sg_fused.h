@@ -1,0 +1,165 @@
+/* Fused error-feedback scaled sign (ef_sign): the scalar building blocks and the driver shared
+ * by every ISA (header-only, compiled once per ISA file).
+ *
+ * For p = g + e over a bucket of n float32 elements and its segments (tensors) t = (o_t, s_t),
+ * o_t a multiple of 8, ascending, non-overlapping; the other elements are gaps:
+ *   scale_t  = tree_sum(|p[o_t .. o_t+s_t)|) / float32(max(s_t - zeros_t, 1))
+ *   e_out_i  = p_i                                  where p_i is +-0 or i is a gap
+ *            = p_i - copysign(scale_t, p_i)         elsewhere in segment t
+ *   bits     = sign bits of p (pack_signs layout), zplane = (p_i == +-0) bits
+ *   zeros[t] = number of +-0 in segment t; zeros[n_segs] = in the gaps
+ * Per segment two passes: pass 1 reads g and e (sum, zero count, NaN/Inf check), pass 2 reads
+ * them again (cache-warm for segments that fit) and writes e_out and the bits. Nothing is
+ * written for a segment before its pass 1 has found it finite.
+ *
+ * tree_sum fixes the float32 summation order so that every ISA and the torch fallback agree
+ * bit for bit (hvd_signsgd/kernels/_torch.py: tree_abs_sum): the values, zero-padded to a
+ * multiple of 64, are summed 64 at a time by sg_sum64; the partial sums are summed the same
+ * way, level after level, until one value is left (0 for no values). */
+#ifndef SG_FUSED_H
+#define SG_FUSED_H
+
+#include "sg_scalar.h"
+
+#define SG_TREE_FAN 64
+#define SG_TREE_LEVELS 7 /* 64^6 > 2^31 elements: the top level never holds more than one */
+
+/* Sum of 64 floats: 8 lanes j each add x[j], x[8+j], ..., x[56+j] in order, then
+ * ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)) (the order of an AVX2 horizontal sum). */
+static inline float sg_sum64(const float *x) {
+    float v[8], a[4];
+    for (int j = 0; j < 8; j++) v[j] = x[j];
+    for (int r = 1; r < 8; r++)
+        for (int j = 0; j < 8; j++) v[j] += x[8 * r + j];
+    for (int j = 0; j < 4; j++) a[j] = v[j] + v[j + 4];
+    return (a[0] + a[2]) + (a[1] + a[3]);
+}
+
+typedef struct {
+    float buf[SG_TREE_LEVELS][SG_TREE_FAN];
+    unsigned count[SG_TREE_LEVELS];
+} sg_tree;
+
+static inline void sg_tree_init(sg_tree *t) { memset(t->count, 0, sizeof t->count); }
+
+/* Appends v to level k; a full level is summed into the next. */
+static inline void sg_tree_push(sg_tree *t, int k, float v) {
+    for (;;) {
+        t->buf[k][t->count[k]++] = v;
+        if (t->count[k] < SG_TREE_FAN || k == SG_TREE_LEVELS - 1) return;
+        v = sg_sum64(t->buf[k]);
+        t->count[k] = 0;
+        k++;
+    }
+}
+
+/* The last, partial block of each level, zero-padded (x + 0 == x for the |p| summed here, so
+ * summing a lone value again changes nothing). */
+static inline float sg_tree_finish(sg_tree *t) {
+    for (int k = 0; k < SG_TREE_LEVELS - 1; k++) {
+        if (!t->count[k]) continue;
+        for (unsigned i = t->count[k]; i < SG_TREE_FAN; i++) t->buf[k][i] = 0.0f;
+        t->count[k] = 0;
+        sg_tree_push(t, k + 1, sg_sum64(t->buf[k]));
+    }
+    return t->count[SG_TREE_LEVELS - 1] ? t->buf[SG_TREE_LEVELS - 1][0] : 0.0f;
+}
+
+static inline float sg_absf(float v) { return sg_f32_from_bits(sg_bits_from_f32(v) & 0x7FFFFFFFu); }
+static inline int sg_nonfinite(float v) { return (sg_bits_from_f32(v) & 0x7FFFFFFFu) >= 0x7F800000u; }
+
+/* The residual of one element of a segment (scale >= 0). */
+static inline float sg_ef_residual(float p, float scale) {
+    uint32_t pb = sg_bits_from_f32(p);
+    if (!(pb & 0x7FFFFFFFu)) return p;
+    return p - sg_f32_from_bits(sg_bits_from_f32(scale) | (pb & 0x80000000u));
+}
+
+typedef struct {
+    const float *g, *e;
+    float *e_out;
+    uint8_t *bits, *zplane;
+} sg_ef_io;
+
+/* Pass 1 over [from, to): |p| into the tree, zeros counted; returns 1 if all finite. */
+static inline int sg_ef_pass1_scalar(const float *g, const float *e, size_t from, size_t to,
+                                     sg_tree *t, size_t *zeros) {
+    int bad = 0;
+    size_t z = 0;
+    for (size_t i = from; i < to; i++) {
+        float a = sg_absf(g[i] + e[i]);
+        bad |= sg_nonfinite(a);
+        z += a == 0.0f;
+        sg_tree_push(t, 0, a);
+    }
+    *zeros += z;
+    return !bad;
+}
+
+/* Pass 2 (and the gaps) over [from, to), from a multiple of 8: writes e_out, bits, zplane.
+ * Elements at or past seg_end are gaps (e_out = p); returns 1 if all finite, counts the gap
+ * zeros into *gap_zeros. Padding bits of the last byte are 0. */
+static inline int sg_ef_pass2_scalar(const sg_ef_io *io, size_t from, size_t to, size_t seg_end,
+                                     float scale, size_t *gap_zeros) {
+    int bad = 0;
+    for (size_t j = from / 8; 8 * j < to; j++) {
+        unsigned sb = 0, zb = 0;
+        for (size_t i = 8 * j; i < to && i < 8 * j + 8; i++) {
+            float p = io->g[i] + io->e[i];
+            uint32_t pb = sg_bits_from_f32(p);
+            unsigned zero = (pb & 0x7FFFFFFFu) == 0;
+            sb |= (unsigned)(pb >> 31) << (i % 8);
+            zb |= zero << (i % 8);
+            if (i < seg_end) {
+                io->e_out[i] = sg_ef_residual(p, scale);
+            } else {
+                io->e_out[i] = p;
+                bad |= sg_nonfinite(p);
+                *gap_zeros += zero;
+            }
+        }
+        io->bits[j] = (uint8_t)sb;
+        io->zplane[j] = (uint8_t)zb;
+    }
+    return !bad;
+}
+
+/* pass1(g, e, from, to, tree, zeros): as sg_ef_pass1_scalar.
+ * pass2(io, from, to, scale): full bytes only (to - from a multiple of 8), all in a segment. */
+typedef int (*sg_ef_pass1_fn)(const float *g, const float *e, size_t from, size_t to,
+                              sg_tree *t, size_t *zeros);
+typedef void (*sg_ef_pass2_fn)(const sg_ef_io *io, size_t from, size_t to, float scale);
+
+/* segs: n_segs (offset, size) pairs, checked by the caller. Returns 1 when every p and every
+ * scale is finite; else 0 and the outputs are unspecified (e and g are only read). */
+static inline __attribute__((always_inline)) int
+sg_ef_sign_run(const float *g, const float *e, float *e_out, size_t n, const int64_t *segs,
+               size_t n_segs, uint8_t *bits, uint8_t *zplane, float *scales, uint64_t *zeros,
+               sg_ef_pass1_fn pass1, sg_ef_pass2_fn pass2) {
+    sg_ef_io io = {g, e, e_out, bits, zplane};
+    sg_tree tree;
+    size_t pos = 0, gap_zeros = 0;
+    for (size_t t = 0; t < n_segs; t++) {
+        size_t o = (size_t)segs[2 * t], s = (size_t)segs[2 * t + 1], z = 0;
+        if (pos < o && !sg_ef_pass2_scalar(&io, pos, o, 0, 0.0f, &gap_zeros)) return 0;
+        sg_tree_init(&tree);
+        if (!pass1(g, e, o, o + s, &tree, &z)) return 0;
+        float sum = sg_tree_finish(&tree);
+        float scale = sum / (float)(s > z ? s - z : 1);
+        if (sg_nonfinite(scale)) return 0;
+        uint64_t zz = z;
+        scales[t] = scale;
+        memcpy(zeros + t, &zz, 8);   /* zeros need not be aligned */
+        size_t full = o + (s / 8) * 8, end = (o + s + 7) / 8 * 8;
+        if (end > n) end = n;
+        pass2(&io, o, full, scale);
+        if (!sg_ef_pass2_scalar(&io, full, end, o + s, scale, &gap_zeros)) return 0;
+        pos = end;
+    }
+    if (pos < n && !sg_ef_pass2_scalar(&io, pos, n, 0, 0.0f, &gap_zeros)) return 0;
+    uint64_t gz = gap_zeros;
+    memcpy(zeros + n_segs, &gz, 8);
+    return 1;
+}
+
+#endif /* SG_FUSED_H */
