@@ -2,6 +2,7 @@ import shutil
 
 import pytest
 from harness import run_job
+from netsimcommon import netsim_prefix  # noqa: F401  (the fixture, for the netsim tests)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -5,38 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
+from netsimcommon import NETSIM, ROOT, namespaces, needs_netsim
 
-ROOT = Path(__file__).resolve().parents[2]
-NETSIM = ROOT / "examples" / "netsim" / "netsim.sh"
 RUN_BENCH = ROOT / "examples" / "netsim" / "run_bench.sh"
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "tc", "unshare", "mpirun")),
-    reason="needs root, iproute2 (ip, tc), util-linux (unshare) and Open MPI")
+pytestmark = needs_netsim("mpirun")
 
 
-def namespaces(prefix: str) -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith(prefix + "-")]
-
-
-@pytest.fixture
-def prefix():
-    """A namespace prefix of this test process only, so parallel runs never collide."""
-    p = f"hsgt{os.getpid() % 10**6}"
-    yield p
-    if namespaces(p):   # the scripts clean up themselves; this is only a safety net
-        subprocess.run([str(NETSIM), "down"], env={**os.environ, "HSG_NETSIM_PREFIX": p},
-                       capture_output=True, timeout=60)
-
-
-def test_bench_comm_smoke(tmp_path, prefix):
+def test_bench_comm_smoke(tmp_path, netsim_prefix):
+    prefix = netsim_prefix
     contenders = "hvd_fp32,hvd_fp16,none,signsgd,ef_signsgd,topk:ratio=0.01"
     env = {**os.environ, "HSG_NETSIM_PREFIX": prefix, "HSG_NETSIM_STATE": str(tmp_path / "net"),
            "HOSTS": "2", "RATES": "1gbit", "MODELS": "tiny", "CONTENDERS": contenders,

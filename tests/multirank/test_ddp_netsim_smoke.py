@@ -6,39 +6,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
+from netsimcommon import ROOT, namespaces, needs_netsim
 
-ROOT = Path(__file__).resolve().parents[2]
-NETSIM = ROOT / "examples" / "netsim" / "netsim.sh"
 RUN = ROOT / "examples" / "netsim" / "run_ddp_bench.sh"
 CONFIGS = ["fp32", "fp16", "powersgd-r1", "powersgd-r2", "powersgd-r4", "signsgd", "signum",
            "ef_signsgd", "topk-1%", "signsgd-a2a"]
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "tc", "unshare")),
-    reason="needs root, iproute2 (ip, tc) and util-linux (unshare)")
+pytestmark = needs_netsim()
 
 
-def namespaces(prefix: str) -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith(prefix + "-")]
-
-
-@pytest.fixture
-def prefix():
-    p = f"hsgd{os.getpid() % 10**6}"
-    yield p
-    if namespaces(p):   # the script cleans up itself; this is only a safety net
-        subprocess.run([str(NETSIM), "down"], env={**os.environ, "HSG_NETSIM_PREFIX": p},
-                       capture_output=True, timeout=60)
-
-
-def test_ddp_bench_smoke(tmp_path, prefix):
+def test_ddp_bench_smoke(tmp_path, netsim_prefix):
+    prefix = netsim_prefix
     out = tmp_path / "out"
     env = {**os.environ, "HSG_NETSIM_PREFIX": prefix, "HSG_NETSIM_STATE": str(tmp_path / "net"),
            "HOSTS": "2", "RATE": "1gbit", "SHAPES": "tiny", "OUT": str(out),

@@ -7,29 +7,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from netsimcommon import NETSIM, ROOT, namespaces, needs_netsim
 
-ROOT = Path(__file__).resolve().parents[2]
-NETSIM = ROOT / "examples" / "netsim" / "netsim.sh"
 SCRIPT = ROOT / "examples" / "netsim" / "hier_bytes.py"
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "tc", "unshare", "mpirun")),
-    reason="needs root, iproute2 (ip, tc), util-linux (unshare) and Open MPI")
+pytestmark = needs_netsim("mpirun")
 
 
-def namespaces(prefix: str) -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith(prefix + "-")]
-
-
-def test_host_link_bytes_match_the_model(tmp_path):
-    prefix = f"hsgh{os.getpid() % 10**6}"
+def test_host_link_bytes_match_the_model(tmp_path, netsim_prefix):
+    prefix = netsim_prefix
     out = tmp_path / "r.json"
     env = {**os.environ, "HSG_NETSIM_PREFIX": prefix, "HSG_NETSIM_STATE": str(tmp_path / "n"),
            "HSG_NETSIM_SLOTS": "2", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -11,41 +11,22 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
+from netsimcommon import ROOT, namespaces, needs_netsim
 
-ROOT = Path(__file__).resolve().parents[2]
-NETSIM = ROOT / "examples" / "netsim" / "netsim.sh"
 RUN_SCALING = ROOT / "examples" / "netsim" / "run_scaling.sh"
 D = 2_097_152          # gradient elements (one tensor, one bucket)
 sys.path.insert(0, str(ROOT / "examples" / "netsim"))
 
 from scaling_report import EXCHANGES, sharded_down_planes  # noqa: E402
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not all(shutil.which(t) for t in ("ip", "tc", "unshare", "mpirun")),
-    reason="needs root, iproute2 (ip, tc), util-linux (unshare) and Open MPI")
+pytestmark = needs_netsim("mpirun")
 
 
-def namespaces(prefix: str) -> list[str]:
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return [line.split()[0] for line in out.splitlines() if line.startswith(prefix + "-")]
-
-
-@pytest.fixture
-def prefix():
-    p = f"hsgs{os.getpid() % 10**6}"
-    yield p
-    if namespaces(p):   # the scripts clean up themselves; this is only a safety net
-        subprocess.run([str(NETSIM), "down"], env={**os.environ, "HSG_NETSIM_PREFIX": p},
-                       capture_output=True, timeout=60)
-
-
-def test_scaling_smoke(tmp_path, prefix):
+def test_scaling_smoke(tmp_path, netsim_prefix):
+    prefix = netsim_prefix
     out = tmp_path / "out"
     env = {**os.environ, "HSG_NETSIM_PREFIX": prefix, "HSG_NETSIM_STATE": str(tmp_path / "net"),
            "HOSTS": "2", "RATE": "100mbit", "MODEL": f"d={D}", "OUT": str(out),
