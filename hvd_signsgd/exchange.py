@@ -441,10 +441,8 @@ class _ShardedHandle:
                 voters.append(m)
             marked = marked or bool(h.flags & _FLAG_MARKED)
         if marked and not bad:
-            if self.scaled:
-                raise ValueError("ef_signsgd(double_squeeze=True) cannot carry exact zeros "
-                                 "(sign(0) = 0) through the owners' second compression; use "
-                                 "ef_signsgd without double_squeeze for models with them")
+            # every rank falls back to the allgather (the double squeeze too: that step is
+            # exact ef_signsgd and leaves owner_error as it is, so owner conservation holds)
             return _message(self.codec, k, _FLAG_MARKED, 0)
         if bad:
             return _message(self.codec, k, wire.FLAG_NONFINITE, len(bad),

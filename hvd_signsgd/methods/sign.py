@@ -218,7 +218,10 @@ class EFSignSGD(ErrorFeedbackMethod):
     and owner_error <- a - Q; every rank applies Q. 1 bit per coordinate in both directions,
     whatever the number of ranks; always on exchange "alltoall" (hvd_signsgd.exchange). The
     owner memory is state["owner_error"] (this rank's shard; the rest stays 0), per rank and
-    tied to the world size like the worker memory.
+    tied to the world size like the worker memory. Shards of sign bits cannot carry exact
+    zeros (sign(0) = 0): a bucket and step in which some rank's p has them goes by the allgather
+    instead, aggregated exactly as plain ef_signsgd (Q_t = mean_m q_m,t, owner_error unchanged,
+    so owner conservation still holds) and paying both exchanges' bytes.
     """
     name, bits_per_coordinate = "ef_signsgd", 1.0
     codec = ScaledSign()
@@ -254,8 +257,6 @@ class EFSignSGD(ErrorFeedbackMethod):
         return msg
 
     def aggregate(self, gathered, state, ctx):
-        if self.double_squeeze:
-            raise RuntimeError("ef_signsgd(double_squeeze=True) aggregates on the sharded "
-                               "exchange (hvd_signsgd.exchange), not from an allgather")
+        # (double_squeeze: only the zero-marks fallback of the sharded exchange comes here)
         payloads = self._payloads(gathered, ctx, self.codec)
         return as_sum(self.codec.aggregate(payloads, ctx.layout, out=ctx.out), ctx)
