@@ -80,6 +80,7 @@ model, state = hooked(Reversed(), "signum")
 twin = Reversed()
 ref = Reference("signum", list(model.module.parameters()))
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
+large = [i for i, p in enumerate(model.module.parameters()) if p.numel() >= SMALL]
 ok = []
 for step in range(3):
     want = ref.step(local_grads(twin, model.module, [(2 * step, rank), (2 * step + 1, rank)]))
@@ -87,7 +88,11 @@ for step in range(3):
     with model.no_sync():
         loss_of(model, 2 * step, rank).backward()
     loss_of(model, 2 * step + 1, rank).backward()
-    ok.append(all(torch.equal(p.grad, w) for p, w in zip(model.module.parameters(), want)))
+    got = [p.grad for p in model.module.parameters()]
+    # the compressed tensors exactly; the small ones travel in Gloo's float32 sum, whose
+    # order for 3+ ranks is not the reference's
+    ok.append(all(torch.equal(got[i], want[i]) for i in large) and
+              all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(got, want)))
     opt.step()
 report(dict(ok=ok, steps=state.compression_stats()["steps"],
             identical=identical_everywhere(flat_params(model))))
