@@ -226,11 +226,13 @@ class Communicator:
         then passes size_exchange=False."""
         if self.size == 1:
             return [nbytes]
-        c = self.counters
-        self._add("bytes_sent", 8)
-        self._add("bytes_received", 8 * (self.size - 1))
-        self._add("wire_bytes_sent", 8)
-        c.extra["size_exchange_bytes"] = c.extra.get("size_exchange_bytes", 0) + 8 * self.size
+        with self.counting:
+            c = self.counters
+            self._add("bytes_sent", 8)
+            self._add("bytes_received", 8 * (self.size - 1))
+            self._add("wire_bytes_sent", 8)
+            c.extra["size_exchange_bytes"] = (c.extra.get("size_exchange_bytes", 0)
+                                              + 8 * self.size)
         got = self._allgather_bytes(torch.tensor([nbytes], dtype=torch.int64), name)
         return [int(x) for x in got.tolist()]
 

@@ -294,8 +294,11 @@ class Exchange:
 
     def sparse_switch(self, b) -> bool:
         """Bucket b's pairs may go as a dense allreduce (module docstring)."""
+        # the error-feedback sparsifiers (topk, threshold) say how many pairs they send
         return (self.mode == "auto" and self.comm.size > 1
-                and isinstance(getattr(b.active, "codec", None), Sparse))
+                and isinstance(getattr(b.active, "codec", None), Sparse)
+                and callable(getattr(b.active, "send_whole", None))
+                and callable(getattr(b.active, "segments", None)))
 
     def _start_sparse(self, b, msg: torch.Tensor):
         d, n, method = b.layout.numel, self.comm.size, b.active
@@ -309,8 +312,9 @@ class Exchange:
             sizes = [wire.payload_nbytes(method.codec.codec, d, nnz=nnz)] * n
         if sum(sizes) <= 8 * d:
             return self.comm.allgather(msg, b.name, size_exchange=False)
-        extra = self.comm.counters.extra
-        extra["sparse_dense_buckets"] = extra.get("sparse_dense_buckets", 0) + 1
+        with self.comm.counting:
+            extra = self.comm.counters.extra
+            extra["sparse_dense_buckets"] = extra.get("sparse_dense_buckets", 0) + 1
         return _DenseSparseHandle(self.comm.allreduce(_densify(b, msg), f"{b.name}.dense"))
 
 
@@ -567,6 +571,9 @@ class _DenseSparseHandle:
 
     def wait(self) -> torch.Tensor:
         return self.handle.wait()
+
+    def future(self) -> torch.futures.Future:
+        return self.handle.future()
 
 
 def _densify(b, msg: torch.Tensor) -> torch.Tensor:

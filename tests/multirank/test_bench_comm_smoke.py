@@ -57,7 +57,8 @@ def test_bench_comm_smoke(tmp_path, netsim_prefix):
         ("signsgd", True), ("signsgd", False)}
 
 
-def test_netsim_tears_down_when_the_command_fails(tmp_path, prefix):
+def test_netsim_tears_down_when_the_command_fails(tmp_path, netsim_prefix):
+    prefix = netsim_prefix
     env = {**os.environ, "HSG_NETSIM_PREFIX": prefix, "HSG_NETSIM_STATE": str(tmp_path / "n")}
     proc = subprocess.run([str(NETSIM), "with", "2", "sh", "-c",
                            '"$HSG_NETSIM" rate 100mbit && test -n "$(ip netns list)" && exit 7'],

@@ -244,3 +244,33 @@ def test_slow_callbacks_do_not_deadlock_the_hook():
     for r in ddp_job(BUSY, 3, timeout=150).ok():
         for exchange in ("allgather", "alltoall"):
             assert r[exchange] == dict(identical=True, steps=4, buckets=6), (exchange, r)
+
+
+SPARSE_DENSE = """
+out = {}
+for exchange in ("auto", "allgather"):
+    model, state = hooked(Reversed(), "topk", exchange=exchange, ratio=0.45)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    before = digest(model)
+    for step in range(3):
+        x, y = batch(step, rank)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    s = state.compression_stats()
+    out[exchange] = dict(identical=identical_everywhere(flat_params(model)),
+                         moved=digest(model) != before, steps=s["steps"],
+                         dense=s.get("sparse_dense_buckets", 0))
+report(out)
+"""
+
+
+def test_topk_switches_to_a_dense_allreduce_through_the_hook():
+    """Top-k at 45% on 3 ranks: the pairs (8 bytes each, 3 ranks) outweigh a float32
+    allreduce, so under "auto" every compressed bucket goes dense; the hook chains that
+    allreduce's future like the others. "allgather" keeps the pairs."""
+    for r in ddp_job(SPARSE_DENSE, 3).ok():
+        auto, pairs = r["auto"], r["allgather"]
+        assert auto["identical"] and auto["moved"] and auto["steps"] == 3, auto
+        assert auto["dense"] >= 1, auto
+        assert pairs["identical"] and pairs["moved"] and pairs["dense"] == 0, pairs
