@@ -294,11 +294,13 @@ class Exchange:
 
     def sparse_switch(self, b) -> bool:
         """Bucket b's pairs may go as a dense allreduce (module docstring)."""
-        # the error-feedback sparsifiers (topk, threshold) say how many pairs they send
+        # the error-feedback sparsifiers say how many pairs they send: threshold by a size
+        # exchange (variable_size), topk from its layout (segments)
+        m = b.active
         return (self.mode == "auto" and self.comm.size > 1
-                and isinstance(getattr(b.active, "codec", None), Sparse)
-                and callable(getattr(b.active, "send_whole", None))
-                and callable(getattr(b.active, "segments", None)))
+                and isinstance(getattr(m, "codec", None), Sparse)
+                and callable(getattr(m, "send_whole", None))
+                and (m.variable_size or callable(getattr(m, "segments", None))))
 
     def _start_sparse(self, b, msg: torch.Tensor):
         d, n, method = b.layout.numel, self.comm.size, b.active
