@@ -180,11 +180,7 @@ class Communicator:
             self._add("bytes_sent", payload.numel())
             c.collectives += 1
             if size_exchange and self.size > 1:
-                self._add("bytes_sent", 8)
-                self._add("bytes_received", 8 * (self.size - 1))
-                self._add("wire_bytes_sent", 8)
-                c.extra["size_exchange_bytes"] = (c.extra.get("size_exchange_bytes", 0)
-                                                  + 8 * self.size)
+                self._book_size_exchange()
         if self.size == 1:
             return Handle(self, None, "allgather", payload.numel(), result=payload)
         return Handle(self, self._start_allgather(payload, name), "allgather", payload.numel())
@@ -219,6 +215,15 @@ class Communicator:
         return Handle(self, self._start_alltoall(payload, list(splits), name), "alltoall",
                       sent, own=own)
 
+    def _book_size_exchange(self) -> None:
+        """Each rank's int64 length: 8 bytes sent, 8 from each other rank."""
+        with self.counting:
+            self._add("bytes_sent", 8)
+            self._add("bytes_received", 8 * (self.size - 1))
+            self._add("wire_bytes_sent", 8)
+            extra = self.counters.extra
+            extra["size_exchange_bytes"] = extra.get("size_exchange_bytes", 0) + 8 * self.size
+
     def exchange_sizes(self, nbytes: int, name: str) -> list[int]:
         """Every rank's payload length, in rank order (blocking): the size exchange of an
         allgatherv done ahead of it, so that every rank can choose the route from the lengths.
@@ -226,13 +231,7 @@ class Communicator:
         then passes size_exchange=False."""
         if self.size == 1:
             return [nbytes]
-        with self.counting:
-            c = self.counters
-            self._add("bytes_sent", 8)
-            self._add("bytes_received", 8 * (self.size - 1))
-            self._add("wire_bytes_sent", 8)
-            c.extra["size_exchange_bytes"] = (c.extra.get("size_exchange_bytes", 0)
-                                              + 8 * self.size)
+        self._book_size_exchange()
         got = self._allgather_bytes(torch.tensor([nbytes], dtype=torch.int64), name)
         return [int(x) for x in got.tolist()]
 

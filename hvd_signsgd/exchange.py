@@ -222,11 +222,6 @@ def choose(method, mode: str, numel: int, n: int) -> str:
     return "alltoall" if a2a < route_seconds(method, numel, n, "allgather") else "allgather"
 
 
-def _pack_where_negative(x: torch.Tensor) -> torch.Tensor:
-    """A bit plane (bit set where x < 0), with the native sign packer; x must hold no -0.0."""
-    return kernels.pack_signs(x)
-
-
 def _zero_where_set(seg: torch.Tensor, bits: torch.Tensor, k: int) -> None:
     """seg[i] = +0.0 where bit i is set; seg must be +-1 with +1 wherever a bit is set.
 
@@ -464,7 +459,8 @@ class _ShardedHandle:
         if self.mean:
             total = kernels.vote(rows, k, mode="sum")           # voters - 2c, exact
             count = ((len(voters) - total) / 2).to(torch.int32)
-            planes = [_pad4(_pack_where_negative(0.5 - ((count >> i) & 1).to(torch.float32)))
+            # bit planes of the count, packed by the sign packer: bit set where 0.5 - bit < 0
+            planes = [_pad4(kernels.pack_signs(0.5 - ((count >> i) & 1).to(torch.float32)))
                       for i in range(self.bits)]
             return _message(self.codec, k, 0, self.bits, *planes)
         vote = kernels.vote(rows, k, mode="majority")
@@ -477,7 +473,7 @@ class _ShardedHandle:
             return _message(self.codec, k, 0, t, signs, ties.to(torch.int32).view(torch.uint8))
         # the vote is -1, +0.0 or 1 (a tie's sign bit is clear), so |vote| - 0.5 < 0 at ties
         return _message(self.codec, k, wire.FLAG_DENSE, t, signs,
-                        _pad4(_pack_where_negative(vote.abs().sub_(0.5))))
+                        _pad4(kernels.pack_signs(vote.abs().sub_(0.5))))
 
     def _squeeze(self, rows, scales, v) -> torch.Tensor:
         """Double squeeze on this rank's shard: a = mean_m q_m + owner_error,
