@@ -17,12 +17,13 @@ import importlib
 from . import kernels
 from .compression import Compression
 from .engine import StepError
+from .exchange import ExchangeError
 from .methods import METHODS, Method, NonFiniteGradientError, make_method, ssdm_lr_lambda
 from .wire import PayloadError
 
 __all__ = ["DistributedOptimizer", "Compression", "METHODS", "Method", "make_method",
-           "NonFiniteGradientError", "PayloadError", "StepError", "ssdm_lr_lambda", "kernels",
-           "ddp"]
+           "NonFiniteGradientError", "PayloadError", "StepError", "ExchangeError",
+           "ssdm_lr_lambda", "kernels", "ddp"]
 __version__ = "0.1.0"
 
 

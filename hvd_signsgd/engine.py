@@ -179,6 +179,11 @@ class Engine:
         differ in model, method or options (seed and start_step included)."""
         desc = self.describe_buckets()
         options = (*options, ("exchange", self.exchange.mode))
+        if self.exchange.mode == "hierarchical":
+            # HVD_SIGNSGD_LOCAL_SIZE is read on each rank: a bad or differing value is
+            # reported here, where every rank learns it, not where it was read
+            problem = problem or self.exchange.problem
+            options = (*options, ("local_size", self.exchange.local_size))
         digest = layout_digest(self.method.describe() if self.method else None, desc,
                                self.seed, self.start_step, self.average, self.predivide,
                                self.on_nonfinite, options)
@@ -550,6 +555,9 @@ def _first_difference(views) -> str:
                 if a != b:
                     return (f"Rank 0 has bucket {i} = {a}, rank {r} has {b}. Every rank must "
                             f"build the same model and pass the same method and options.")
+        if v[3][:2] == ref[3][:2] and v[3] != ref[3]:
+            return (f"Rank 0 has the options {ref[3][2]}, rank {r} has {v[3][2]}. Pass the "
+                    f"same options (and environment: HVD_SIGNSGD_LOCAL_SIZE) on every rank.")
         if v[3] != ref[3]:
             return (f"Rank 0 has (seed, start_step, options) = {ref[3]}, rank {r} has {v[3]}. "
                     f"Pass the same seed on every rank (not seed + rank: the method derives "

@@ -383,8 +383,9 @@ class _ShardedHandle:
             if self.second is None:
                 try:
                     reply = self._own_shard(received)
-                except (wire.PayloadError, ValueError) as e:
-                    text = str(e).encode()
+                except Exception as e:  # noqa: BLE001 - the owner answers whatever happened
+                    text = (str(e) if isinstance(e, (wire.PayloadError, ValueError))
+                            else f"{type(e).__name__}: {e}").encode()
                     reply = _message(self.codec, 0, _FLAG_FAILED, len(text),
                                      torch.frombuffer(bytearray(text), dtype=torch.uint8))
                 self.second = self.comm.allgather(reply, f"{self.b.name}.result",
@@ -639,7 +640,44 @@ class _Ready:
         return torch.zeros(0, dtype=torch.uint8)
 
 
-_OK, _NONFINITE, _FAILED = 0, 1, 2
+class _CrossHandle:
+    """The cross-host exchange of this rank's slice. wait() never raises: it returns the
+    result or the exception, which aggregate() sends to the host's other ranks as a status,
+    since they wait for this rank's slice in the host's allgather."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def wait(self):
+        try:
+            return self.handle.wait()
+        except Exception as e:  # noqa: BLE001 - reported to the host (aggregate)
+            return e
+
+
+class ExchangeError(RuntimeError):
+    """A rank's part of an exchange failed (an error that is not a NaN/Inf gradient nor a
+    malformed payload); raised on every rank that waits for that part."""
+
+
+_OK, _NONFINITE, _FAILED, _ERROR = 0, 1, 2, 3
+
+
+def parse_local_size(text: str | None, n: int) -> tuple[int | None, str | None]:
+    """(ranks per host, problem) from HVD_SIGNSGD_LOCAL_SIZE's value: (None, None) when unset
+    or blank (the library's hosts). Never raises: the engine reports the problem on every rank
+    (Engine.validate), so a bad value on one rank cannot leave the others waiting."""
+    text = (text or "").strip()
+    if not text:
+        return None, None
+    try:
+        size = int(text)
+    except ValueError:
+        size = 0
+    if size < 1 or n % size:
+        return None, (f"{LOCAL_SIZE_ENV}={text!r} is not a number of ranks per host that "
+                      f"divides the {n} ranks into hosts of equal size (a positive integer)")
+    return size, None
 
 
 class HierarchicalExchange(Exchange):
@@ -652,8 +690,11 @@ class HierarchicalExchange(Exchange):
                  predivide: float = 1.0, local_size: int | None = None):
         super().__init__(comm, "auto", average=average, predivide=predivide)
         self.mode = "hierarchical"
-        env = os.environ.get(LOCAL_SIZE_ENV, "").strip()
-        self.local_size = local_size if local_size is not None else (int(env) if env else None)
+        self.problem = None
+        if local_size is None:
+            local_size, self.problem = parse_local_size(os.environ.get(LOCAL_SIZE_ENV),
+                                                        comm.size)
+        self.local_size = local_size
         self.local = self.cross = self.inner = None
 
     def setup(self) -> None:
@@ -710,24 +751,35 @@ class HierarchicalExchange(Exchange):
             return super().start(b, msg)
         p = b.part
         p.handle = self.inner.start(p, msg) if p.layout.numel else _Ready()
-        return p.handle
+        return _CrossHandle(p.handle)
 
-    def aggregate(self, b, result: torch.Tensor) -> torch.Tensor:
+    def aggregate(self, b, result) -> torch.Tensor:
+        """Step 3 for bucket b: this rank's slice of the update (or its failure, whatever it
+        was) goes to the host's other ranks, which wait for it, so every rank of the host
+        returns the same update or raises the same error. result: what the cross handle's
+        wait() gave, the exception it raised included."""
         if not self.hierarchical(b):
             return super().aggregate(b, result)
         p = b.part
-        status, text, update = _OK, "", None
+        k = p.layout.numel
+        status, text, cause = _OK, "", None
         try:
-            update = self.inner.aggregate(p, result) if p.layout.numel else p.out
+            if isinstance(result, Exception):
+                raise result
+            update = self.inner.aggregate(p, result) if k else p.out
+            body = update[:k].to(torch.float32).contiguous().view(torch.uint8)
+            if body.numel() != 4 * k:
+                raise wire.PayloadError(f"the aggregate of {p.name} has {update.numel()} "
+                                        f"elements, expected {k}")
         except NonFiniteGradientError as e:
             status, text = _NONFINITE, f"{e} [host slice {self.local.rank}]"
         except (wire.PayloadError, ValueError) as e:
             status, text = _FAILED, f"{e} [host slice {self.local.rank}]"
-        k = p.layout.numel
-        body = torch.zeros(4 * k, dtype=torch.uint8)
-        if status == _OK:
-            body = update[:k].contiguous().view(torch.uint8)
-        else:
+        except Exception as e:  # noqa: BLE001 - the host's other ranks must hear of it
+            status, cause = _ERROR, e
+            text = f"{type(e).__name__}: {e} [host slice {self.local.rank}]"
+        if status != _OK:
+            body = torch.zeros(4 * k, dtype=torch.uint8)
             raw = text.encode()[:4 * k]
             body[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         msg = torch.cat([torch.tensor([status], dtype=torch.int32).view(torch.uint8), body])
@@ -752,6 +804,10 @@ class HierarchicalExchange(Exchange):
         for st, msg in problems:
             if st == _NONFINITE:
                 raise NonFiniteGradientError(msg)
+        for st, msg in problems:
+            if st == _ERROR:
+                raise ExchangeError(f"hvd_signsgd: the cross-host exchange of bucket {b.name} "
+                                    f"failed on this host: {msg}") from cause
         if problems:
             raise wire.PayloadError(problems[0][1])
         return out
@@ -772,6 +828,7 @@ def _message(codec: str, n: int, flags: int, nnz: int, *parts, n_scales: int = 0
                             *[p.reshape(-1) for p in parts]]))
 
 
-__all__ = ["EXCHANGES", "Exchange", "HierarchicalExchange", "choose", "make_exchange",
-           "slice_layout", "count_bits", "exchange_problem", "route_bytes",
-           "route_seconds", "shard_bounds", "shard_elements", "shardable"]
+__all__ = ["EXCHANGES", "Exchange", "ExchangeError", "HierarchicalExchange", "choose",
+           "make_exchange", "parse_local_size", "slice_layout", "count_bits",
+           "exchange_problem", "route_bytes", "route_seconds", "shard_bounds",
+           "shard_elements", "shardable"]
