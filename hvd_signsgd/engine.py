@@ -77,6 +77,7 @@ class Bucket:
     flat: torch.Tensor
     state: dict = field(default_factory=dict)
     backup: dict = field(default_factory=dict)
+    saved: bool = False     # backup holds this step's state (the bucket was launched)
     handle: object = None
     ctx: StepContext = None
     active: Method = None   # the method used this step (the dense one during warm-up)
@@ -125,7 +126,6 @@ class Engine:
         self.sparse_mode = False     # any rank has: this step has a sparse exchange
         self._active_ranks = None    # ranks that vote this step (None: before begin_step)
         self._step_started = False
-        self._launched_any = False
         self.launch_times = []       # (bucket indices, start, end) of this step's encodes
         self._counted = False
 
@@ -324,6 +324,7 @@ class Engine:
         for b in buckets:
             for k, v in b.backup.items():     # restored if any rank is non-finite
                 v.copy_(b.state[k])
+            b.saved = True
             # the hierarchical exchange reduces on the host first and encodes a slice
             b.work = b if self._joined else self.exchange.work(b)
             if not self._joined:
@@ -335,7 +336,6 @@ class Engine:
                 b.ctx.model_norm = norm
         for b in buckets:
             self._send(b)
-        self._launched_any = True
         t1 = time.perf_counter()
         self.comm.counters.seconds_encode += t1 - t0
         self.launch_times.append(([b.index for b in buckets], t0, t1))
@@ -411,7 +411,11 @@ class Engine:
         return Outcome(skipped=True)
 
     def _restore(self):
+        """Every bucket launched this step back to its state before the step. A bucket that
+        was not launched (a step that failed part way) is as it was: its backup is older."""
         for b in self.buckets:
+            if not b.saved:
+                continue
             for k, v in b.backup.items():
                 b.state[k].copy_(v)
             b.method.rollback(b.state)        # what the method restores itself
@@ -426,18 +430,18 @@ class Engine:
                 except Exception:  # noqa: BLE001 - the first error is the one to report
                     pass
                 b.handle = None
-        if self._launched_any:
-            self._restore()
+        # the buckets whose launch began (a launch that raised part way included)
+        self._restore()
         self.comm.counters = Counters()
         self._end_step(advance=False)
 
     def _abort_step(self):
         self._step_started = False
-        self._launched_any = False
+        for b in self.buckets:
+            b.saved = False
 
     def _end_step(self, advance: bool) -> None:
-        self._step_started = False
-        self._launched_any = False
+        self._abort_step()
         if not advance:
             return
         self.last = self.comm.counters

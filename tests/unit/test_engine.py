@@ -94,3 +94,25 @@ def test_load_section_problems_are_reported_at_the_next_step():
     assert torch.equal(good.buckets[0].state["error"], eng.buckets[0].state["error"])
     run_step(good, [torch.randn(40), torch.randn(13)])
     assert good.step == 2
+
+
+def test_a_step_that_fails_part_way_restores_only_the_launched_buckets():
+    """drain() after launching bucket 0 of two: bucket 1 was not launched this step, so its
+    backup is the state before the last step, and restoring it would undo that step."""
+    eng = Engine(Communicator(), make_method("signum", beta=0.5))
+    eng.build([(["a"], [40], None), (["b"], [13], None)])
+    for _ in range(2):
+        eng.begin_step()
+        for b in eng.buckets:
+            b.flat.copy_(torch.randn(b.layout.numel))
+        eng.launch(eng.buckets)
+        assert eng.finish().error is None
+    before = [b.state["momentum"].clone() for b in eng.buckets]
+    eng.begin_step()
+    eng.buckets[0].flat.copy_(torch.randn(40))
+    eng.launch([eng.buckets[0]])          # then the step fails before bucket 1 leaves
+    assert not torch.equal(eng.buckets[0].state["momentum"], before[0])
+    eng.drain()
+    for b, m in zip(eng.buckets, before):
+        assert torch.equal(b.state["momentum"], m), b.name
+    assert eng.step == 2
