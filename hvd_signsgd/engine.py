@@ -304,6 +304,12 @@ class Engine:
                            n_ranks=self.comm.size, voters=self._active_ranks,
                            method_step=self.step - self.start_step)
 
+    def launch_blocks(self, b: Bucket) -> bool:
+        """launch([b]) waits for the other ranks (a blocking collective of the exchange), so
+        a front end must launch such buckets in the same order on every rank: the order of
+        the buckets' indices."""
+        return self.exchange.blocks(b)
+
     def launch(self, buckets: list[Bucket]) -> None:
         """Encode each bucket's flat buffer and start its collective; all at once for methods
         with a whole-model norm. begin_step() must have run."""

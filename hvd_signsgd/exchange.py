@@ -289,13 +289,21 @@ class Exchange:
 
     def sparse_switch(self, b) -> bool:
         """Bucket b's pairs may go as a dense allreduce (module docstring)."""
+        return self._switches(b.active)
+
+    def _switches(self, m) -> bool:
         # the error-feedback sparsifiers say how many pairs they send: threshold by a size
         # exchange (variable_size), topk from its layout (segments)
-        m = b.active
         return (self.mode == "auto" and self.comm.size > 1
                 and isinstance(getattr(m, "codec", None), Sparse)
                 and callable(getattr(m, "send_whole", None))
                 and (m.variable_size or callable(getattr(m, "segments", None))))
+
+    def blocks(self, b) -> bool:
+        """Launching bucket b waits for the other ranks (threshold's size exchange ahead of
+        the sparse switch), so every rank must launch such buckets in the same order."""
+        m = b.method
+        return m.collective == "allgather" and self._switches(m) and m.variable_size
 
     def _start_sparse(self, b, msg: torch.Tensor):
         d, n, method = b.layout.numel, self.comm.size, b.active
@@ -727,6 +735,11 @@ class HierarchicalExchange(Exchange):
 
     def hierarchical(self, b) -> bool:
         return not isinstance(b.active, NoCompression) and self.comm.size > 1
+
+    def blocks(self, b) -> bool:
+        """The host's allreduce in work() waits for the host's ranks (compressed buckets;
+        warm-up steps, which take the flat route, included: the order costs them nothing)."""
+        return not isinstance(b.method, NoCompression) and self.comm.size > 1
 
     def work(self, b):
         """Step 1 for bucket b (blocking): the host mean into b.flat; returns this rank's

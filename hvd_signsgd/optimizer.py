@@ -164,6 +164,9 @@ class _CompressedOptimizer(torch.optim.Optimizer):
         self._delay = {p: backward_passes_per_step for p in self._bucket_of}
         self._sparse = _SparseExchange(self._comm, self._engine.prefix,
                                        [p for p, _ in self._bucket_of.items()])
+        # the buckets whose launch waits for the other ranks, in the order they must leave
+        self._in_order = [b for b in self._engine.buckets if self._engine.launch_blocks(b)]
+        self._held = set()     # indices of such buckets ready but waiting for earlier ones
         self._hooks = []
         self._worker, self._inflight = None, []
         if self._comm.included:
@@ -245,8 +248,25 @@ class _CompressedOptimizer(torch.optim.Optimizer):
             if all(self._slots[c.index].ready == len(self._slots[c.index].params)
                    for c in group):
                 self._launch(group)
+        elif engine.launch_blocks(b):
+            self._launch_in_order(b)
         else:
             self._launch([b])
+
+    def _launch_in_order(self, b):
+        """Bucket b's launch waits for the other ranks (engine.launch_blocks): such buckets
+        leave in bucket order, since the order backward readies them in can differ between
+        ranks (control flow that differs by rank), and two ranks waiting in different
+        buckets would wait for each other forever. b waits here for the earlier ones; what
+        backward never readies, synchronize() launches, in bucket order too."""
+        self._held.add(b.index)
+        for c in self._in_order:
+            if self._slots[c.index].launched:
+                continue
+            if c.index not in self._held:
+                return
+            self._held.discard(c.index)
+            self._launch([c])
 
     def _launch(self, buckets):
         """Start the buckets' exchange: on the launch worker when overlap is on, so that
@@ -372,6 +392,7 @@ class _CompressedOptimizer(torch.optim.Optimizer):
         """Ready for the next step's backward passes, whether this one succeeded or not."""
         for slot in self._slots.values():
             slot.ready, slot.launched = 0, False
+        self._held = set()
         self._reset_delays()
         self._launched = False
         self._backward_seen = False
