@@ -34,8 +34,9 @@ Owner j's result (phase 2), a wire header (codec, n = shard elements, nnz, flags
             shard), then the sign plane of a = mean_m q_m + owner_error; the owner keeps
             owner_error <- a - Q. Alignment gaps of the layout are 0 in Q and in the memory.
   NONFINITE nnz int32 ranks whose gradient was not finite: every rank raises.
-  FAILED    the owner could not use the pieces (nnz utf-8 bytes of its message): every rank
-            raises PayloadError. An owner always answers, so no rank is left waiting.
+  FAILED    the owner could not use the pieces, or its part raised (nnz utf-8 bytes of its
+            message): every rank raises PayloadError. An owner always answers, so no rank is
+            left waiting.
 Planes are padded to 4 bytes. Majority results vary in length with the ties, so their allgather
 counts a size exchange (communicator.py); mean and scaled results have a fixed length.
 
@@ -55,8 +56,12 @@ engine restores every bucket's state (owner_error included) on a step that fails
   The method sees H voters, each the mean of L ranks: a vote is a vote of hosts, an error
   memory or a momentum holds its slice of the host mean and lives on that slice's local rank
   (its checkpoint is that slice; load_section refuses a flat one). Not the flat exchange's
-  result, but identical on every rank. A non-finite gradient or a failing aggregate on any
-  slice is in every rank's status words, so every rank raises. Methods with a whole-model
+  result, but identical on every rank. A non-finite gradient on any slice is in every rank's
+  status words, so every rank raises. Any other failure of a rank's cross step (its wait or
+  its aggregate raised) is in its host's status words: every rank of that host raises
+  ExchangeError (PayloadError for a malformed payload), the other hosts, whose slice went
+  through, apply the step, and the next step's control exchange finds the ranks at different
+  steps and raises StepError on every rank; no rank waits forever. Methods with a whole-model
   norm are refused (the norm would be per slice); so is optimizer.join(). Warm-up and
   NoCompression buckets take the flat route.
 
@@ -387,10 +392,9 @@ class _ShardedHandle:
 
     def _run(self) -> torch.Tensor:
         if self._result is None:
-            received = self.first.wait()
             if self.second is None:
                 try:
-                    reply = self._own_shard(received)
+                    reply = self._own_shard(self.first.wait())
                 except Exception as e:  # noqa: BLE001 - the owner answers whatever happened
                     text = (str(e) if isinstance(e, (wire.PayloadError, ValueError))
                             else f"{type(e).__name__}: {e}").encode()

@@ -11,6 +11,8 @@ bottom:
        -> the gradients are in the bucket's flat float32 buffer: each float32 p.grad is a view
           of it after its first step ("gradient as bucket view"); other gradients are copied in
        -> engine.launch: method.prepare / method.encode, then the collective
+   A bucket whose launch blocks on the other ranks (engine.launch_blocks: the hierarchical
+   host reduce, threshold's size exchange) leaves in bucket order, after the earlier ones.
 2. synchronize(): buckets whose gradients never arrived (unused parameters, frozen layers) are
    launched with zeros, which do not vote (sign(0) = 0), as Horovod allreduces zeros for them;
    then engine.finish aggregates every bucket (identical on every rank) into its buffer, which is
