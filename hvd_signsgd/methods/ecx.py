@@ -35,6 +35,14 @@ Options and defaults:
                        mark, wire.FLAG_ZEROS) and the scale is ||x_t||_1 / nnz(x_t)
                        (codecs.ScaledSign), so coordinates that never had a gradient stay put
 
+Encoding (scaled sign with a memory) is one fused kernel, kernels.ecx_sign ("single": ef_sign),
+through base.ErrorFeedback: x_t = u_t + (a delta_{t-1} - b delta_{t-2}) with a = float32(2 -
+alpha), b = float32(1 - alpha), each operation rounded to float32 in this order; ||x_t||_1
+summed in the kernels' fixed order (kernels.tree_abs_sum); NaN/Inf found in the same pass
+(the memories then untouched). The new delta goes into a spare buffer and the buffers rotate
+(delta2 <- delta1 <- new, no copy); a step that fails on another rank rotates them back.
+State keys: "delta1", "delta2" (as before; checkpoints load unchanged).
+
 Sparse compressors are refused (ValueError). ALGORITHMS.md reports that with Top-k the
 two-step recursion diverged in simulation; we checked it with the project's Top-k codec
 (tests/unit/test_sparse_methods.py: test_ecx_with_topk_diverges): on the section 7(b) quadratic
