@@ -106,7 +106,12 @@ static int ecx_pass1_portable(const sg_src *src, size_t from, size_t to, sg_tree
 
 static void ef_pass2_portable(const sg_ef_io *io, size_t from, size_t to, float scale) {
     size_t unused = 0;
-    sg_ef_pass2_scalar(io, from, to, to, scale, &unused);
+    sg_ef_pass2_mode(io, from, to, to, scale, &unused, 0);
+}
+
+static void ecx_pass2_portable(const sg_ef_io *io, size_t from, size_t to, float scale) {
+    size_t unused = 0;
+    sg_ef_pass2_mode(io, from, to, to, scale, &unused, 1);
 }
 
 static int ef_sign_portable(const float *g, const float *e, float *e_out, size_t n,
@@ -122,7 +127,7 @@ static int ecx_sign_portable(const float *u, const float *d1, const float *d2, f
                              uint8_t *bits, uint8_t *zplane, float *scales, uint64_t *zeros) {
     sg_src src = {u, d1, d2, a, b};
     return sg_ef_sign_run(src, d_out, n, segs, n_segs, bits, zplane, scales, zeros,
-                          ecx_pass1_portable, ef_pass2_portable);
+                          ecx_pass1_portable, ecx_pass2_portable);
 }
 
 const sg_kernels sg_kernels_portable = {

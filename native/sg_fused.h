@@ -87,8 +87,11 @@ typedef struct {
     float a, b;
 } sg_src;
 
-static inline float sg_src_p(const sg_src *s, size_t i) {
-    if (!s->d2) return s->g[i] + s->e[i];
+/* p_i; ecx: whether s->d2 is set, a constant where the callers below are inlined (the loops
+ * are split by mode once per call, not per element). */
+static inline __attribute__((always_inline)) float sg_src_p(const sg_src *s, size_t i,
+                                                             int ecx) {
+    if (!ecx) return s->g[i] + s->e[i];
     return s->g[i] + (s->a * s->e[i] - s->b * s->d2[i]);
 }
 
@@ -98,13 +101,12 @@ typedef struct {
     uint8_t *bits, *zplane;
 } sg_ef_io;
 
-/* Pass 1 over [from, to): |p| into the tree, zeros counted; returns 1 if all finite. */
-static inline int sg_ef_pass1_scalar(const sg_src *src, size_t from, size_t to, sg_tree *t,
-                                     size_t *zeros) {
+static inline __attribute__((always_inline)) int
+sg_ef_pass1_mode(const sg_src *src, size_t from, size_t to, sg_tree *t, size_t *zeros, int ecx) {
     int bad = 0;
     size_t z = 0;
     for (size_t i = from; i < to; i++) {
-        float a = sg_absf(sg_src_p(src, i));
+        float a = sg_absf(sg_src_p(src, i, ecx));
         bad |= sg_nonfinite(a);
         z += a == 0.0f;
         sg_tree_push(t, 0, a);
@@ -113,16 +115,21 @@ static inline int sg_ef_pass1_scalar(const sg_src *src, size_t from, size_t to, 
     return !bad;
 }
 
-/* Pass 2 (and the gaps) over [from, to), from a multiple of 8: writes e_out, bits, zplane.
- * Elements at or past seg_end are gaps (e_out = p); returns 1 if all finite, counts the gap
- * zeros into *gap_zeros. Padding bits of the last byte are 0. */
-static inline int sg_ef_pass2_scalar(const sg_ef_io *io, size_t from, size_t to, size_t seg_end,
-                                     float scale, size_t *gap_zeros) {
+/* Pass 1 over [from, to): |p| into the tree, zeros counted; returns 1 if all finite. */
+static inline int sg_ef_pass1_scalar(const sg_src *src, size_t from, size_t to, sg_tree *t,
+                                     size_t *zeros) {
+    return src->d2 ? sg_ef_pass1_mode(src, from, to, t, zeros, 1)
+                   : sg_ef_pass1_mode(src, from, to, t, zeros, 0);
+}
+
+static inline __attribute__((always_inline)) int
+sg_ef_pass2_mode(const sg_ef_io *io, size_t from, size_t to, size_t seg_end, float scale,
+                 size_t *gap_zeros, int ecx) {
     int bad = 0;
     for (size_t j = from / 8; 8 * j < to; j++) {
         unsigned sb = 0, zb = 0;
         for (size_t i = 8 * j; i < to && i < 8 * j + 8; i++) {
-            float p = sg_src_p(&io->src, i);
+            float p = sg_src_p(&io->src, i, ecx);
             uint32_t pb = sg_bits_from_f32(p);
             unsigned zero = (pb & 0x7FFFFFFFu) == 0;
             sb |= (unsigned)(pb >> 31) << (i % 8);
@@ -139,6 +146,15 @@ static inline int sg_ef_pass2_scalar(const sg_ef_io *io, size_t from, size_t to,
         io->zplane[j] = (uint8_t)zb;
     }
     return !bad;
+}
+
+/* Pass 2 (and the gaps) over [from, to), from a multiple of 8: writes e_out, bits, zplane.
+ * Elements at or past seg_end are gaps (e_out = p); returns 1 if all finite, counts the gap
+ * zeros into *gap_zeros. Padding bits of the last byte are 0. */
+static inline int sg_ef_pass2_scalar(const sg_ef_io *io, size_t from, size_t to, size_t seg_end,
+                                     float scale, size_t *gap_zeros) {
+    return io->src.d2 ? sg_ef_pass2_mode(io, from, to, seg_end, scale, gap_zeros, 1)
+                      : sg_ef_pass2_mode(io, from, to, seg_end, scale, gap_zeros, 0);
 }
 
 /* pass1(src, from, to, tree, zeros): as sg_ef_pass1_scalar.
