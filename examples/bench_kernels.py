@@ -110,6 +110,65 @@ def fused_encodes(t, n, rep, bw, rng):
     t.add("unfused ef_signsgd encode (before)", s_old, 8 * n, f"fused is {s_old / s:.1f}x faster")
 
 
+def unfused_ecx(u, d1, d2, layout, alpha):
+    """What ecx did before its fused kernel: x = u + (2 - alpha) d1 - (1 - alpha) d2 in torch
+    ops, zeros, scales, pack, q, then delta2 <- delta1 (a copy) and delta1 <- x - q."""
+    from hvd_signsgd.codecs import ScaledSign, count_zeros
+    codec = ScaledSign()
+    x = u + (2.0 - alpha) * d1 - (1.0 - alpha) * d2
+    z = count_zeros(x, layout)
+    scales = codec.scales(x, layout, zeros=z)
+    msg = codec.encode(x, layout, scales, zeros=z)
+    q = codec.decompress_local(x, scales, layout, zeros=z)
+    d2.copy_(d1)
+    torch.sub(x, q, out=d1)
+    return msg
+
+
+def fused_ecx(t, n, rep, bw, rng, alpha=0.1):
+    """ecx_sign (ErrorCompensatedX) over one n-element tensor and over tensors of 2^16 and 2^20
+    elements; streams: u, delta1, delta2 read, d_out written (4 bytes each), sign bits and zero
+    plane written (n/8 each). Then the method's encode, fused and unfused (the old torch
+    path, and the bit-identical reference ecx keeps for the tests)."""
+    from hvd_signsgd.codecs import Layout, ScaledSign, segment_pairs
+    from hvd_signsgd.methods import StepContext, make_method
+    u = torch.from_numpy(rng.standard_normal(n, dtype=np.float32))
+    d1 = torch.from_numpy(rng.standard_normal(n, dtype=np.float32) * 0.1)
+    d2 = torch.from_numpy(rng.standard_normal(n, dtype=np.float32) * 0.1)
+    d_out = torch.empty(n)
+    streams = 16 * n + 2 * (n / 8)
+    bound = streams / (4 * n / bw)
+    for seg in (n, 1 << 20, 1 << 16):
+        if seg > n:
+            continue
+        layout = Layout.for_sizes([seg] * (n // seg))
+        segs = segment_pairs(layout)
+        s = best_time(lambda segs=segs: kernels.ecx_sign(u, d1, d2, d_out, segs, alpha), rep)
+        t.add(f"native ecx_sign kernel, tensors of 2^{seg.bit_length() - 1}", s, 12 * n,
+              f"bound {bound * 1e3:.2f} ms: {bound / s:.2f} of bound")
+    layout = Layout.for_sizes([1 << 20] * (n >> 20)) if n >= 1 << 20 else Layout.for_sizes([n])
+    s = best_time(lambda: ScaledSign().encode_ecx(u, d1, d2, d_out, layout, alpha), rep)
+    t.add("ScaledSign.encode_ecx (kernel + payload)", s, 12 * n, f"{bound / s:.2f} of bound")
+    ctx = StepContext(step=0, rank=0, size=1, bucket="b", offset=0, layout=layout)
+    method = make_method("ecx", alpha=alpha)
+    state = method.init_state(layout)
+
+    def fused_step():
+        method.encode(u, state, ctx)
+        method.commit(state)
+    s = best_time(fused_step, rep)
+    t.add("ecx method encode, fused (rotates buffers)", s, 12 * n, f"{bound / s:.2f} of bound")
+    w1, w2 = d1.clone(), d2.clone()
+    s_old = best_time(lambda: unfused_ecx(u, w1, w2, layout, alpha), max(1, rep // 3))
+    t.add("unfused ecx encode (before)", s_old, 12 * n, f"fused is {s_old / s:.1f}x faster")
+    plain = make_method("ecx", alpha=alpha)
+    plain.fused = False
+    pstate = plain.init_state(layout)
+    s_ref = best_time(lambda: plain.encode(u, pstate, ctx), 1, budget=0.0)
+    t.add("unfused ecx reference (same bits as fused)", s_ref, 12 * n,
+          f"fused is {s_ref / s:.1f}x faster")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--log2n", type=int, default=24)
@@ -136,6 +195,7 @@ def main():
     # -- reference points
     bw = t.add("numpy sum (read bandwidth), f32", best_time(x_np.sum, rep), 4 * n)
     fused_encodes(t, n, rep, bw, rng)
+    fused_ecx(t, n, rep, bw, rng)
     if args.only == "fused":
         t.print()
         print(FUSED_NOTE)

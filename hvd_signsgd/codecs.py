@@ -291,6 +291,19 @@ class ScaledSign:
             for o, s in layout.segments()]).to(torch.float32)
 
     @staticmethod
+    def tree_scales(x: torch.Tensor, layout: Layout, zeros: int | None = None) -> torch.Tensor:
+        """As scales, with ||x_t||_1 summed in the fused kernels' fixed order
+        (kernels.tree_abs_sum) and divided in float32: bit for bit the fused kernels' scales,
+        for an unfused path that must match them."""
+        if zeros is None:
+            zeros = count_zeros(x, layout)
+        out = torch.zeros(len(layout.sizes), dtype=torch.float32)
+        for t, (o, s) in enumerate(layout.segments()):
+            z = kernels.count_zeros(x[o:o + s]) if zeros else 0
+            out[t] = kernels.tree_abs_sum(x[o:o + s]) / torch.tensor(float(max(s - z, 1)))
+        return out
+
+    @staticmethod
     def decompress_local(x: torch.Tensor, scales: torch.Tensor, layout: Layout,
                          zeros: int | None = None) -> torch.Tensor:
         """What this rank's payload decodes to (for the error memory): scale_t * sign(x),
@@ -321,7 +334,18 @@ class ScaledSign:
         scale is NaN/Inf; g and e are only read. The payload's bytes are encode()'s for x,
         except that each scale sums |x| in the kernel's fixed order (a last-bit difference
         from torch's sum)."""
-        result = kernels.ef_sign(g, e, e_out, segment_pairs(layout))
+        return self._fused_payload(kernels.ef_sign(g, e, e_out, segment_pairs(layout)), layout)
+
+    def encode_ecx(self, u: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor,
+                   d_out: torch.Tensor, layout: Layout, alpha: float) -> torch.Tensor | None:
+        """As encode_fused for ErrorCompensatedX (kernels.ecx_sign): the payload of
+        x = u + ((2 - alpha) d1 - (1 - alpha) d2) in the kernel's rounding order, and
+        d_out <- x - (x as decoded). None, d_out unspecified, when x or a scale is NaN/Inf."""
+        return self._fused_payload(
+            kernels.ecx_sign(u, d1, d2, d_out, segment_pairs(layout), alpha), layout)
+
+    def _fused_payload(self, result, layout: Layout) -> torch.Tensor | None:
+        """The payload from a fused kernel's (bits, zplane, scales, zeros), or None."""
         if result is None:
             return None
         bits, plane, scales, zeros = result

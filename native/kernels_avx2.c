@@ -358,10 +358,21 @@ static size_t count_zeros_avx2(const void *x, sg_dtype dt, size_t n) {
 
 /* ---- fused error-feedback scaled sign (sg_fused.h) ------------------------------------- */
 
+/* p of 8 elements from i: g + e, or with ecx g + (a*e - b*d2) (sg_fused.h's order; the
+ * target has no FMA, and -ffp-contract=off keeps the products rounded anyway). */
+static inline __attribute__((always_inline)) __m256 load_p_avx2(const sg_src *s, size_t i,
+                                                                int ecx) {
+    __m256 g = _mm256_loadu_ps(s->g + i), e = _mm256_loadu_ps(s->e + i);
+    if (!ecx) return _mm256_add_ps(g, e);
+    __m256 c = _mm256_sub_ps(_mm256_mul_ps(_mm256_set1_ps(s->a), e),
+                             _mm256_mul_ps(_mm256_set1_ps(s->b), _mm256_loadu_ps(s->d2 + i)));
+    return _mm256_add_ps(g, c);
+}
+
 /* A 64-element block is 8 vectors: the vector adds are sg_sum64's lane sums, the horizontal
  * sum its final tree. */
-static int ef_pass1_avx2(const float *g, const float *e, size_t from, size_t to, sg_tree *t,
-                         size_t *zeros) {
+static inline __attribute__((always_inline)) int
+pass1_avx2_body(const sg_src *src, size_t from, size_t to, sg_tree *t, size_t *zeros, int ecx) {
     const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF), max_finite = _mm256_set1_epi32(0x7F7FFFFF);
     const __m256i zero = _mm256_setzero_si256();
     __m256i bad = zero, zc = zero;
@@ -369,7 +380,7 @@ static int ef_pass1_avx2(const float *g, const float *e, size_t from, size_t to,
     for (; i + SG_TREE_FAN <= to; i += SG_TREE_FAN) {
         __m256 v = _mm256_setzero_ps();
         for (int r = 0; r < 8; r++) {
-            __m256 p = _mm256_add_ps(_mm256_loadu_ps(g + i + 8 * r), _mm256_loadu_ps(e + i + 8 * r));
+            __m256 p = load_p_avx2(src, i + 8 * r, ecx);
             __m256i a = _mm256_and_si256(_mm256_castps_si256(p), abs_mask);
             bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(a, max_finite));
             zc = _mm256_sub_epi32(zc, _mm256_cmpeq_epi32(a, zero));
@@ -382,20 +393,31 @@ static int ef_pass1_avx2(const float *g, const float *e, size_t from, size_t to,
     uint32_t lanes[8];
     _mm256_storeu_si256((__m256i *)(void *)lanes, zc);
     for (int k = 0; k < 8; k++) *zeros += lanes[k];   /* < 2^32 / 8 blocks per lane: n <= 2^31 */
-    return _mm256_testz_si256(bad, bad) && sg_ef_pass1_scalar(g, e, i, to, t, zeros);
+    return _mm256_testz_si256(bad, bad) && sg_ef_pass1_scalar(src, i, to, t, zeros);
+}
+
+static int ef_pass1_avx2(const sg_src *src, size_t from, size_t to, sg_tree *t,
+                         size_t *zeros) {
+    return pass1_avx2_body(src, from, to, t, zeros, 0);
+}
+
+static int ecx_pass1_avx2(const sg_src *src, size_t from, size_t to, sg_tree *t,
+                          size_t *zeros) {
+    return pass1_avx2_body(src, from, to, t, zeros, 1);
 }
 
 /* e_out is written with non-temporal stores when it is 32-byte aligned (segments start at
  * multiples of 8 elements): the new memory is next read a step later, so reading its old
  * lines in first (a normal store's read-for-ownership) would only add traffic. */
 static inline __attribute__((always_inline)) void
-ef_pass2_body(const sg_ef_io *io, size_t from, size_t to, float scale, int stream) {
+ef_pass2_body(const sg_ef_io *io, size_t from, size_t to, float scale, int stream, int ecx) {
     const __m256 sign = _mm256_set1_ps(-0.0f), sc = _mm256_set1_ps(scale);
     const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF), zero = _mm256_setzero_si256();
     for (size_t i = from; i < to; i += 8) {
-        _mm_prefetch((const char *)(io->g + i + SG_PREFETCH_ELEMS), _MM_HINT_T0);
-        _mm_prefetch((const char *)(io->e + i + SG_PREFETCH_ELEMS), _MM_HINT_T0);
-        __m256 p = _mm256_add_ps(_mm256_loadu_ps(io->g + i), _mm256_loadu_ps(io->e + i));
+        _mm_prefetch((const char *)(io->src.g + i + SG_PREFETCH_ELEMS), _MM_HINT_T0);
+        _mm_prefetch((const char *)(io->src.e + i + SG_PREFETCH_ELEMS), _MM_HINT_T0);
+        if (ecx) _mm_prefetch((const char *)(io->src.d2 + i + SG_PREFETCH_ELEMS), _MM_HINT_T0);
+        __m256 p = load_p_avx2(&io->src, i, ecx);
         __m256 z = _mm256_castsi256_ps(
             _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(p), abs_mask), zero));
         __m256 r = _mm256_blendv_ps(_mm256_sub_ps(p, _mm256_or_ps(sc, _mm256_and_ps(p, sign))),
@@ -410,29 +432,52 @@ ef_pass2_body(const sg_ef_io *io, size_t from, size_t to, float scale, int strea
 }
 
 static void ef_pass2_avx2(const sg_ef_io *io, size_t from, size_t to, float scale) {
-    ef_pass2_body(io, from, to, scale, 0);
+    ef_pass2_body(io, from, to, scale, 0, 0);
 }
 
 static void ef_pass2_stream_avx2(const sg_ef_io *io, size_t from, size_t to, float scale) {
-    ef_pass2_body(io, from, to, scale, 1);
+    ef_pass2_body(io, from, to, scale, 1, 0);
+}
+
+static void ecx_pass2_avx2(const sg_ef_io *io, size_t from, size_t to, float scale) {
+    ef_pass2_body(io, from, to, scale, 0, 1);
+}
+
+static void ecx_pass2_stream_avx2(const sg_ef_io *io, size_t from, size_t to, float scale) {
+    ef_pass2_body(io, from, to, scale, 1, 1);
 }
 
 static int ef_sign_avx2(const float *g, const float *e, float *e_out, size_t n,
                         const int64_t *segs, size_t n_segs, uint8_t *bits, uint8_t *zplane,
                         float *scales, uint64_t *zeros) {
+    sg_src src = {g, e, NULL, 0.0f, 0.0f};
     if ((uintptr_t)e_out % 32 != 0)
-        return sg_ef_sign_run(g, e, e_out, n, segs, n_segs, bits, zplane, scales, zeros,
+        return sg_ef_sign_run(src, e_out, n, segs, n_segs, bits, zplane, scales, zeros,
                               ef_pass1_avx2, ef_pass2_avx2);
-    int ok = sg_ef_sign_run(g, e, e_out, n, segs, n_segs, bits, zplane, scales, zeros,
+    int ok = sg_ef_sign_run(src, e_out, n, segs, n_segs, bits, zplane, scales, zeros,
                             ef_pass1_avx2, ef_pass2_stream_avx2);
     _mm_sfence();   /* the streamed stores are visible before the caller reads e_out */
+    return ok;
+}
+
+static int ecx_sign_avx2(const float *u, const float *d1, const float *d2, float a, float b,
+                         float *d_out, size_t n, const int64_t *segs, size_t n_segs,
+                         uint8_t *bits, uint8_t *zplane, float *scales, uint64_t *zeros) {
+    sg_src src = {u, d1, d2, a, b};
+    if ((uintptr_t)d_out % 32 != 0)
+        return sg_ef_sign_run(src, d_out, n, segs, n_segs, bits, zplane, scales, zeros,
+                              ecx_pass1_avx2, ecx_pass2_avx2);
+    int ok = sg_ef_sign_run(src, d_out, n, segs, n_segs, bits, zplane, scales, zeros,
+                            ecx_pass1_avx2, ecx_pass2_stream_avx2);
+    _mm_sfence();
     return ok;
 }
 
 const sg_kernels sg_kernels_avx2 = {
     "avx2",          pack_avx2,          pack_stochastic_avx2, unpack_avx2,
     vote_count_avx2, vote_weighted_avx2, scan_ge_avx2,         count_ge_avx2,
-    count_zeros_avx2, ef_sign_avx2,
+    count_zeros_avx2, ef_sign_avx2,     NULL, NULL, /* 10-11: reserved */
+    ecx_sign_avx2,
 };
 
 #if defined(__clang__)

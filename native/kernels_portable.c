@@ -70,39 +70,69 @@ static size_t count_zeros_portable(const void *x, sg_dtype dt, size_t n) {
     return sg_count_zeros_scalar(x, dt, 0, n);
 }
 
-/* 64 elements at a time into the tree's first level (see sg_fused.h), the rest one by one. */
-static int ef_pass1_portable(const float *g, const float *e, size_t from, size_t to,
-                             sg_tree *t, size_t *zeros) {
+/* 64 elements at a time into the tree's first level (see sg_fused.h), the rest one by one.
+ * ecx: p = g + (a*e - b*d2), else p = g + e (a constant after inlining). */
+static inline __attribute__((always_inline)) int
+pass1_portable_body(const sg_src *src, size_t from, size_t to, sg_tree *t, size_t *zeros,
+                    int ecx) {
+    const float *g = src->g, *e = src->e, *d2 = src->d2;
+    const float a = src->a, b = src->b;
     size_t i = from, z = 0;
     uint32_t worst = 0;
-    float a[SG_TREE_FAN];
+    float v[SG_TREE_FAN];
     for (; i + SG_TREE_FAN <= to; i += SG_TREE_FAN) {
         for (unsigned k = 0; k < SG_TREE_FAN; k++) {
-            uint32_t b = sg_bits_from_f32(g[i + k] + e[i + k]) & 0x7FFFFFFFu;
-            worst = b > worst ? b : worst;
-            z += b == 0;
-            a[k] = sg_f32_from_bits(b);
+            float p = ecx ? g[i + k] + (a * e[i + k] - b * d2[i + k]) : g[i + k] + e[i + k];
+            uint32_t bp = sg_bits_from_f32(p) & 0x7FFFFFFFu;
+            worst = bp > worst ? bp : worst;
+            z += bp == 0;
+            v[k] = sg_f32_from_bits(bp);
         }
-        sg_tree_push(t, 1, sg_sum64(a));
+        sg_tree_push(t, 1, sg_sum64(v));
     }
     *zeros += z;
-    return worst < 0x7F800000u && sg_ef_pass1_scalar(g, e, i, to, t, zeros);
+    return worst < 0x7F800000u && sg_ef_pass1_scalar(src, i, to, t, zeros);
+}
+
+static int ef_pass1_portable(const sg_src *src, size_t from, size_t to, sg_tree *t,
+                             size_t *zeros) {
+    return pass1_portable_body(src, from, to, t, zeros, 0);
+}
+
+static int ecx_pass1_portable(const sg_src *src, size_t from, size_t to, sg_tree *t,
+                              size_t *zeros) {
+    return pass1_portable_body(src, from, to, t, zeros, 1);
 }
 
 static void ef_pass2_portable(const sg_ef_io *io, size_t from, size_t to, float scale) {
     size_t unused = 0;
-    sg_ef_pass2_scalar(io, from, to, to, scale, &unused);
+    sg_ef_pass2_mode(io, from, to, to, scale, &unused, 0);
+}
+
+static void ecx_pass2_portable(const sg_ef_io *io, size_t from, size_t to, float scale) {
+    size_t unused = 0;
+    sg_ef_pass2_mode(io, from, to, to, scale, &unused, 1);
 }
 
 static int ef_sign_portable(const float *g, const float *e, float *e_out, size_t n,
                             const int64_t *segs, size_t n_segs, uint8_t *bits, uint8_t *zplane,
                             float *scales, uint64_t *zeros) {
-    return sg_ef_sign_run(g, e, e_out, n, segs, n_segs, bits, zplane, scales, zeros,
+    sg_src src = {g, e, NULL, 0.0f, 0.0f};
+    return sg_ef_sign_run(src, e_out, n, segs, n_segs, bits, zplane, scales, zeros,
                           ef_pass1_portable, ef_pass2_portable);
+}
+
+static int ecx_sign_portable(const float *u, const float *d1, const float *d2, float a, float b,
+                             float *d_out, size_t n, const int64_t *segs, size_t n_segs,
+                             uint8_t *bits, uint8_t *zplane, float *scales, uint64_t *zeros) {
+    sg_src src = {u, d1, d2, a, b};
+    return sg_ef_sign_run(src, d_out, n, segs, n_segs, bits, zplane, scales, zeros,
+                          ecx_pass1_portable, ecx_pass2_portable);
 }
 
 const sg_kernels sg_kernels_portable = {
     "portable",          pack_portable,          pack_stochastic_portable, unpack_portable,
     vote_count_portable, vote_weighted_portable, scan_ge_portable,         count_ge_portable,
-    count_zeros_portable, ef_sign_portable,
+    count_zeros_portable, ef_sign_portable,     NULL, NULL, /* 10-11: reserved */
+    ecx_sign_portable,
 };

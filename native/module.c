@@ -794,53 +794,76 @@ static int get_f32_vector(PyObject *obj, const char *name, int mode, Py_buffer *
     return check_float32_aligned(v, name) < 0 || check_contiguous(v, name) < 0 ? -1 : 0;
 }
 
-static PyObject *py_ef_sign(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"g", "e", "e_out", "segments", "bits", "zplane", "scales", "zeros",
-                             NULL};
-    PyObject *o[8], *result = NULL;
-    Py_buffer v[8] = {{0}};   /* g, e, e_out, segments, bits, zplane, scales, zeros */
+/* ef_sign (n_in = 2: g, e) and ecx_sign (n_in = 3: u, d1, d2, and alpha): the arguments are
+ * v[0 .. n_in) the inputs, then the new memory, segments, bits, zplane, scales, zeros. */
+static PyObject *fused_sign(PyObject *args, PyObject *kw, int n_in) {
+    static char *ef_kwlist[] = {"g", "e", "e_out", "segments", "bits", "zplane", "scales",
+                                "zeros", NULL};
+    static char *ecx_kwlist[] = {"u", "d1", "d2", "d_out", "segments", "bits", "zplane",
+                                 "scales", "zeros", "alpha", NULL};
+    char **kwlist = n_in == 2 ? ef_kwlist : ecx_kwlist;
+    const int OUT = n_in, SEG = n_in + 1, N = n_in + 6;
+    PyObject *o[9], *result = NULL;
+    Py_buffer v[9] = {{0}};
+    double alpha = 1.0;
     int64_t *segs = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOO:ef_sign", kwlist, &o[0], &o[1], &o[2],
-                                     &o[3], &o[4], &o[5], &o[6], &o[7]))
+    if (n_in == 2 ? !PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOO:ef_sign", kwlist, &o[0],
+                                                 &o[1], &o[2], &o[3], &o[4], &o[5], &o[6],
+                                                 &o[7])
+                  : !PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOOd:ecx_sign", kwlist,
+                                                 &o[0], &o[1], &o[2], &o[3], &o[4], &o[5],
+                                                 &o[6], &o[7], &o[8], &alpha))
         return NULL;
-    if (get_f32_vector(o[0], "g", ARG_IN, &v[0]) < 0 || get_f32_vector(o[1], "e", ARG_IN, &v[1]) < 0 ||
-        get_f32_vector(o[2], "e_out", ARG_OUT, &v[2]) < 0 ||
-        get_buffer(o[3], "segments", ARG_IN, &v[3]) < 0 ||
-        check_int_format(&v[3], "segments", 8) < 0 || check_contiguous(&v[3], "segments") < 0 ||
-        get_buffer(o[4], "bits", ARG_OUT, &v[4]) < 0 || check_bytes_format(&v[4], "bits") < 0 ||
-        check_contiguous(&v[4], "bits") < 0 || get_buffer(o[5], "zplane", ARG_OUT, &v[5]) < 0 ||
-        check_bytes_format(&v[5], "zplane") < 0 || check_contiguous(&v[5], "zplane") < 0 ||
-        get_f32_vector(o[6], "scales", ARG_OUT, &v[6]) < 0 ||
-        get_buffer(o[7], "zeros", ARG_OUT, &v[7]) < 0 || check_int_format(&v[7], "zeros", 8) < 0 ||
-        check_contiguous(&v[7], "zeros") < 0)
+    if (!(alpha > 0.0 && alpha <= 1.0)) {
+        PyErr_SetString(PyExc_ValueError, "alpha must be in (0, 1]");
+        return NULL;
+    }
+    for (int k = 0; k < n_in; k++)
+        if (get_f32_vector(o[k], kwlist[k], ARG_IN, &v[k]) < 0) goto done;
+    if (get_f32_vector(o[OUT], kwlist[OUT], ARG_OUT, &v[OUT]) < 0 ||
+        get_buffer(o[SEG], "segments", ARG_IN, &v[SEG]) < 0 ||
+        check_int_format(&v[SEG], "segments", 8) < 0 ||
+        check_contiguous(&v[SEG], "segments") < 0 ||
+        get_buffer(o[SEG + 1], "bits", ARG_OUT, &v[SEG + 1]) < 0 ||
+        check_bytes_format(&v[SEG + 1], "bits") < 0 || check_contiguous(&v[SEG + 1], "bits") < 0 ||
+        get_buffer(o[SEG + 2], "zplane", ARG_OUT, &v[SEG + 2]) < 0 ||
+        check_bytes_format(&v[SEG + 2], "zplane") < 0 ||
+        check_contiguous(&v[SEG + 2], "zplane") < 0 ||
+        get_f32_vector(o[SEG + 3], "scales", ARG_OUT, &v[SEG + 3]) < 0 ||
+        get_buffer(o[SEG + 4], "zeros", ARG_OUT, &v[SEG + 4]) < 0 ||
+        check_int_format(&v[SEG + 4], "zeros", 8) < 0 || check_contiguous(&v[SEG + 4], "zeros") < 0)
         goto done;
-    size_t n = (size_t)(v[0].len / 4), n_segs = (size_t)(v[3].len / 16), end = 0;
-    if (v[1].len != v[0].len || v[2].len != v[0].len || v[3].len % 16 != 0) {
-        PyErr_SetString(PyExc_ValueError, "g, e and e_out must have the same length, segments "
-                        "(offset, size) pairs");
+    size_t n = (size_t)(v[0].len / 4), n_segs = (size_t)(v[SEG].len / 16), end = 0;
+    int same = v[SEG].len % 16 == 0;
+    for (int k = 1; k <= OUT; k++) same &= v[k].len == v[0].len;
+    if (!same) {
+        PyErr_Format(PyExc_ValueError, "%s must have the same length, segments (offset, size) "
+                     "pairs", n_in == 2 ? "g, e and e_out" : "u, d1, d2 and d_out");
         goto done;
     }
     if (n > ((size_t)1 << 31)) {
         PyErr_SetString(PyExc_ValueError, "more than 2**31 elements");
         goto done;
     }
-    if (check_room(v[4].len, sg_nbytes(n), "bits", "bytes") < 0 ||
-        check_room(v[5].len, sg_nbytes(n), "zplane", "bytes") < 0 ||
-        check_room(v[6].len / 4, n_segs, "scales", "elements") < 0 ||
-        check_room(v[7].len / 8, n_segs + 1, "zeros", "elements") < 0)
+    if (check_room(v[SEG + 1].len, sg_nbytes(n), "bits", "bytes") < 0 ||
+        check_room(v[SEG + 2].len, sg_nbytes(n), "zplane", "bytes") < 0 ||
+        check_room(v[SEG + 3].len / 4, n_segs, "scales", "elements") < 0 ||
+        check_room(v[SEG + 4].len / 8, n_segs + 1, "zeros", "elements") < 0)
         goto done;
-    for (int a = 0; a < 8; a++)
-        for (int b = a + 1; b < 8; b++)
-            if ((a >= 2 || b >= 2) && (a != 3 && b != 3) &&
+    /* every output disjoint from everything else (the inputs may alias each other) */
+    for (int a = 0; a < N; a++)
+        for (int b = a + 1; b < N; b++)
+            if (b >= OUT && a != SEG && b != SEG &&
                 check_disjoint(v[a].buf, (size_t)v[a].len, v[b].buf, (size_t)v[b].len) < 0)
                 goto done;
-    if (check_disjoint(v[3].buf, (size_t)v[3].len, v[2].buf, (size_t)v[2].len) < 0) goto done;
-    segs = PyMem_Malloc(v[3].len ? (size_t)v[3].len : 1);
+    if (check_disjoint(v[SEG].buf, (size_t)v[SEG].len, v[OUT].buf, (size_t)v[OUT].len) < 0)
+        goto done;
+    segs = PyMem_Malloc(v[SEG].len ? (size_t)v[SEG].len : 1);
     if (!segs) {
         PyErr_NoMemory();
         goto done;
     }
-    memcpy(segs, v[3].buf, (size_t)v[3].len);   /* copied: unaligned buffers are allowed */
+    memcpy(segs, v[SEG].buf, (size_t)v[SEG].len);   /* copied: unaligned buffers are allowed */
     for (size_t t = 0; t < n_segs; t++) {
         int64_t off = segs[2 * t], size = segs[2 * t + 1];
         if (off < 0 || size < 0 || off % 8 != 0 || (size_t)off < end || (size_t)size > n ||
@@ -853,16 +876,43 @@ static PyObject *py_ef_sign(PyObject *self, PyObject *args, PyObject *kw) {
         end = (size_t)(off + size);
     }
     int ok;
+    float *out = (float *)v[OUT].buf, *scales = (float *)v[SEG + 3].buf;
+    uint8_t *bits = (uint8_t *)v[SEG + 1].buf, *zplane = (uint8_t *)v[SEG + 2].buf;
+    uint64_t *zeros = (uint64_t *)v[SEG + 4].buf;
+    /* the coefficients rounded once to float32 (the torch fallback does the same) */
+    float ca = (float)(2.0 - alpha), cb = (float)(1.0 - alpha);
     Py_BEGIN_ALLOW_THREADS
-    ok = active->ef_sign((const float *)v[0].buf, (const float *)v[1].buf, (float *)v[2].buf, n,
-                         segs, n_segs, (uint8_t *)v[4].buf, (uint8_t *)v[5].buf,
-                         (float *)v[6].buf, (uint64_t *)v[7].buf);
+    if (n_in == 2)
+        ok = active->ef_sign((const float *)v[0].buf, (const float *)v[1].buf, out, n, segs,
+                             n_segs, bits, zplane, scales, zeros);
+    else
+        ok = active->ecx_sign((const float *)v[0].buf, (const float *)v[1].buf,
+                              (const float *)v[2].buf, ca, cb, out, n, segs, n_segs, bits,
+                              zplane, scales, zeros);
     Py_END_ALLOW_THREADS
     result = PyBool_FromLong(ok);
 done:
     PyMem_Free(segs);
-    release_all(v, 8);
+    release_all(v, N);
     return result;
+}
+
+static PyObject *py_ef_sign(PyObject *self, PyObject *args, PyObject *kw) {
+    return fused_sign(args, kw, 2);
+}
+
+/* ---- ecx_sign: fused ErrorCompensatedX scaled sign ---------------------------------------- */
+
+PyDoc_STRVAR(ecx_sign_doc,
+"ecx_sign(u, d1, d2, d_out, segments, bits, zplane, scales, zeros, alpha) -> bool\n\n"
+"As ef_sign over p = u + (a*d1 - b*d2), a = float32(2 - alpha), b = float32(1 - alpha),\n"
+"each operation rounded to float32 in that order (ErrorCompensatedX: d1, d2 the errors of\n"
+"the two previous steps). u, d1, d2, d_out: float32, aligned, C-contiguous, n elements each,\n"
+"d_out disjoint from the others; 0 < alpha <= 1. d_out <- the new error p - q. Returns False,\n"
+"the outputs unspecified, if any p or scale is NaN/Inf (any NaN/Inf input makes p so).");
+
+static PyObject *py_ecx_sign(PyObject *self, PyObject *args, PyObject *kw) {
+    return fused_sign(args, kw, 3);
 }
 
 /* ---- module ------------------------------------------------------------------------------ */
@@ -885,6 +935,8 @@ static PyMethodDef methods[] = {
      sparse_sum_doc},
     {"ef_sign", (PyCFunction)(void (*)(void))py_ef_sign, METH_VARARGS | METH_KEYWORDS,
      ef_sign_doc},
+    {"ecx_sign", (PyCFunction)(void (*)(void))py_ecx_sign, METH_VARARGS | METH_KEYWORDS,
+     ecx_sign_doc},
     {"count_zeros", py_count_zeros, METH_VARARGS, count_zeros_doc},
     {"isa", py_isa, METH_NOARGS, "isa() -> name of the active kernel set"},
     {"set_isa", py_set_isa, METH_VARARGS,

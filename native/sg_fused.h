@@ -1,16 +1,22 @@
-/* Fused error-feedback scaled sign (ef_sign): the scalar building blocks and the driver shared
- * by every ISA (header-only, compiled once per ISA file).
+/* Fused error-feedback scaled sign (ef_sign, ecx_sign): the scalar building blocks and the
+ * driver shared by every ISA (header-only, compiled once per ISA file).
  *
- * For p = g + e over a bucket of n float32 elements and its segments (tensors) t = (o_t, s_t),
+ * The compensated value p is read from the memories (sg_src):
+ *   ef_sign:  p = g + e
+ *   ecx_sign: p = g + (a*e - b*d2),  a = float32(2 - alpha), b = float32(1 - alpha)
+ *             (ErrorCompensatedX: e = delta_{t-1}, d2 = delta_{t-2}); every product, the
+ *             difference and the sum rounded to float32 in this order, no FMA
+ * For p over a bucket of n float32 elements and its segments (tensors) t = (o_t, s_t),
  * o_t a multiple of 8, ascending, non-overlapping; the other elements are gaps:
  *   scale_t  = tree_sum(|p[o_t .. o_t+s_t)|) / float32(max(s_t - zeros_t, 1))
  *   e_out_i  = p_i                                  where p_i is +-0 or i is a gap
  *            = p_i - copysign(scale_t, p_i)         elsewhere in segment t
  *   bits     = sign bits of p (pack_signs layout), zplane = (p_i == +-0) bits
  *   zeros[t] = number of +-0 in segment t; zeros[n_segs] = in the gaps
- * Per segment two passes: pass 1 reads g and e (sum, zero count, NaN/Inf check), pass 2 reads
- * them again (cache-warm for segments that fit) and writes e_out and the bits. Nothing is
- * written for a segment before its pass 1 has found it finite.
+ * Per segment two passes: pass 1 reads the inputs (sum, zero count, NaN/Inf check), pass 2
+ * reads them again (cache-warm for segments that fit) and writes e_out and the bits. Nothing
+ * is written for a segment before its pass 1 has found it finite. Any NaN/Inf input makes p
+ * NaN/Inf (0 * Inf is NaN), so the check on p covers the inputs too.
  *
  * tree_sum fixes the float32 summation order so that every ISA and the torch fallback agree
  * bit for bit (hvd_signsgd/kernels/_torch.py: tree_abs_sum): the values, zero-padded to a
@@ -75,19 +81,32 @@ static inline float sg_ef_residual(float p, float scale) {
     return p - sg_f32_from_bits(sg_bits_from_f32(scale) | (pb & 0x80000000u));
 }
 
+/* The inputs p is computed from: d2 == NULL for ef_sign (a, b unused). */
 typedef struct {
-    const float *g, *e;
+    const float *g, *e, *d2;
+    float a, b;
+} sg_src;
+
+/* p_i; ecx: whether s->d2 is set, a constant where the callers below are inlined (the loops
+ * are split by mode once per call, not per element). */
+static inline __attribute__((always_inline)) float sg_src_p(const sg_src *s, size_t i,
+                                                             int ecx) {
+    if (!ecx) return s->g[i] + s->e[i];
+    return s->g[i] + (s->a * s->e[i] - s->b * s->d2[i]);
+}
+
+typedef struct {
+    sg_src src;
     float *e_out;
     uint8_t *bits, *zplane;
 } sg_ef_io;
 
-/* Pass 1 over [from, to): |p| into the tree, zeros counted; returns 1 if all finite. */
-static inline int sg_ef_pass1_scalar(const float *g, const float *e, size_t from, size_t to,
-                                     sg_tree *t, size_t *zeros) {
+static inline __attribute__((always_inline)) int
+sg_ef_pass1_mode(const sg_src *src, size_t from, size_t to, sg_tree *t, size_t *zeros, int ecx) {
     int bad = 0;
     size_t z = 0;
     for (size_t i = from; i < to; i++) {
-        float a = sg_absf(g[i] + e[i]);
+        float a = sg_absf(sg_src_p(src, i, ecx));
         bad |= sg_nonfinite(a);
         z += a == 0.0f;
         sg_tree_push(t, 0, a);
@@ -96,16 +115,21 @@ static inline int sg_ef_pass1_scalar(const float *g, const float *e, size_t from
     return !bad;
 }
 
-/* Pass 2 (and the gaps) over [from, to), from a multiple of 8: writes e_out, bits, zplane.
- * Elements at or past seg_end are gaps (e_out = p); returns 1 if all finite, counts the gap
- * zeros into *gap_zeros. Padding bits of the last byte are 0. */
-static inline int sg_ef_pass2_scalar(const sg_ef_io *io, size_t from, size_t to, size_t seg_end,
-                                     float scale, size_t *gap_zeros) {
+/* Pass 1 over [from, to): |p| into the tree, zeros counted; returns 1 if all finite. */
+static inline int sg_ef_pass1_scalar(const sg_src *src, size_t from, size_t to, sg_tree *t,
+                                     size_t *zeros) {
+    return src->d2 ? sg_ef_pass1_mode(src, from, to, t, zeros, 1)
+                   : sg_ef_pass1_mode(src, from, to, t, zeros, 0);
+}
+
+static inline __attribute__((always_inline)) int
+sg_ef_pass2_mode(const sg_ef_io *io, size_t from, size_t to, size_t seg_end, float scale,
+                 size_t *gap_zeros, int ecx) {
     int bad = 0;
     for (size_t j = from / 8; 8 * j < to; j++) {
         unsigned sb = 0, zb = 0;
         for (size_t i = 8 * j; i < to && i < 8 * j + 8; i++) {
-            float p = io->g[i] + io->e[i];
+            float p = sg_src_p(&io->src, i, ecx);
             uint32_t pb = sg_bits_from_f32(p);
             unsigned zero = (pb & 0x7FFFFFFFu) == 0;
             sb |= (unsigned)(pb >> 31) << (i % 8);
@@ -124,26 +148,35 @@ static inline int sg_ef_pass2_scalar(const sg_ef_io *io, size_t from, size_t to,
     return !bad;
 }
 
-/* pass1(g, e, from, to, tree, zeros): as sg_ef_pass1_scalar.
+/* Pass 2 (and the gaps) over [from, to), from a multiple of 8: writes e_out, bits, zplane.
+ * Elements at or past seg_end are gaps (e_out = p); returns 1 if all finite, counts the gap
+ * zeros into *gap_zeros. Padding bits of the last byte are 0. */
+static inline int sg_ef_pass2_scalar(const sg_ef_io *io, size_t from, size_t to, size_t seg_end,
+                                     float scale, size_t *gap_zeros) {
+    return io->src.d2 ? sg_ef_pass2_mode(io, from, to, seg_end, scale, gap_zeros, 1)
+                      : sg_ef_pass2_mode(io, from, to, seg_end, scale, gap_zeros, 0);
+}
+
+/* pass1(src, from, to, tree, zeros): as sg_ef_pass1_scalar.
  * pass2(io, from, to, scale): full bytes only (to - from a multiple of 8), all in a segment. */
-typedef int (*sg_ef_pass1_fn)(const float *g, const float *e, size_t from, size_t to,
-                              sg_tree *t, size_t *zeros);
+typedef int (*sg_ef_pass1_fn)(const sg_src *src, size_t from, size_t to, sg_tree *t,
+                              size_t *zeros);
 typedef void (*sg_ef_pass2_fn)(const sg_ef_io *io, size_t from, size_t to, float scale);
 
 /* segs: n_segs (offset, size) pairs, checked by the caller. Returns 1 when every p and every
- * scale is finite; else 0 and the outputs are unspecified (e and g are only read). */
+ * scale is finite; else 0 and the outputs are unspecified (the inputs are only read). */
 static inline __attribute__((always_inline)) int
-sg_ef_sign_run(const float *g, const float *e, float *e_out, size_t n, const int64_t *segs,
-               size_t n_segs, uint8_t *bits, uint8_t *zplane, float *scales, uint64_t *zeros,
+sg_ef_sign_run(sg_src src, float *e_out, size_t n, const int64_t *segs, size_t n_segs,
+               uint8_t *bits, uint8_t *zplane, float *scales, uint64_t *zeros,
                sg_ef_pass1_fn pass1, sg_ef_pass2_fn pass2) {
-    sg_ef_io io = {g, e, e_out, bits, zplane};
+    sg_ef_io io = {src, e_out, bits, zplane};
     sg_tree tree;
     size_t pos = 0, gap_zeros = 0;
     for (size_t t = 0; t < n_segs; t++) {
         size_t o = (size_t)segs[2 * t], s = (size_t)segs[2 * t + 1], z = 0;
         if (pos < o && !sg_ef_pass2_scalar(&io, pos, o, 0, 0.0f, &gap_zeros)) return 0;
         sg_tree_init(&tree);
-        if (!pass1(g, e, o, o + s, &tree, &z)) return 0;
+        if (!pass1(&io.src, o, o + s, &tree, &z)) return 0;
         float sum = sg_tree_finish(&tree);
         float scale = sum / (float)(s > z ? s - z : 1);
         if (sg_nonfinite(scale)) return 0;

@@ -49,6 +49,14 @@ typedef struct {
     int (*ef_sign)(const float *g, const float *e, float *e_out, size_t n, const int64_t *segs,
                    size_t n_segs, uint8_t *bits, uint8_t *zplane, float *scales,
                    uint64_t *zeros);
+    /* 10-11: reserved for the momentum kernels (sg_momentum.h, another branch). */
+    void (*reserved_10)(void);
+    void (*reserved_11)(void);
+    /* 12: fused ErrorCompensatedX scaled sign over p = u + (a*d1 - b*d2) (sg_fused.h),
+     * outputs as ef_sign's, d_out the new delta; 0 if anything is NaN/Inf. */
+    int (*ecx_sign)(const float *u, const float *d1, const float *d2, float a, float b,
+                    float *d_out, size_t n, const int64_t *segs, size_t n_segs, uint8_t *bits,
+                    uint8_t *zplane, float *scales, uint64_t *zeros);
 } sg_kernels;
 
 extern const sg_kernels sg_kernels_portable;

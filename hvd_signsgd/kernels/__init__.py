@@ -74,6 +74,18 @@ NaN, only its NaN-ness is specified, not its sign or payload):
                                           each segment, then of the gaps. None (e_out
                                           unspecified, g and e untouched) when any p or scale
                                           is NaN/Inf.
+    ecx_sign(u, d1, d2, d_out, segments, alpha) -> as ef_sign, or None
+                                          fused ErrorCompensatedX scaled sign: ef_sign over
+                                          p = u + (a*d1 - b*d2), a = float32(2 - alpha),
+                                          b = float32(1 - alpha) (0 < alpha <= 1), each
+                                          product, the difference and the sum rounded to
+                                          float32 in that order (no FMA); d_out (disjoint from
+                                          u, d1, d2) gets the new error p - q. alpha = 1 gives
+                                          p = u + (d1 - 0*d2): ef_sign's p but for the sign of
+                                          a zero sum. None (d_out unspecified, the inputs
+                                          untouched) when any p or scale is NaN/Inf; a NaN/Inf
+                                          in any input makes p NaN/Inf.
+    tree_abs_sum(x) -> 0-dim float32      sum |x| in the fused kernels' fixed order (tree_sum).
     pack_bits(mask) -> uint8 tensor       a bool tensor packed like pack_signs (bit set = True).
     unpack_bits(bits, n) -> bool tensor   the first n bits of bits (inverse of pack_bits).
 
@@ -130,9 +142,10 @@ import torch
 from . import _cpu, _torch
 from ._loader import load_native
 
-__all__ = ["SparseIndexError", "all_finite", "backend", "count_zeros", "ef_sign", "pack_bits",
-           "pack_signs", "pack_stochastic_signs", "sparse_sum", "threshold_count", "threshold_take",
-           "topk_take", "unpack_bits", "unpack_signs", "vote"]
+__all__ = ["SparseIndexError", "all_finite", "backend", "count_zeros", "ecx_coefficients",
+           "ecx_sign", "ef_sign", "pack_bits", "pack_signs", "pack_stochastic_signs",
+           "sparse_sum", "threshold_count", "threshold_take", "topk_take", "tree_abs_sum",
+           "unpack_bits", "unpack_signs", "vote"]
 
 _native, _native_unavailable = load_native()
 _FORCE_TORCH = os.environ.get("HVD_SIGNSGD_KERNELS", "").strip().lower() == "torch"
@@ -327,6 +340,50 @@ def ef_sign(g, e, e_out, segments):
     if _native_for(g):
         return _cpu.ef_sign(_native, g, e, e_out, segs)
     return _torch.ef_sign(g.detach(), e.detach(), e_out, segs.tolist())
+
+
+def ecx_sign(u, d1, d2, d_out, segments, alpha):
+    """Fused ErrorCompensatedX scaled sign over p = u + (a*d1 - b*d2) (see the module doc)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a float, not {type(alpha).__name__}")
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha must be in (0, 1], not {alpha!r}")
+    names = ("u", "d1", "d2", "d_out")
+    for t, name in zip((u, d1, d2, d_out), names):
+        _check_tensor(t, name)
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, not {t.dtype}")
+        if t.dim() != 1 or not t.is_contiguous() or t.device != u.device:
+            raise ValueError(f"{name} must be 1-D, contiguous, on {u.device}")
+    n = u.numel()
+    if d1.numel() != n or d2.numel() != n or d_out.numel() != n:
+        raise ValueError("u, d1, d2 and d_out must have the same number of elements")
+    if n > 1 << 31:
+        raise ValueError("more than 2**31 elements")
+    if n and d_out.data_ptr() in (u.data_ptr(), d1.data_ptr(), d2.data_ptr()):
+        raise ValueError("d_out must not be u, d1 or d2")
+    if _native_for(u) and isinstance(segments, torch.Tensor):
+        return _cpu.ecx_sign(_native, u, d1, d2, d_out,
+                             segments.detach().to("cpu", torch.int64).reshape(-1, 2).contiguous(),
+                             alpha)
+    segs = _segment_pairs(segments, n)
+    if _native_for(u):
+        return _cpu.ecx_sign(_native, u, d1, d2, d_out, segs, alpha)
+    return _torch.ecx_sign(u.detach(), d1.detach(), d2.detach(), d_out, segs.tolist(), alpha)
+
+
+def ecx_coefficients(alpha):
+    """(float32(2 - alpha), float32(1 - alpha)) as Python floats: ecx_sign's a and b."""
+    return _torch.ecx_coefficients(alpha)
+
+
+def tree_abs_sum(x):
+    """sum |x_i| of a float32 tensor as a 0-dim float32 tensor, in the fixed order of the fused
+    kernels (native/sg_fused.h; element-wise torch ops, the same bits on every device)."""
+    _check_tensor(x, "x")
+    if x.dtype != torch.float32:
+        raise TypeError(f"x must be float32, not {x.dtype}")
+    return _torch.tree_abs_sum(x)
 
 
 def pack_bits(mask):

@@ -82,3 +82,17 @@ def ef_sign(native, g, e, e_out, segments):
                           buffer(zplane), buffer(scales), buffer(zeros)):
         return None
     return bits, zplane, scales, zeros
+
+
+def ecx_sign(native, u, d1, d2, d_out, segments, alpha):
+    """segments: int64 (S, 2) CPU tensor. None when something is not finite."""
+    nb = nbytes(u.numel())
+    bits = torch.empty(nb, dtype=torch.uint8)
+    zplane = torch.empty(nb, dtype=torch.uint8)
+    scales = torch.empty(segments.shape[0], dtype=torch.float32)
+    zeros = torch.empty(segments.shape[0] + 1, dtype=torch.int64)
+    if not native.ecx_sign(buffer(u), buffer(d1), buffer(d2), buffer(d_out), buffer(segments),
+                           buffer(bits), buffer(zplane), buffer(scales), buffer(zeros),
+                           float(alpha)):
+        return None
+    return bits, zplane, scales, zeros

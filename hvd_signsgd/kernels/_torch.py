@@ -6,6 +6,7 @@ results are bit-identical to the native kernels (native/), which follow the same
 """
 import struct
 
+import numpy as np
 import torch
 
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -188,7 +189,31 @@ def ef_sign(g, e, e_out, segments):
     """The fused error-feedback scaled sign (see kernels.ef_sign); segments: (offset, size)
     pairs. Returns None when a p or a scale is not finite (e_out then unspecified), else
     (bits, zplane, scales, zeros)."""
-    p = g + e
+    return scaled_sign_residual(g + e, e_out, segments)
+
+
+def ecx_coefficients(alpha):
+    """(a, b) = (float32(2 - alpha), float32(1 - alpha)) as Python floats (exact in float32),
+    the rounding native/module.c makes."""
+    return (float(np.float32(2.0 - alpha)), float(np.float32(1.0 - alpha)))
+
+
+def ecx_compensated(u, d1, d2, alpha):
+    """p = u + (a*d1 - b*d2) in float32, each operation rounded in this order (sg_fused.h);
+    a tensor's product with a Python float that float32 represents exactly is one float32
+    rounding on every device."""
+    a, b = ecx_coefficients(alpha)
+    return u + (d1 * a - d2 * b)
+
+
+def ecx_sign(u, d1, d2, d_out, segments, alpha):
+    """The fused ErrorCompensatedX scaled sign (see kernels.ecx_sign): ef_sign over
+    p = ecx_compensated(u, d1, d2, alpha)."""
+    return scaled_sign_residual(ecx_compensated(u, d1, d2, alpha), d_out, segments)
+
+
+def scaled_sign_residual(p, e_out, segments):
+    """ef_sign's outputs for a given p (e_out <- p - q); None when p or a scale is NaN/Inf."""
     if not bool(torch.isfinite(p).all()):
         return None
     zero = p == 0

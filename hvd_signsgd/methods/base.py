@@ -25,6 +25,7 @@ import torch
 
 from .. import wire
 from ..codecs import Layout
+from ..kernels import ecx_coefficients
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -182,58 +183,111 @@ class MemoryState(dict):
 
 class ErrorFeedback:
     """The error-feedback memory, one component for every compressor that needs it (GRACE's
-    "memory"; ALGORITHMS.md section 0):
+    "memory"; ALGORITHMS.md sections 0 and 7):
 
-        p = e + g          compensate(): in place, so p IS the memory buffer
+        p = g + c          compensate(): c from the memory, p written into a memory buffer
         q = C(p)           the compressor sends q and leaves p - q in that buffer
-        e <- p - q
+        e_t <- p - q       the new memory
 
-    so sum_t q_t + e_T = sum_t g_t on every rank (the conservation invariant). The memory holds
-    gradient units (the learning rate acts after aggregation; see the module docstring). A
-    compressor gets error feedback by composition: an `ErrorFeedbackMethod` whose `compress`
-    writes the residual into p (the fused kernels do it in the same pass as the packing or
-    the selection).
+    with the compensation c chosen by `compensation`:
 
-    A fused compressor instead reads g and e and writes the new memory into a second buffer
-    (`fused`), which is swapped in on success: a NaN/Inf found by the kernel leaves e as it
-    was, and a step that fails on another rank swaps the old memory back (`rollback`), so
-    the engine needs no backup copy of it.
+        "single"  c = e_{t-1}                                    plain error feedback
+        "ecx"     c = (2 - alpha) e_{t-1} - (1 - alpha) e_{t-2}  ErrorCompensatedX
+        "none"    c = 0, no memory (p is a scratch copy of g)
+
+    "single" keeps sum_t q_t + e_T = sum_t g_t on every rank (the conservation invariant),
+    "ecx" keeps sum_t q_t + e_T - (1 - alpha) e_{T-1} = sum_t g_t. The memory holds gradient
+    units (the learning rate acts after aggregation; see the module docstring). `keys` names
+    the state entries, newest first: ("error",) by default, ECX's ("delta1", "delta2"), so
+    that checkpoints keep their keys. A compressor gets error feedback by composition: an
+    `ErrorFeedbackMethod` whose `compress` writes the residual into p (the fused kernels do it
+    in the same pass as the packing or the selection).
+
+    Rounding (ecx): p = g + (a e_{t-1} - b e_{t-2}), a = float32(2 - alpha),
+    b = float32(1 - alpha), each operation rounded to float32 in this order: the order of the
+    fused kernel kernels.ecx_sign, so that fused and unfused agree bit for bit.
+
+    A fused compressor instead reads g and the memories and writes the new memory into a spare
+    buffer (`fused`); the buffers then rotate (e_{t-1} becomes e_{t-2}, the spare e_{t-1}, the
+    oldest the next spare) without a copy. A NaN/Inf found by the kernel leaves the memories
+    as they were, and a step that fails on another rank rotates them back (`rollback`), so
+    the engine needs no backup copy of them.
     """
 
-    @staticmethod
-    def init_state(layout) -> dict:
-        return MemoryState(error=torch.zeros(layout.numel))
+    def __init__(self, compensation: str = "single", alpha: float = 1.0, keys=None):
+        if compensation not in ("single", "ecx", "none"):
+            raise ValueError(f"compensation must be 'single', 'ecx' or 'none', not "
+                             f"{compensation!r}")
+        depth = {"none": 0, "single": 1, "ecx": 2}[compensation]
+        keys = tuple(keys) if keys is not None else ("error",)[:depth]
+        if len(keys) != depth:
+            raise ValueError(f"compensation={compensation!r} keeps {depth} memories, "
+                             f"keys={keys!r}")
+        self.compensation, self.alpha, self.keys = compensation, float(alpha), keys
 
-    @staticmethod
-    def compensate(g: torch.Tensor, state: dict) -> torch.Tensor:
-        return state["error"].add_(g)
+    def coefficients(self) -> tuple[float, float]:
+        """(a, b) of c = a e_{t-1} - b e_{t-2}, rounded to float32 (exact as Python floats)."""
+        return ecx_coefficients(self.alpha)
 
-    @staticmethod
-    def fused(g: torch.Tensor, state: dict, kernel):
-        """kernel(g, e, e_out) -> payload, or None (NaN/Inf; e_out unspecified, g and e
-        untouched). Returns the kernel's result; on success e_out is the new memory."""
-        e = state["error"]
+    def init_state(self, layout) -> dict:
+        if not self.keys:
+            return {}
+        return MemoryState({k: torch.zeros(layout.numel) for k in self.keys})
+
+    def compensate(self, g: torch.Tensor, state: dict) -> torch.Tensor:
+        """p = g + c, written into a memory buffer that becomes the newest memory: the
+        compressor leaves p - q in it. "ecx" writes p over e_{t-2}'s buffer and moves
+        e_{t-1} to e_{t-2}'s key; "none" returns a copy of g."""
+        if self.compensation == "single":
+            return state[self.keys[0]].add_(g)
+        if self.compensation == "none":
+            return g.clone()
+        k1, k2 = self.keys
+        d1, d2 = state[k1], state[k2]
+        a, b = self.coefficients()
+        ad1 = d1 * a
+        d2.mul_(b)
+        torch.sub(ad1, d2, out=d2)
+        d2.add_(g)                          # (a d1 - b d2) + g: the same bits as g + (...)
+        state[k1], state[k2] = d2, d1
+        return d2
+
+    def fused(self, g: torch.Tensor, state: dict, kernel):
+        """kernel(g, memories, out) -> payload, or None (NaN/Inf; out unspecified, g and the
+        memories untouched); memories: the state's buffers in `keys` order (newest first).
+        Returns the kernel's result; on success out is the newest memory."""
+        mems = tuple(state[k] for k in self.keys)
         if not isinstance(state, MemoryState):     # no room for a spare: copy back
-            out = torch.empty_like(e)
-            msg = kernel(g, e, out)
+            out = torch.empty_like(mems[0])
+            msg = kernel(g, mems, out)
             if msg is not None:
-                e.copy_(out)
+                for older, newer in zip(mems[:0:-1], mems[-2::-1]):
+                    older.copy_(newer)
+                mems[0].copy_(out)
             return msg
         state.pending = False
         out = state.spare
-        if out is None or out.shape != e.shape or out.device != e.device:
-            out = torch.empty_like(e)
-        msg = kernel(g, e, out)
+        if out is None or out.shape != mems[0].shape or out.device != mems[0].device:
+            out = torch.empty_like(mems[0])
+        msg = kernel(g, mems, out)
         if msg is not None:
-            state["error"], state.spare, state.pending = out, e, True
+            self._rotate(state, (out,) + mems[:-1], mems[-1])
+            state.pending = True
         else:
             state.spare = out
         return msg
 
-    @staticmethod
-    def rollback(state: dict) -> None:
+    def _rotate(self, state, buffers, spare):
+        for k, v in zip(self.keys, buffers):
+            state[k] = v
+        state.spare = spare
+
+    def rollback(self, state: dict) -> None:
+        """Undo the last fused step's rotation (the step failed on some rank)."""
         if isinstance(state, MemoryState) and state.pending:
-            state["error"], state.spare, state.pending = state.spare, state["error"], False
+            mems = tuple(state[k] for k in self.keys)
+            self._rotate(state, mems[1:] + (state.spare,), mems[0])
+            state.pending = False
 
     @staticmethod
     def commit(state: dict) -> None:
@@ -246,9 +300,11 @@ class ErrorFeedbackMethod(Method):
     leaves p - q in p) and `encode_nonfinite(ctx)`; `perturb(p, ctx)` may add to p first, and
     `send_whole(ctx)` may ask for p to be sent dense this step (perturb.py's reset).
 
-    A subclass with a fused kernel sets `fused = True` and gives `compress_fused(g, e, e_out,
-    ctx)` (payload of p = g + e, e_out <- p - q; None on NaN/Inf); it then has neither perturb
-    nor send_whole, checks NaN/Inf itself and writes its memory out of place (ErrorFeedback)."""
+    A subclass with a fused kernel sets `fused = True` and gives `compress_fused(g, memories,
+    out, ctx)` (payload of p = g + c, out <- p - q; None on NaN/Inf; memories: the buffers of
+    memory.keys, newest first); it then has neither perturb nor send_whole, checks NaN/Inf
+    itself and writes its memory out of place (ErrorFeedback). A subclass with another
+    compensation (ECX) sets its own `memory`."""
     memory = ErrorFeedback()
     fused = False
 
@@ -261,7 +317,7 @@ class ErrorFeedbackMethod(Method):
 
     @property
     def self_restored_keys(self):
-        return ("error",) if self.fused else ()
+        return self.memory.keys if self.fused else ()
 
     def rollback(self, state):
         self.memory.rollback(state)
@@ -274,7 +330,7 @@ class ErrorFeedbackMethod(Method):
             return self.encode_nonfinite(ctx)
         if self.fused:
             msg = self.memory.fused(g, state,
-                                    lambda g, e, e_out: self.compress_fused(g, e, e_out, ctx))
+                                    lambda g, mems, out: self.compress_fused(g, mems, out, ctx))
             if msg is None:
                 ctx.nonfinite = True
                 return self.encode_nonfinite(ctx)
@@ -298,7 +354,7 @@ class ErrorFeedbackMethod(Method):
     def compress(self, p, ctx) -> torch.Tensor:
         raise NotImplementedError
 
-    def compress_fused(self, g, e, e_out, ctx) -> torch.Tensor | None:
+    def compress_fused(self, g, memories, out, ctx) -> torch.Tensor | None:
         raise NotImplementedError
 
     def compress_whole(self, p, ctx) -> torch.Tensor:

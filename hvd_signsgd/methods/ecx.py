@@ -35,6 +35,14 @@ Options and defaults:
                        mark, wire.FLAG_ZEROS) and the scale is ||x_t||_1 / nnz(x_t)
                        (codecs.ScaledSign), so coordinates that never had a gradient stay put
 
+Encoding (scaled sign with a memory) is one fused kernel, kernels.ecx_sign ("single": ef_sign),
+through base.ErrorFeedback: x_t = u_t + (a delta_{t-1} - b delta_{t-2}) with a = float32(2 -
+alpha), b = float32(1 - alpha), each operation rounded to float32 in this order; ||x_t||_1
+summed in the kernels' fixed order (kernels.tree_abs_sum); NaN/Inf found in the same pass
+(the memories then untouched). The new delta goes into a spare buffer and the buffers rotate
+(delta2 <- delta1 <- new, no copy); a step that fails on another rank rotates them back.
+State keys: "delta1", "delta2" (as before; checkpoints load unchanged).
+
 Sparse compressors are refused (ValueError). ALGORITHMS.md reports that with Top-k the
 two-step recursion diverged in simulation; we checked it with the project's Top-k codec
 (tests/unit/test_sparse_methods.py: test_ecx_with_topk_diverges): on the section 7(b) quadratic
@@ -52,7 +60,7 @@ import torch
 
 from .. import wire
 from ..codecs import ScaledSign, Sparse, count_zeros
-from .base import Method, as_mean, as_sum
+from .base import ErrorFeedback, ErrorFeedbackMethod, as_mean, as_sum
 from .sparse import topk_indices
 
 _COMPRESSORS = ("scaled_sign",)
@@ -67,8 +75,16 @@ def storm_direction(g_now: torch.Tensor, g_prev_point: torch.Tensor,
     return g_now + (1.0 - alpha) / alpha * (g_now - g_prev_point)
 
 
-class ErrorCompensatedX(Method):
-    """`ecx`: ErrorCompensatedX over scaled sign (module docstring: formula, defaults, why)."""
+class ErrorCompensatedX(ErrorFeedbackMethod):
+    """`ecx`: ErrorCompensatedX over scaled sign (module docstring: formula, defaults, why).
+
+    The two-step memory is base.ErrorFeedback with compensation "ecx" (keys delta1 = delta_{t-1},
+    delta2 = delta_{t-2}), "single" (delta1) or "none" (no state). With scaled sign and a
+    memory, encoding is one fused kernel (kernels.ecx_sign, or ef_sign for "single"): NaN/Inf
+    found in the same pass, the new delta written out of place and the buffers rotated, no
+    backup copy in the engine. `compress` is the unfused reference with the same rounding
+    (ErrorFeedback.compensate, scales summed in the kernels' order): bit for bit the same
+    payload and memories (tests set `fused = False` on an instance to run it)."""
     name = "ecx"
     bits_per_coordinate = 1.0
 
@@ -92,6 +108,9 @@ class ErrorCompensatedX(Method):
             raise ValueError(f"compressor must be one of {_COMPRESSORS}, not {compressor!r}")
         self.alpha, self.compensation = float(alpha), compensation
         self.compressor, self.ratio = compressor, float(ratio)
+        keys = {"ecx": ("delta1", "delta2"), "single": ("delta1",), "none": ()}[compensation]
+        self.memory = ErrorFeedback(compensation, self.alpha, keys=keys)
+        self.fused = compressor == "scaled_sign" and compensation != "none"
         if compressor == "scaled_sign":
             self.codec = ScaledSign()
         else:   # only reachable with _allow_sparse, to reproduce the divergence
@@ -117,42 +136,31 @@ class ErrorCompensatedX(Method):
                         f"dampening={got[1]}, nesterov={got[2]}")
         return None
 
-    def init_state(self, layout):
-        if self.compensation == "none":
-            return {}
-        state = {"delta1": torch.zeros(layout.numel)}          # delta_{t-1}
-        if self.compensation == "ecx":
-            state["delta2"] = torch.zeros(layout.numel)      # delta_{t-2}
-        return state
-
-    def _compress(self, x, layout):
-        """(payload, what it decodes to on every rank)."""
+    def encode_nonfinite(self, ctx):
         if self.compressor == "scaled_sign":
-            z = count_zeros(x, layout)
-            scales = self.codec.scales(x, layout, zeros=z)
-            return (self.codec.encode(x, layout, scales, zeros=z),
-                    self.codec.decompress_local(x, scales, layout, zeros=z))
-        a = x.abs()
+            return self.codec.encode(None, ctx.layout, None, flags=wire.FLAG_NONFINITE)
+        return self.codec.encode_nonfinite(ctx.layout.numel)
+
+    def compress_fused(self, u, memories, out, ctx):
+        if self.compensation == "single":
+            return self.codec.encode_fused(u, memories[0], out, ctx.layout)
+        return self.codec.encode_ecx(u, memories[0], memories[1], out, ctx.layout, self.alpha)
+
+    def compress(self, p, ctx):
+        """The payload of p; leaves p - q in p (the new delta, or scratch for "none")."""
+        layout = ctx.layout
+        if self.compressor == "scaled_sign":
+            z = count_zeros(p, layout)
+            scales = self.codec.tree_scales(p, layout, zeros=z)
+            msg = self.codec.encode(p, layout, scales, zeros=z)
+            self.codec.subtract_local(p, scales, layout, zeros=z)
+            return msg
+        # only reachable with _allow_sparse, to reproduce the divergence
+        a = p.abs()
         idx = torch.cat([o + topk_indices(a[o:o + s], max(1, round(self.ratio * s)))
                          for o, s in layout.segments()])
-        q = torch.zeros_like(x)
-        q[idx] = x[idx]
-        return self.codec.encode(idx, x[idx], layout.numel), q
-
-    def encode(self, g, state, ctx):
-        if ctx.nonfinite:
-            if self.compressor == "scaled_sign":
-                return self.codec.encode(g, ctx.layout, None, flags=wire.FLAG_NONFINITE)
-            return self.codec.encode_nonfinite(ctx.layout.numel)
-        if self.compensation == "none":
-            return self._compress(g, ctx.layout)[0]
-        d1 = state["delta1"]
-        x = g + d1 if self.compensation == "single" else \
-            g + (2.0 - self.alpha) * d1 - (1.0 - self.alpha) * state["delta2"]
-        msg, q = self._compress(x, ctx.layout)
-        if self.compensation == "ecx":
-            state["delta2"].copy_(d1)
-        torch.sub(x, q, out=d1)                              # delta_t = u_t + c_t - q_t
+        msg = self.codec.encode(idx, p[idx], layout.numel)
+        p.index_fill_(0, idx, 0.0)      # x - x: what topk leaves of a taken x
         return msg
 
     def aggregate(self, gathered, state, ctx):

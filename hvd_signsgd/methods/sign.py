@@ -246,8 +246,8 @@ class EFSignSGD(ErrorFeedbackMethod):
 
     fused = True
 
-    def compress_fused(self, g, e, e_out, ctx):
-        return self.codec.encode_fused(g, e, e_out, ctx.layout)
+    def compress_fused(self, g, memories, e_out, ctx):
+        return self.codec.encode_fused(g, memories[0], e_out, ctx.layout)
 
     def compress(self, p, ctx):      # the unfused reference (tests compare the two)
         z = count_zeros(p, ctx.layout)
