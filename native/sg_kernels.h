@@ -49,6 +49,14 @@ typedef struct {
     int (*ef_sign)(const float *g, const float *e, float *e_out, size_t n, const int64_t *segs,
                    size_t n_segs, uint8_t *bits, uint8_t *zplane, float *scales,
                    uint64_t *zeros);
+    /* Fused momentum (sg_momentum.h), m_out = (a * m) + (b * g) rounded per operation:
+     * momentum_sign writes m_out, its sign bits and zero plane (ceil(n/8) bytes each) and the
+     * +-0 count into *zeros; momentum_absmax writes m_out, max |m_out| into *absmax and the
+     * +-0 count. Both return 0 if any m_out is NaN/Inf (outputs then unspecified). */
+    int (*momentum_sign)(const float *g, const float *m, float *m_out, size_t n, float a,
+                         float b, uint8_t *bits, uint8_t *zplane, size_t *zeros);
+    int (*momentum_absmax)(const float *g, const float *m, float *m_out, size_t n, float a,
+                           float b, float *absmax, size_t *zeros);
 } sg_kernels;
 
 extern const sg_kernels sg_kernels_portable;

@@ -82,3 +82,17 @@ def ef_sign(native, g, e, e_out, segments):
                           buffer(zplane), buffer(scales), buffer(zeros)):
         return None
     return bits, zplane, scales, zeros
+
+
+def momentum_sign(native, g, m, m_out, beta):
+    """None when something is not finite."""
+    nb = nbytes(g.numel())
+    bits = torch.empty(nb, dtype=torch.uint8)
+    zplane = torch.empty(nb, dtype=torch.uint8)
+    zeros = native.momentum_sign(buffer(g), buffer(m), buffer(m_out), beta, buffer(bits),
+                                 buffer(zplane))
+    return None if zeros is None else (bits, zplane, zeros)
+
+
+def momentum_absmax(native, g, m, m_out, beta):
+    return native.momentum_absmax(buffer(g), buffer(m), buffer(m_out), beta)
