@@ -53,6 +53,8 @@ class StepContext:
                               # their number, the divisor of every mean
     method_step: int = None   # steps since compression started (step - start_step);
                               # None: step
+    found: dict = field(default_factory=dict)   # what a fused prepare found, for norm_part
+                                                # and encode of the same bucket and step
 
     def __post_init__(self):
         if self.method_step is None:
@@ -171,13 +173,58 @@ class Method:
 
 class MemoryState(dict):
     """A method's state (the dict checkpoints save) plus what they do not save: the spare
-    buffer the error memory is written into out of place, and whether the last encode swapped
-    it in (and may still be rolled back)."""
+    buffer its OutOfPlace key (the error memory, the momentum) is written into, and whether
+    the last step swapped it in (and may still be rolled back)."""
     __slots__ = ("spare", "pending")
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.spare, self.pending = None, False
+
+
+class OutOfPlace:
+    """One state buffer (state[key]) that a fused kernel rewrites out of place: the kernel
+    reads the old buffer and writes the new one into the MemoryState's spare, which is swapped
+    in on success. A NaN/Inf found by the kernel leaves the old buffer as it was, and a step
+    that fails on another rank swaps it back (`rollback`), so the engine needs no backup copy
+    and no NaN/Inf pass of its own. One such key per MemoryState (it has one spare).
+    ErrorFeedback's memory ("error") and the Signum/SSDM momentum ("momentum") use it."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def run(self, state: dict, kernel):
+        """kernel(old, out) -> result, or None (NaN/Inf; out unspecified, old untouched).
+        Returns the kernel's result; on success out is the new state[key]."""
+        old = state[self.key]
+        if not isinstance(state, MemoryState):     # no room for a spare: copy back
+            out = torch.empty_like(old)
+            result = kernel(old, out)
+            if result is not None:
+                old.copy_(out)
+            return result
+        state.pending = False
+        out = state.spare
+        if out is None or out.shape != old.shape or out.device != old.device:
+            out = torch.empty_like(old)
+        result = kernel(old, out)
+        if result is not None:
+            state[self.key], state.spare, state.pending = out, old, True
+        else:
+            state.spare = out
+        return result
+
+    def rollback(self, state: dict) -> None:
+        if isinstance(state, MemoryState) and state.pending:
+            state[self.key], state.spare, state.pending = state.spare, state[self.key], False
+
+    @staticmethod
+    def commit(state: dict) -> None:
+        if isinstance(state, MemoryState):
+            state.pending = False
+
+
+_ERROR = OutOfPlace("error")
 
 
 class ErrorFeedback:
@@ -212,33 +259,15 @@ class ErrorFeedback:
     def fused(g: torch.Tensor, state: dict, kernel):
         """kernel(g, e, e_out) -> payload, or None (NaN/Inf; e_out unspecified, g and e
         untouched). Returns the kernel's result; on success e_out is the new memory."""
-        e = state["error"]
-        if not isinstance(state, MemoryState):     # no room for a spare: copy back
-            out = torch.empty_like(e)
-            msg = kernel(g, e, out)
-            if msg is not None:
-                e.copy_(out)
-            return msg
-        state.pending = False
-        out = state.spare
-        if out is None or out.shape != e.shape or out.device != e.device:
-            out = torch.empty_like(e)
-        msg = kernel(g, e, out)
-        if msg is not None:
-            state["error"], state.spare, state.pending = out, e, True
-        else:
-            state.spare = out
-        return msg
+        return _ERROR.run(state, lambda e, out: kernel(g, e, out))
 
     @staticmethod
     def rollback(state: dict) -> None:
-        if isinstance(state, MemoryState) and state.pending:
-            state["error"], state.spare, state.pending = state.spare, state["error"], False
+        _ERROR.rollback(state)
 
     @staticmethod
     def commit(state: dict) -> None:
-        if isinstance(state, MemoryState):
-            state.pending = False
+        _ERROR.commit(state)
 
 
 class ErrorFeedbackMethod(Method):
