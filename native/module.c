@@ -933,10 +933,12 @@ static PyObject *py_momentum_sign(PyObject *self, PyObject *args, PyObject *kw) 
                                (float *)v[2].buf, n, a, b, (uint8_t *)v[3].buf,
                                (uint8_t *)v[4].buf, &zeros);
     Py_END_ALLOW_THREADS
-    if (ok)
+    if (ok) {
         result = PyLong_FromSize_t(zeros);
-    else
-        result = Py_NewRef(Py_None);
+    } else {
+        Py_INCREF(Py_None);
+        result = Py_None;
+    }
 done:
     release_all(v, 5);
     return result;
@@ -958,10 +960,12 @@ static PyObject *py_momentum_absmax(PyObject *self, PyObject *args, PyObject *kw
     ok = active->momentum_absmax((const float *)v[0].buf, (const float *)v[1].buf,
                                  (float *)v[2].buf, n, a, b, &absmax, &zeros);
     Py_END_ALLOW_THREADS
-    if (ok)
+    if (ok) {
         result = Py_BuildValue("(dn)", (double)absmax, (Py_ssize_t)zeros);
-    else
-        result = Py_NewRef(Py_None);
+    } else {
+        Py_INCREF(Py_None);
+        result = Py_None;
+    }
 done:
     release_all(v, 3);
     return result;
