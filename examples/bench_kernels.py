@@ -5,10 +5,11 @@
 On 2^24-element inputs, one thread everywhere (torch.set_num_threads(1); the native kernels
 are single-threaded): the read bandwidth (numpy sum of the float32 array), numpy.packbits,
 the torch-op fallback and the native kernels; votes for n_ranks in {2, 4, 8, 16, 64} against
-unpacking every rank to float32 and summing in torch. Times are the best of --repeat runs
-(wall clock; --clock cpu counts this thread's CPU time instead, which stays meaningful when
-other processes share the cores); pack allocates its output like the API does, unpack/vote
-write into a reused one. Run it on a quiet machine.
+unpacking every rank to float32 and summing in torch; the fused encodes (ef_sign, and
+signum's and ssdm's momentum kernels) against the unfused code they replace. Times are the
+best of --repeat runs (wall clock; --clock cpu counts this thread's CPU time instead, which
+stays meaningful when other processes share the cores); pack allocates its output like the
+API does, unpack/vote write into a reused one. Run it on a quiet machine.
 """
 import argparse
 import os
@@ -169,6 +170,58 @@ def fused_ecx(t, n, rep, bw, rng, alpha=0.1):
           f"fused is {s_ref / s:.1f}x faster")
 
 
+def unfused_momentum(g, m, backup, beta, norm):
+    """What signum (norm False) / ssdm (norm True) cost per bucket before their fused kernels:
+    the engine's NaN/Inf pass and backup copy of the momentum, the in-place update, then
+    (ssdm) the max-norm, the zero count and the pack."""
+    from hvd_signsgd.codecs import count_zeros
+    kernels.all_finite(g)
+    backup.copy_(m)
+    m.mul_(beta).add_(g, alpha=1.0 - beta)
+    if not norm:
+        return count_zeros(m), kernels.pack_signs(m)
+    lo, hi = torch.aminmax(m)
+    absmax = max(-float(lo), float(hi))
+    return count_zeros(m), kernels.pack_stochastic_signs(m, absmax, 1, 0)
+
+
+def fused_momentum(t, n, rep, bw, rng):
+    """momentum_sign (streams: g, m read, m_out written, bits and zero plane written) and
+    momentum_absmax (g, m read, m_out written); each against the per-bucket work it replaces:
+    signum's whole encode, and ssdm's encode up to the stochastic pack (both with the pack)."""
+    from hvd_signsgd.codecs import Layout
+    from hvd_signsgd.methods import StepContext, make_method
+    g = torch.from_numpy(rng.standard_normal(n, dtype=np.float32))
+    m = torch.from_numpy(rng.standard_normal(n, dtype=np.float32) * 0.1)
+    m_out, backup = torch.empty(n), torch.empty(n)
+    layout = Layout.for_sizes([n])
+    for name, fn, streams in (("momentum_sign", kernels.momentum_sign, 12 * n + 2 * (n / 8)),
+                              ("momentum_absmax", kernels.momentum_absmax, 12 * n)):
+        bound = streams / (4 * n / bw)
+        s = best_time(lambda fn=fn: fn(g, m, m_out, 0.9), rep)
+        t.add(f"native {name} kernel", s, 8 * n,
+              f"bound {bound * 1e3:.2f} ms: {bound / s:.2f} of bound")
+    for name in ("signum", "ssdm"):
+        method = make_method(name)
+        state = method.init_state(layout)
+        state["momentum"].copy_(m)
+
+        def encode(method=method, state=state):
+            ctx = StepContext(step=0, rank=0, size=1, bucket="b", offset=0, layout=layout)
+            method.prepare(g, state, ctx)
+            if method.model_scope:
+                ctx.model_norm = method.combine_norms([method.norm_part(g, state, ctx)])
+            method.encode(g, state, ctx)
+            method.commit(state)
+        s = best_time(encode, rep)
+        t.add(f"{name} encode, fused (kernel + payload)", s, 8 * n, "")
+        work = m.clone()
+        s_old = best_time(lambda work=work, norm=name == "ssdm":
+                          unfused_momentum(g, work, backup, 0.9, norm), max(1, rep // 3))
+        t.add(f"{name} encode, unfused (before)", s_old, 8 * n,
+              f"fused is {s_old / s:.1f}x faster")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--log2n", type=int, default=24)
@@ -176,7 +229,8 @@ def main():
     parser.add_argument("--ranks", type=int, nargs="*", default=[2, 4, 8, 16, 64])
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     parser.add_argument("--only", choices=["all", "fused"], default="all",
-                        help="fused: the read bandwidth and the fused encodes alone")
+                        help="fused: the read bandwidth and the fused encodes (ef_signsgd, "
+                             "signum, ssdm) alone")
     args = parser.parse_args()
     global CLOCK
     CLOCK = time.perf_counter if args.clock == "wall" else time.thread_time
@@ -196,6 +250,7 @@ def main():
     bw = t.add("numpy sum (read bandwidth), f32", best_time(x_np.sum, rep), 4 * n)
     fused_encodes(t, n, rep, bw, rng)
     fused_ecx(t, n, rep, bw, rng)
+    fused_momentum(t, n, rep, bw, rng)
     if args.only == "fused":
         t.print()
         print(FUSED_NOTE)

@@ -75,11 +75,12 @@ def _gap_index(layout: Layout) -> torch.Tensor | None:
     return torch.tensor(gaps, dtype=torch.long) if gaps else None
 
 
-def count_zeros(x: torch.Tensor, layout: Layout | None = None) -> int:
+def count_zeros(x: torch.Tensor, layout: Layout | None = None, total: int | None = None) -> int:
     """Number of exact zeros of x to mark: 0 when the real elements (layout's segments; all
     of x without a layout) hold none, even if alignment gaps are 0; else every zero of x,
-    gaps included (their value is never read)."""
-    z = kernels.count_zeros(x)
+    gaps included (their value is never read). total: kernels.count_zeros(x) when the caller
+    has it (a fused kernel counted them)."""
+    z = kernels.count_zeros(x) if total is None else total
     if z and layout is not None:
         gaps = _gap_index(layout)
         if gaps is not None and z == int(torch.count_nonzero(x[gaps] == 0)):
@@ -207,6 +208,19 @@ class Sign:
             return wire.build(wire.Header(self.codec, x.numel(), flags=flags))
         z = count_zeros(x, layout) if zeros is None else zeros
         return _encode_signs(self.codec, x, z, lambda: kernels.pack_signs(x))
+
+    def encode_packed(self, x: torch.Tensor, bits: torch.Tensor, plane: torch.Tensor,
+                      total_zeros: int, layout: Layout | None = None) -> torch.Tensor:
+        """encode(x, layout=layout), byte for byte, from what a fused kernel (momentum_sign)
+        wrote: bits = pack_signs(x), plane = the bits of x == +-0, total_zeros = their
+        number. bits may be modified."""
+        z = count_zeros(x, layout, total=total_zeros)
+        n = x.numel()
+        if not z:
+            return wire.build(wire.Header(self.codec, n), body=bits)
+        h = wire.Header(self.codec, n, nnz=z, flags=wire.FLAG_ZEROS)
+        bits, marks = _marks_from_plane(plane, bits, z, n)
+        return wire.build(h, body=bits, zeros=marks)
 
     def decode(self, payload: wire.Payload, n: int) -> torch.Tensor:
         """One rank's message as floats: +1/-1 per element, 0 where a zero is marked."""

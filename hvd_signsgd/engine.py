@@ -30,8 +30,9 @@ alone; ranks with finite gradients have updated theirs by the time the flag arri
 encoding, the state of each stateful bucket is copied to a backup, and a step in which any rank
 was non-finite restores every bucket from it, on every rank: the method state is exactly as
 before the step. Methods with fused kernels (method.encode_checks_finite) find NaN/Inf in their
-own encode, and keys they write out of place (method.self_restored_keys: ef_signsgd's error
-memory) are not copied: method.rollback swaps the old buffer back, method.commit keeps the new.
+own prepare or encode, and keys they write out of place (method.self_restored_keys: ef_signsgd's
+error memory, signum's and ssdm's momentum) are not copied: method.rollback swaps the old
+buffer back, method.commit keeps the new.
 Then on_nonfinite="raise" raises NonFiniteGradientError on every rank, and
 "skip" writes NaN into every gradient (so `torch.amp.GradScaler` sees the overflow and skips
 the step, as with Horovod) and reports `skipped`.
@@ -335,6 +336,9 @@ class Engine:
             b.work = b if self._joined else self.exchange.work(b)
             if not self._joined:
                 b.active.prepare(b.work.flat, b.state, b.work.ctx)
+        if method.model_scope and any(b.ctx.nonfinite for b in buckets):
+            for b in buckets:     # a fused prepare (ssdm) found NaN/Inf in some bucket
+                b.ctx.nonfinite = True
         if method.model_scope and not self._joined:
             norm = method.combine_norms([method.norm_part(b.flat, b.state, b.ctx)
                                          for b in buckets])

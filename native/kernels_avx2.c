@@ -15,6 +15,7 @@
 #include <immintrin.h>
 
 #include "sg_fused.h"
+#include "sg_momentum.h"
 #include "sg_vote.h"
 
 #define SG_PREFETCH_ELEMS 512 /* how far ahead the streaming loops fetch their input */
@@ -473,10 +474,88 @@ static int ecx_sign_avx2(const float *u, const float *d1, const float *d2, float
     return ok;
 }
 
+/* ---- fused momentum (sg_momentum.h) ---------------------------------------------------- */
+
+static inline __m256 momentum8(const float *g, const float *m, size_t i, __m256 a, __m256 b) {
+    return _mm256_add_ps(_mm256_mul_ps(a, _mm256_loadu_ps(m + i)),
+                         _mm256_mul_ps(b, _mm256_loadu_ps(g + i)));
+}
+
+/* Signum's m_out is not read again this step: streamed when 32-byte aligned (as ef_sign's). */
+static inline __attribute__((always_inline)) int
+momentum_sign_body(const float *g, const float *m, float *m_out, size_t n, float a, float b,
+                   uint8_t *bits, uint8_t *zplane, size_t *zeros, int stream) {
+    const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+    const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
+    const __m256i max_finite = _mm256_set1_epi32(0x7F7FFFFF), zero = _mm256_setzero_si256();
+    __m256i bad = zero;
+    size_t i = 0, z = 0;
+    for (; i + 8 <= n; i += 8) {
+        _mm_prefetch((const char *)(g + i + SG_PREFETCH_ELEMS), _MM_HINT_T0);
+        _mm_prefetch((const char *)(m + i + SG_PREFETCH_ELEMS), _MM_HINT_T0);
+        __m256 v = momentum8(g, m, i, va, vb);
+        __m256i mag = _mm256_and_si256(_mm256_castps_si256(v), abs_mask);
+        bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(mag, max_finite));
+        unsigned zb = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, zero)));
+        if (stream)
+            _mm256_stream_ps(m_out + i, v);
+        else
+            _mm256_storeu_ps(m_out + i, v);
+        bits[i / 8] = (uint8_t)_mm256_movemask_ps(v);
+        zplane[i / 8] = (uint8_t)zb;
+        z += (size_t)__builtin_popcount(zb);
+    }
+    *zeros = z;
+    int tail_ok = sg_momentum_sign_scalar(g, m, m_out, i, n, a, b, bits, zplane, zeros);
+    return _mm256_testz_si256(bad, bad) && tail_ok;
+}
+
+static int momentum_sign_avx2(const float *g, const float *m, float *m_out, size_t n, float a,
+                              float b, uint8_t *bits, uint8_t *zplane, size_t *zeros) {
+    if ((uintptr_t)m_out % 32 != 0)
+        return momentum_sign_body(g, m, m_out, n, a, b, bits, zplane, zeros, 0);
+    int ok = momentum_sign_body(g, m, m_out, n, a, b, bits, zplane, zeros, 1);
+    _mm_sfence();   /* the streamed stores are visible before the caller reads m_out */
+    return ok;
+}
+
+/* SSDM's m_out is read again at once (the stochastic pack): plain stores. The magnitude bits
+ * of non-NaN floats order as the values, so an unsigned integer max is max |m_out|, and any
+ * NaN/Inf makes it >= 0x7F800000. */
+static int momentum_absmax_avx2(const float *g, const float *m, float *m_out, size_t n,
+                                float a, float b, float *absmax, size_t *zeros) {
+    const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
+    const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF), zero = _mm256_setzero_si256();
+    __m256i w = zero, zc = zero;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        _mm_prefetch((const char *)(g + i + SG_PREFETCH_ELEMS), _MM_HINT_T0);
+        _mm_prefetch((const char *)(m + i + SG_PREFETCH_ELEMS), _MM_HINT_T0);
+        __m256 v = momentum8(g, m, i, va, vb);
+        __m256i mag = _mm256_and_si256(_mm256_castps_si256(v), abs_mask);
+        w = _mm256_max_epu32(w, mag);
+        zc = _mm256_sub_epi32(zc, _mm256_cmpeq_epi32(mag, zero));
+        _mm256_storeu_ps(m_out + i, v);
+    }
+    uint32_t lanes[8], counts[8], worst = 0;
+    _mm256_storeu_si256((__m256i *)(void *)lanes, w);
+    _mm256_storeu_si256((__m256i *)(void *)counts, zc);
+    size_t z = 0;
+    for (int k = 0; k < 8; k++) {      /* a lane counts < 2^28 zeros: n <= 2^31 */
+        worst = lanes[k] > worst ? lanes[k] : worst;
+        z += counts[k];
+    }
+    *zeros = z;
+    sg_momentum_absmax_scalar(g, m, m_out, i, n, a, b, &worst, zeros);
+    *absmax = sg_f32_from_bits(worst);
+    return worst < 0x7F800000u;
+}
+
 const sg_kernels sg_kernels_avx2 = {
     "avx2",          pack_avx2,          pack_stochastic_avx2, unpack_avx2,
     vote_count_avx2, vote_weighted_avx2, scan_ge_avx2,         count_ge_avx2,
-    count_zeros_avx2, ef_sign_avx2,     NULL, NULL, /* 10-11: reserved */
+    count_zeros_avx2, ef_sign_avx2,
+    momentum_sign_avx2, momentum_absmax_avx2,
     ecx_sign_avx2,
 };
 

@@ -2,6 +2,7 @@
  * HVD_SIGNSGD_NATIVE_ISA=portable. Written so that compilers can vectorize the full-byte
  * loops; endianness-independent (bytes are only combined arithmetically). */
 #include "sg_fused.h"
+#include "sg_momentum.h"
 #include "sg_vote.h"
 
 static void pack_portable(const void *x, sg_dtype dt, size_t n, uint8_t *out) {
@@ -130,9 +131,27 @@ static int ecx_sign_portable(const float *u, const float *d1, const float *d2, f
                           ecx_pass1_portable, ecx_pass2_portable);
 }
 
+/* Fused momentum (sg_momentum.h): the scalar loops themselves. */
+static int momentum_sign_portable(const float *g, const float *m, float *m_out, size_t n,
+                                  float a, float b, uint8_t *bits, uint8_t *zplane,
+                                  size_t *zeros) {
+    *zeros = 0;
+    return sg_momentum_sign_scalar(g, m, m_out, 0, n, a, b, bits, zplane, zeros);
+}
+
+static int momentum_absmax_portable(const float *g, const float *m, float *m_out, size_t n,
+                                    float a, float b, float *absmax, size_t *zeros) {
+    uint32_t worst = 0;
+    *zeros = 0;
+    sg_momentum_absmax_scalar(g, m, m_out, 0, n, a, b, &worst, zeros);
+    *absmax = sg_f32_from_bits(worst);
+    return worst < 0x7F800000u;
+}
+
 const sg_kernels sg_kernels_portable = {
     "portable",          pack_portable,          pack_stochastic_portable, unpack_portable,
     vote_count_portable, vote_weighted_portable, scan_ge_portable,         count_ge_portable,
-    count_zeros_portable, ef_sign_portable,     NULL, NULL, /* 10-11: reserved */
+    count_zeros_portable, ef_sign_portable,
+    momentum_sign_portable, momentum_absmax_portable,
     ecx_sign_portable,
 };

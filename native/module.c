@@ -915,6 +915,112 @@ static PyObject *py_ecx_sign(PyObject *self, PyObject *args, PyObject *kw) {
     return fused_sign(args, kw, 3);
 }
 
+/* ---- momentum_sign / momentum_absmax: fused Signum / SSDM momentum ------------------------ */
+
+PyDoc_STRVAR(momentum_sign_doc,
+"momentum_sign(g, m, m_out, beta, bits, zplane) -> int or None\n\n"
+"Fused Signum momentum (native/sg_momentum.h): m_out = (a * m) + (b * g) with\n"
+"a = float32(beta), b = float32(1 - beta), each operation rounded in float32 (no FMA).\n"
+"g, m, m_out: float32, aligned, C-contiguous, n <= 2**31 elements each, m_out disjoint from\n"
+"g and m. Writes m_out, bits and zplane (ceil(n/8) bytes each: sign bits of m_out, and where\n"
+"m_out is +-0) and returns the number of +-0 in m_out; None, with the outputs unspecified,\n"
+"if any m_out is NaN/Inf (g and m are only read).");
+
+PyDoc_STRVAR(momentum_absmax_doc,
+"momentum_absmax(g, m, m_out, beta) -> (absmax, zeros) or None\n\n"
+"Fused SSDM momentum: m_out as momentum_sign's, and max |m_out_i| (a float, 0.0 for n = 0)\n"
+"and the number of +-0 in m_out; None, with m_out unspecified, if any m_out is NaN/Inf.");
+
+/* g, m, m_out: the float32 vectors; fills *n and (a, b) from beta. */
+static int momentum_args(PyObject **o, double beta, Py_buffer *v, size_t *n, float *a,
+                         float *b) {
+    if (get_f32_vector(o[0], "g", ARG_IN, &v[0]) < 0 || get_f32_vector(o[1], "m", ARG_IN, &v[1]) < 0 ||
+        get_f32_vector(o[2], "m_out", ARG_OUT, &v[2]) < 0)
+        return -1;
+    if (v[1].len != v[0].len || v[2].len != v[0].len) {
+        PyErr_SetString(PyExc_ValueError, "g, m and m_out must have the same length");
+        return -1;
+    }
+    *n = (size_t)(v[0].len / 4);
+    if (*n > ((size_t)1 << 31)) {
+        PyErr_SetString(PyExc_ValueError, "more than 2**31 elements");
+        return -1;
+    }
+    if (!isfinite(beta)) {
+        PyErr_SetString(PyExc_ValueError, "beta must be finite");
+        return -1;
+    }
+    *a = (float)beta;
+    *b = (float)(1.0 - beta);
+    return check_disjoint(v[2].buf, (size_t)v[2].len, v[0].buf, (size_t)v[0].len) < 0 ||
+           check_disjoint(v[2].buf, (size_t)v[2].len, v[1].buf, (size_t)v[1].len) < 0 ? -1 : 0;
+}
+
+static PyObject *py_momentum_sign(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"g", "m", "m_out", "beta", "bits", "zplane", NULL};
+    PyObject *o[5], *result = NULL;
+    Py_buffer v[5] = {{0}};   /* g, m, m_out, bits, zplane */
+    double beta;
+    size_t n, zeros = 0;
+    float a, b;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOdOO:momentum_sign", kwlist, &o[0], &o[1],
+                                     &o[2], &beta, &o[3], &o[4]))
+        return NULL;
+    if (momentum_args(o, beta, v, &n, &a, &b) < 0 ||
+        get_buffer(o[3], "bits", ARG_OUT, &v[3]) < 0 || check_bytes_format(&v[3], "bits") < 0 ||
+        check_contiguous(&v[3], "bits") < 0 || get_buffer(o[4], "zplane", ARG_OUT, &v[4]) < 0 ||
+        check_bytes_format(&v[4], "zplane") < 0 || check_contiguous(&v[4], "zplane") < 0 ||
+        check_room(v[3].len, sg_nbytes(n), "bits", "bytes") < 0 ||
+        check_room(v[4].len, sg_nbytes(n), "zplane", "bytes") < 0)
+        goto done;
+    for (int x = 3; x < 5; x++)
+        for (int y = 0; y < x; y++)
+            if (check_disjoint(v[x].buf, (size_t)v[x].len, v[y].buf, (size_t)v[y].len) < 0)
+                goto done;
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = active->momentum_sign((const float *)v[0].buf, (const float *)v[1].buf,
+                               (float *)v[2].buf, n, a, b, (uint8_t *)v[3].buf,
+                               (uint8_t *)v[4].buf, &zeros);
+    Py_END_ALLOW_THREADS
+    if (ok) {
+        result = PyLong_FromSize_t(zeros);
+    } else {
+        Py_INCREF(Py_None);
+        result = Py_None;
+    }
+done:
+    release_all(v, 5);
+    return result;
+}
+
+static PyObject *py_momentum_absmax(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"g", "m", "m_out", "beta", NULL};
+    PyObject *o[3], *result = NULL;
+    Py_buffer v[3] = {{0}};   /* g, m, m_out */
+    double beta;
+    size_t n, zeros = 0;
+    float a, b, absmax = 0.0f;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOd:momentum_absmax", kwlist, &o[0], &o[1],
+                                     &o[2], &beta))
+        return NULL;
+    if (momentum_args(o, beta, v, &n, &a, &b) < 0) goto done;
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = active->momentum_absmax((const float *)v[0].buf, (const float *)v[1].buf,
+                                 (float *)v[2].buf, n, a, b, &absmax, &zeros);
+    Py_END_ALLOW_THREADS
+    if (ok) {
+        result = Py_BuildValue("(dn)", (double)absmax, (Py_ssize_t)zeros);
+    } else {
+        Py_INCREF(Py_None);
+        result = Py_None;
+    }
+done:
+    release_all(v, 3);
+    return result;
+}
+
 /* ---- module ------------------------------------------------------------------------------ */
 
 static PyMethodDef methods[] = {
@@ -937,6 +1043,10 @@ static PyMethodDef methods[] = {
      ef_sign_doc},
     {"ecx_sign", (PyCFunction)(void (*)(void))py_ecx_sign, METH_VARARGS | METH_KEYWORDS,
      ecx_sign_doc},
+    {"momentum_sign", (PyCFunction)(void (*)(void))py_momentum_sign,
+     METH_VARARGS | METH_KEYWORDS, momentum_sign_doc},
+    {"momentum_absmax", (PyCFunction)(void (*)(void))py_momentum_absmax,
+     METH_VARARGS | METH_KEYWORDS, momentum_absmax_doc},
     {"count_zeros", py_count_zeros, METH_VARARGS, count_zeros_doc},
     {"isa", py_isa, METH_NOARGS, "isa() -> name of the active kernel set"},
     {"set_isa", py_set_isa, METH_VARARGS,

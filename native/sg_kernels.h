@@ -49,9 +49,14 @@ typedef struct {
     int (*ef_sign)(const float *g, const float *e, float *e_out, size_t n, const int64_t *segs,
                    size_t n_segs, uint8_t *bits, uint8_t *zplane, float *scales,
                    uint64_t *zeros);
-    /* 10-11: reserved for the momentum kernels (sg_momentum.h, another branch). */
-    void (*reserved_10)(void);
-    void (*reserved_11)(void);
+    /* Fused momentum (sg_momentum.h), m_out = (a * m) + (b * g) rounded per operation:
+     * momentum_sign writes m_out, its sign bits and zero plane (ceil(n/8) bytes each) and the
+     * +-0 count into *zeros; momentum_absmax writes m_out, max |m_out| into *absmax and the
+     * +-0 count. Both return 0 if any m_out is NaN/Inf (outputs then unspecified). */
+    int (*momentum_sign)(const float *g, const float *m, float *m_out, size_t n, float a,
+                         float b, uint8_t *bits, uint8_t *zplane, size_t *zeros);
+    int (*momentum_absmax)(const float *g, const float *m, float *m_out, size_t n, float a,
+                           float b, float *absmax, size_t *zeros);
     /* 12: fused ErrorCompensatedX scaled sign over p = u + (a*d1 - b*d2) (sg_fused.h),
      * outputs as ef_sign's, d_out the new delta; 0 if anything is NaN/Inf. */
     int (*ecx_sign)(const float *u, const float *d1, const float *d2, float a, float b,

@@ -86,6 +86,20 @@ NaN, only its NaN-ness is specified, not its sign or payload):
                                           untouched) when any p or scale is NaN/Inf; a NaN/Inf
                                           in any input makes p NaN/Inf.
     tree_abs_sum(x) -> 0-dim float32      sum |x| in the fused kernels' fixed order (tree_sum).
+    momentum_sign(g, m, m_out, beta) -> (bits, zplane, zeros) or None
+                                          fused Signum momentum: m_out = (a * m) + (b * g),
+                                          a = float32(beta), b = float32(1 - beta) (1 - beta in
+                                          double), two rounded float32 products and one
+                                          rounded sum, no FMA (native/sg_momentum.h); g, m,
+                                          m_out as ef_sign's g, e, e_out, beta a finite float.
+                                          bits: sign bits of m_out (as pack_signs), zplane: bits
+                                          of m_out == +-0, zeros: their number (int). None
+                                          (m_out unspecified, g and m untouched) when any m_out
+                                          is NaN/Inf (so any NaN/Inf in g or m).
+    momentum_absmax(g, m, m_out, beta) -> (absmax, zeros) or None
+                                          fused SSDM momentum: m_out as momentum_sign's,
+                                          absmax = max |m_out_i| (float; 0.0 when empty), zeros
+                                          the number of +-0 in m_out. None as momentum_sign.
     pack_bits(mask) -> uint8 tensor       a bool tensor packed like pack_signs (bit set = True).
     unpack_bits(bits, n) -> bool tensor   the first n bits of bits (inverse of pack_bits).
 
@@ -132,6 +146,7 @@ Environment: HVD_SIGNSGD_KERNELS=torch forces the torch kernels; HVD_SIGNSGD_NAT
 auto|portable|avx2 picks the native SIMD path (auto: AVX2 when the CPU has it);
 HVD_SIGNSGD_NATIVE_PATH=/path/to/_native*.so loads another build (e.g. sanitized) instead.
 """
+import math
 import operator
 import os
 from collections.abc import Sequence
@@ -143,9 +158,9 @@ from . import _cpu, _torch
 from ._loader import load_native
 
 __all__ = ["SparseIndexError", "all_finite", "backend", "count_zeros", "ecx_coefficients",
-           "ecx_sign", "ef_sign", "pack_bits", "pack_signs", "pack_stochastic_signs",
-           "sparse_sum", "threshold_count", "threshold_take", "topk_take", "tree_abs_sum",
-           "unpack_bits", "unpack_signs", "vote"]
+           "ecx_sign", "ef_sign", "momentum_absmax", "momentum_sign", "pack_bits", "pack_signs",
+           "pack_stochastic_signs", "sparse_sum", "threshold_count", "threshold_take", "topk_take",
+           "tree_abs_sum", "unpack_bits", "unpack_signs", "vote"]
 
 _native, _native_unavailable = load_native()
 _FORCE_TORCH = os.environ.get("HVD_SIGNSGD_KERNELS", "").strip().lower() == "torch"
@@ -384,6 +399,42 @@ def tree_abs_sum(x):
     if x.dtype != torch.float32:
         raise TypeError(f"x must be float32, not {x.dtype}")
     return _torch.tree_abs_sum(x)
+
+
+def _check_momentum(g, m, m_out, beta):
+    for t, name in ((g, "g"), (m, "m"), (m_out, "m_out")):
+        _check_tensor(t, name)
+        if t.dtype != torch.float32:
+            raise TypeError(f"{name} must be float32, not {t.dtype}")
+        if t.dim() != 1 or not t.is_contiguous() or t.device != g.device:
+            raise ValueError(f"{name} must be 1-D, contiguous, on {g.device}")
+    n = g.numel()
+    if m.numel() != n or m_out.numel() != n:
+        raise ValueError("g, m and m_out must have the same number of elements")
+    if n > 1 << 31:
+        raise ValueError("more than 2**31 elements")
+    if n and (m_out.data_ptr() == m.data_ptr() or m_out.data_ptr() == g.data_ptr()):
+        raise ValueError("m_out must not be g or m")
+    beta = float(beta)
+    if not math.isfinite(beta):
+        raise ValueError(f"beta must be finite, not {beta}")
+    return beta
+
+
+def momentum_sign(g, m, m_out, beta):
+    """Fused Signum momentum and sign bits (see the module doc)."""
+    beta = _check_momentum(g, m, m_out, beta)
+    if _native_for(g):
+        return _cpu.momentum_sign(_native, g, m, m_out, beta)
+    return _torch.momentum_sign(g.detach(), m.detach(), m_out, beta)
+
+
+def momentum_absmax(g, m, m_out, beta):
+    """Fused SSDM momentum and max |m_out| (see the module doc)."""
+    beta = _check_momentum(g, m, m_out, beta)
+    if _native_for(g):
+        return _cpu.momentum_absmax(_native, g, m, m_out, beta)
+    return _torch.momentum_absmax(g.detach(), m.detach(), m_out, beta)
 
 
 def pack_bits(mask):

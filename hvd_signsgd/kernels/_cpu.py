@@ -96,3 +96,17 @@ def ecx_sign(native, u, d1, d2, d_out, segments, alpha):
                            float(alpha)):
         return None
     return bits, zplane, scales, zeros
+
+
+def momentum_sign(native, g, m, m_out, beta):
+    """None when something is not finite."""
+    nb = nbytes(g.numel())
+    bits = torch.empty(nb, dtype=torch.uint8)
+    zplane = torch.empty(nb, dtype=torch.uint8)
+    zeros = native.momentum_sign(buffer(g), buffer(m), buffer(m_out), beta, buffer(bits),
+                                 buffer(zplane))
+    return None if zeros is None else (bits, zplane, zeros)
+
+
+def momentum_absmax(native, g, m, m_out, beta):
+    return native.momentum_absmax(buffer(g), buffer(m), buffer(m_out), beta)

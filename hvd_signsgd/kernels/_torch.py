@@ -234,6 +234,36 @@ def scaled_sign_residual(p, e_out, segments):
     return pack_signs(p), pack_bools(zero), scales, torch.tensor(zeros, dtype=torch.int64)
 
 
+def momentum_update(g, m, m_out, beta):
+    """m_out <- (float32(beta) * m) + (float32(1 - beta) * g), each operation rounded in
+    float32: torch's CPU multiply by a Python float rounds the factor to float32 and computes
+    in float32, and adding two tensors (alpha 1) rounds once even where it uses an FMA
+    (x * 1 is exact). Not add_(g, alpha=1 - beta): its FMA body and its scalar tail round
+    differently. The methods' unfused path uses this too (hvd_signsgd.methods.sign)."""
+    torch.mul(m, beta, out=m_out)
+    return m_out.add_(torch.mul(g, 1.0 - beta))
+
+
+def momentum_sign(g, m, m_out, beta):
+    """The fused Signum momentum (see kernels.momentum_sign)."""
+    momentum_update(g, m, m_out, beta)
+    if not bool(torch.isfinite(m_out).all()):
+        return None
+    zero = m_out == 0
+    return pack_signs(m_out), pack_bools(zero), int(zero.sum())
+
+
+def momentum_absmax(g, m, m_out, beta):
+    """The fused SSDM momentum (see kernels.momentum_absmax)."""
+    momentum_update(g, m, m_out, beta)
+    mag = magnitude_keys(m_out)
+    worst = int(mag.max()) if mag.numel() else 0
+    if worst >= 0x7F800000:
+        return None
+    absmax = torch.tensor(worst, dtype=torch.int32).view(torch.float32)
+    return float(absmax), int((mag == 0).sum())
+
+
 # ---- sparse: Top-k / threshold with fused error feedback, scatter-add decode ----------------
 # The native rules (native/sg_sparse.h): magnitude is the bit pattern with the sign cleared,
 # compared as an integer (|v| for non-NaN v, +0 == -0, NaN above Inf); ties at the cut go to

@@ -54,6 +54,8 @@ class StepContext:
                               # their number, the divisor of every mean
     method_step: int = None   # steps since compression started (step - start_step);
                               # None: step
+    found: dict = field(default_factory=dict)   # what a fused prepare found, for norm_part
+                                                # and encode of the same bucket and step
 
     def __post_init__(self):
         if self.method_step is None:
@@ -172,13 +174,69 @@ class Method:
 
 class MemoryState(dict):
     """A method's state (the dict checkpoints save) plus what they do not save: the spare
-    buffer the error memory is written into out of place, and whether the last encode swapped
-    it in (and may still be rolled back)."""
+    buffer its OutOfPlace key (the error memory, the momentum) is written into, and whether
+    the last step swapped it in (and may still be rolled back)."""
     __slots__ = ("spare", "pending")
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.spare, self.pending = None, False
+
+
+class OutOfPlace:
+    """State buffers (state[k] for k in keys, newest first) that a fused kernel rewrites out
+    of place: the kernel reads the old buffers and writes the new newest one into the
+    MemoryState's spare. On success the buffers rotate, without a copy: the spare becomes
+    keys[0], each buffer moves one key older and the oldest becomes the next spare. A NaN/Inf
+    found by the kernel leaves the buffers as they were, and a step that fails on another
+    rank rotates them back (`rollback`), so the engine needs no backup copy and no NaN/Inf
+    pass of its own. One OutOfPlace per MemoryState (it has one spare): ErrorFeedback's
+    memories ("error"; ECX's "delta1", "delta2") and the Signum/SSDM momentum use it."""
+
+    def __init__(self, *keys: str):
+        self.keys = keys
+
+    def run(self, state: dict, kernel):
+        """kernel(olds, out) -> result, or None (NaN/Inf; out unspecified, olds untouched);
+        olds: the buffers in keys order. Returns the kernel's result; on success out is the
+        new state[keys[0]]."""
+        olds = tuple(state[k] for k in self.keys)
+        if not isinstance(state, MemoryState):     # no room for a spare: copy back
+            out = torch.empty_like(olds[0])
+            result = kernel(olds, out)
+            if result is not None:
+                for older, newer in zip(olds[:0:-1], olds[-2::-1]):
+                    older.copy_(newer)
+                olds[0].copy_(out)
+            return result
+        state.pending = False
+        out = state.spare
+        if out is None or out.shape != olds[0].shape or out.device != olds[0].device:
+            out = torch.empty_like(olds[0])
+        result = kernel(olds, out)
+        if result is not None:
+            self._rotate(state, (out,) + olds[:-1], olds[-1])
+            state.pending = True
+        else:
+            state.spare = out
+        return result
+
+    def _rotate(self, state, buffers, spare):
+        for k, v in zip(self.keys, buffers):
+            state[k] = v
+        state.spare = spare
+
+    def rollback(self, state: dict) -> None:
+        """Undo the last run's rotation (the step failed on some rank)."""
+        if isinstance(state, MemoryState) and state.pending:
+            bufs = tuple(state[k] for k in self.keys)
+            self._rotate(state, bufs[1:] + (state.spare,), bufs[0])
+            state.pending = False
+
+    @staticmethod
+    def commit(state: dict) -> None:
+        if isinstance(state, MemoryState):
+            state.pending = False
 
 
 class ErrorFeedback:
@@ -224,6 +282,7 @@ class ErrorFeedback:
             raise ValueError(f"compensation={compensation!r} keeps {depth} memories, "
                              f"keys={keys!r}")
         self.compensation, self.alpha, self.keys = compensation, float(alpha), keys
+        self._buffers = OutOfPlace(*keys)
 
     def coefficients(self) -> tuple[float, float]:
         """(a, b) of c = a e_{t-1} - b e_{t-2}, rounded to float32 (exact as Python floats)."""
@@ -255,44 +314,16 @@ class ErrorFeedback:
     def fused(self, g: torch.Tensor, state: dict, kernel):
         """kernel(g, memories, out) -> payload, or None (NaN/Inf; out unspecified, g and the
         memories untouched); memories: the state's buffers in `keys` order (newest first).
-        Returns the kernel's result; on success out is the newest memory."""
-        mems = tuple(state[k] for k in self.keys)
-        if not isinstance(state, MemoryState):     # no room for a spare: copy back
-            out = torch.empty_like(mems[0])
-            msg = kernel(g, mems, out)
-            if msg is not None:
-                for older, newer in zip(mems[:0:-1], mems[-2::-1]):
-                    older.copy_(newer)
-                mems[0].copy_(out)
-            return msg
-        state.pending = False
-        out = state.spare
-        if out is None or out.shape != mems[0].shape or out.device != mems[0].device:
-            out = torch.empty_like(mems[0])
-        msg = kernel(g, mems, out)
-        if msg is not None:
-            self._rotate(state, (out,) + mems[:-1], mems[-1])
-            state.pending = True
-        else:
-            state.spare = out
-        return msg
-
-    def _rotate(self, state, buffers, spare):
-        for k, v in zip(self.keys, buffers):
-            state[k] = v
-        state.spare = spare
+        Returns the kernel's result; on success out is the newest memory (OutOfPlace)."""
+        return self._buffers.run(state, lambda mems, out: kernel(g, mems, out))
 
     def rollback(self, state: dict) -> None:
         """Undo the last fused step's rotation (the step failed on some rank)."""
-        if isinstance(state, MemoryState) and state.pending:
-            mems = tuple(state[k] for k in self.keys)
-            self._rotate(state, mems[1:] + (state.spare,), mems[0])
-            state.pending = False
+        self._buffers.rollback(state)
 
     @staticmethod
     def commit(state: dict) -> None:
-        if isinstance(state, MemoryState):
-            state.pending = False
+        OutOfPlace.commit(state)
 
 
 class ErrorFeedbackMethod(Method):

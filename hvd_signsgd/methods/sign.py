@@ -14,9 +14,10 @@ import math
 
 import torch
 
-from .. import wire
+from .. import kernels, wire
 from ..codecs import ScaledSign, Sign, StochasticSign, count_zeros
-from .base import ErrorFeedbackMethod, Method, as_sum, mix_seed
+from ..kernels._torch import momentum_update
+from .base import ErrorFeedbackMethod, MemoryState, Method, OutOfPlace, as_sum, mix_seed
 
 _SIGN = Sign()
 
@@ -65,12 +66,57 @@ class SignSGD(Method):
         return _sign_aggregate(self, gathered, ctx)
 
 
-class Signum(SignSGD):
+class _FusedMomentum:
+    """The momentum of Signum and SSDM, v <- (beta * v) + ((1 - beta) * g) with each operation
+    rounded in float32 (float32(beta), float32(1 - beta); no FMA: kernels.momentum_sign).
+    fused = True (default): a fused kernel writes the new v out of place (OutOfPlace), finds
+    NaN/Inf in v itself and leaves v as it was; the engine then keeps no backup of v and
+    skips its own NaN/Inf pass. Besides a non-finite g, a v that overflows float32 also counts
+    as non-finite there. fused = False: the unfused reference (in place, after the engine's
+    check of g), with the same arithmetic (kernels._torch.momentum_update), so both paths
+    give the same v and payloads bit for bit."""
+    fused = True
+    momentum = OutOfPlace("momentum")
+
+    def init_state(self, layout):
+        return MemoryState(momentum=torch.zeros(layout.numel))
+
+    @property
+    def encode_checks_finite(self):
+        return self.fused
+
+    @property
+    def self_restored_keys(self):
+        return ("momentum",) if self.fused else ()
+
+    def rollback(self, state):
+        self.momentum.rollback(state)
+
+    def commit(self, state):
+        self.momentum.commit(state)
+
+    def _update_momentum(self, g, state, ctx, beta, kernel):
+        """The unfused update, or kernel(g, m, m_out, beta) out of place; returns the
+        kernel's result (None when unfused or not finite: ctx.nonfinite is then set)."""
+        if ctx.nonfinite:
+            return None
+        if not self.fused:
+            m = state["momentum"]
+            momentum_update(g, m, m, beta)
+            return None
+        result = self.momentum.run(state, lambda olds, out: kernel(g, olds[0], out, beta))
+        if result is None:
+            ctx.nonfinite = True
+        return result
+
+
+class Signum(_FusedMomentum, SignSGD):
     """Signum: momentum on each rank, then the sign of the momentum, majority vote (section 1).
 
     v <- beta * v + (1 - beta) * g; send sign(v), sign(0) = 0 (zeros of v are marked: a
     coordinate whose momentum is exactly 0 does not vote). Wrap a plain SGD (no momentum of
-    its own).
+    its own). The update, its sign bits and zero marks and the NaN/Inf check are one pass
+    (kernels.momentum_sign; see _FusedMomentum for the arithmetic and fused = False).
     """
     name = "signum"
 
@@ -83,14 +129,17 @@ class Signum(SignSGD):
     def options(self):
         return {"beta": self.beta, "aggregation": self.aggregation}
 
-    def init_state(self, layout):
-        return {"momentum": torch.zeros(layout.numel)}
-
     def prepare(self, g, state, ctx):
-        if not ctx.nonfinite:
-            state["momentum"].mul_(self.beta).add_(g, alpha=1.0 - self.beta)
+        if not self.fused:           # fused: in encode, one pass with the sign bits
+            self._update_momentum(g, state, ctx, self.beta, None)
 
     def encode(self, g, state, ctx):
+        if self.fused:
+            found = self._update_momentum(g, state, ctx, self.beta, kernels.momentum_sign)
+            if found is not None:
+                bits, plane, zeros = found
+                return self.codec.encode_packed(state["momentum"], bits, plane, zeros,
+                                                layout=ctx.layout)
         return self.codec.encode(state["momentum"],
                                  flags=wire.FLAG_NONFINITE if ctx.nonfinite else 0,
                                  layout=ctx.layout)
@@ -134,6 +183,10 @@ class StochasticSignMethod(SignSGD):
     def _source(self, g, state):
         return g
 
+    def _zeros(self, x, ctx):
+        """count_zeros(x, ctx.layout) when already known (else None: the codec counts)."""
+        return None
+
     def norm_part(self, g, state, ctx):
         x = self._source(g, state)
         if self.norm_type == "linf":    # max |x_i| from min and max: no |x| temporary
@@ -153,10 +206,11 @@ class StochasticSignMethod(SignSGD):
         flags = wire.FLAG_NONFINITE if ctx.nonfinite else 0
         return self.codec.encode(x, norm=norm, seed=mix_seed(ctx.seed, ctx.rank, ctx.step),
                                  offset=ctx.offset, send_norm=True, flags=flags,
-                                 layout=ctx.layout)
+                                 layout=ctx.layout,
+                                 zeros=None if ctx.nonfinite else self._zeros(x, ctx))
 
 
-class SSDM(StochasticSignMethod):
+class SSDM(_FusedMomentum, StochasticSignMethod):
     """SSDM, stochastic sign descent with momentum (Safaryan & Richtarik, section 3.5).
 
     v <- beta_k v + (1 - beta_k) g; send the stochastic sign of v; the update is the MEAN of the
@@ -165,7 +219,11 @@ class SSDM(StochasticSignMethod):
     The guarantee is for homogeneous data only (every rank's gradient unbiased for the same
     objective, arXiv 1905.12938v6); on heterogeneous shards sign methods stall (section 3.4).
     aggregation="norm_weighted" also sends each rank's norm and averages norm_m * s_m.
-    Zeros of v (not of g) send 0.
+    Zeros of v (not of g) send 0. The update, max |v| (the linf norm's part), the zero count
+    and the NaN/Inf check are one pass in prepare (kernels.momentum_absmax; see
+    _FusedMomentum); the stochastic pack follows in encode, once the norm is known. With
+    norm_type="l2" the update is fused the same way but the sum of squares is still a
+    separate pass (in float64, as unfused).
     """
     name = "ssdm"
 
@@ -179,19 +237,26 @@ class SSDM(StochasticSignMethod):
     def options(self):
         return {"beta": self.beta, **super().options()}
 
-    def init_state(self, layout):
-        return {"momentum": torch.zeros(layout.numel)}
-
     def beta_at(self, step: int) -> float:
         return 1.0 - 1.0 / math.sqrt(step + 1) if self.beta == "schedule" else float(self.beta)
 
     def prepare(self, g, state, ctx):
-        if not ctx.nonfinite:
-            b = self.beta_at(ctx.method_step)     # the schedule starts with compression
-            state["momentum"].mul_(b).add_(g, alpha=1.0 - b)
+        b = self.beta_at(ctx.method_step)     # the schedule starts with compression
+        found = self._update_momentum(g, state, ctx, b, kernels.momentum_absmax)
+        if found is not None:
+            ctx.found["absmax"], ctx.found["zeros"] = found
+
+    def norm_part(self, g, state, ctx):
+        if self.norm_type == "linf" and "absmax" in ctx.found:
+            return ctx.found["absmax"]
+        return super().norm_part(g, state, ctx)
 
     def _source(self, g, state):
         return state["momentum"]
+
+    def _zeros(self, x, ctx):
+        total = ctx.found.get("zeros")
+        return None if total is None else count_zeros(x, ctx.layout, total=total)
 
 
 def ssdm_lr_lambda(step: int) -> float:

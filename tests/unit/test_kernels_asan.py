@@ -3,8 +3,8 @@ directory and runs the kernel property tests against it in a subprocess.
 
 The normal build is left alone (other test runs may be using it): the sanitized module is
 loaded through HVD_SIGNSGD_NATIVE_PATH, and the subprocess checks that it is really the one in
-use before running test_kernels.py, test_native_args.py and test_kernels_sparse.py (every ISA
-is exercised there).
+use before running test_kernels.py, test_native_args.py, test_kernels_fused.py,
+test_kernels_momentum.py and test_kernels_sparse.py (every ISA is exercised there).
 Also runnable on its own: native/asan_check.sh.
 """
 import os
@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 TESTS = ["tests/unit/test_kernels.py", "tests/unit/test_native_args.py",
-         "tests/unit/test_kernels_fused.py",
+         "tests/unit/test_kernels_fused.py", "tests/unit/test_kernels_momentum.py",
          "tests/unit/test_kernels_sparse.py"]
 SANITIZER_REPORTS = ("ERROR: AddressSanitizer", "runtime error:", "ERROR: LeakSanitizer",
                      "UndefinedBehaviorSanitizer")
