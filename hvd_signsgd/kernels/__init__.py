@@ -332,29 +332,45 @@ def _segment_pairs(segments, n):
     return segs
 
 
-def ef_sign(g, e, e_out, segments):
-    """Fused error-feedback scaled sign over p = g + e (see the module doc)."""
-    for t, name in ((g, "g"), (e, "e"), (e_out, "e_out")):
+def _listed(names, last):
+    return ", ".join(names[:-1]) + f" {last} " + names[-1]
+
+
+def _check_streams(out_name, out, **inputs):
+    """The fused kernels' arrays: float32, 1-D, contiguous, on one device, of one length
+    (at most 2**31), out disjoint from the inputs. Returns the length."""
+    first = next(iter(inputs.values()))
+    for name, t in (*inputs.items(), (out_name, out)):
         _check_tensor(t, name)
         if t.dtype != torch.float32:
             raise TypeError(f"{name} must be float32, not {t.dtype}")
-        if t.dim() != 1 or not t.is_contiguous() or t.device != g.device:
-            raise ValueError(f"{name} must be 1-D, contiguous, on {g.device}")
-    n = g.numel()
-    if e.numel() != n or e_out.numel() != n:
-        raise ValueError("g, e and e_out must have the same number of elements")
+        if t.dim() != 1 or not t.is_contiguous() or t.device != first.device:
+            raise ValueError(f"{name} must be 1-D, contiguous, on {first.device}")
+    n = first.numel()
+    if any(t.numel() != n for t in (*inputs.values(), out)):
+        raise ValueError(f"{_listed([*inputs, out_name], 'and')} must have the same number "
+                         f"of elements")
     if n > 1 << 31:
         raise ValueError("more than 2**31 elements")
-    if n and (e_out.data_ptr() == e.data_ptr() or e_out.data_ptr() == g.data_ptr()):
-        raise ValueError("e_out must not be g or e")
-    if _native_for(g) and isinstance(segments, torch.Tensor):
-        # the extension checks the pairs itself (ValueError), cheaper than these Python checks
-        return _cpu.ef_sign(_native, g, e, e_out,
-                            segments.detach().to("cpu", torch.int64).reshape(-1, 2).contiguous())
-    segs = _segment_pairs(segments, n)
+    if n and out.data_ptr() in [t.data_ptr() for t in inputs.values()]:
+        raise ValueError(f"{out_name} must not be {_listed(list(inputs), 'or')}")
+    return n
+
+
+def _native_segments(segments, n):
+    """The segments as the extension takes them: a tensor as is (the extension checks the
+    pairs itself, cheaper than _segment_pairs), anything else checked here."""
+    if isinstance(segments, torch.Tensor):
+        return segments.detach().to("cpu", torch.int64).reshape(-1, 2).contiguous()
+    return _segment_pairs(segments, n)
+
+
+def ef_sign(g, e, e_out, segments):
+    """Fused error-feedback scaled sign over p = g + e (see the module doc)."""
+    n = _check_streams("e_out", e_out, g=g, e=e)
     if _native_for(g):
-        return _cpu.ef_sign(_native, g, e, e_out, segs)
-    return _torch.ef_sign(g.detach(), e.detach(), e_out, segs.tolist())
+        return _cpu.ef_sign(_native, g, e, e_out, _native_segments(segments, n))
+    return _torch.ef_sign(g.detach(), e.detach(), e_out, _segment_pairs(segments, n).tolist())
 
 
 def ecx_sign(u, d1, d2, d_out, segments, alpha):
@@ -363,28 +379,11 @@ def ecx_sign(u, d1, d2, d_out, segments, alpha):
         raise TypeError(f"alpha must be a float, not {type(alpha).__name__}")
     if not 0.0 < alpha <= 1.0:
         raise ValueError(f"alpha must be in (0, 1], not {alpha!r}")
-    names = ("u", "d1", "d2", "d_out")
-    for t, name in zip((u, d1, d2, d_out), names):
-        _check_tensor(t, name)
-        if t.dtype != torch.float32:
-            raise TypeError(f"{name} must be float32, not {t.dtype}")
-        if t.dim() != 1 or not t.is_contiguous() or t.device != u.device:
-            raise ValueError(f"{name} must be 1-D, contiguous, on {u.device}")
-    n = u.numel()
-    if d1.numel() != n or d2.numel() != n or d_out.numel() != n:
-        raise ValueError("u, d1, d2 and d_out must have the same number of elements")
-    if n > 1 << 31:
-        raise ValueError("more than 2**31 elements")
-    if n and d_out.data_ptr() in (u.data_ptr(), d1.data_ptr(), d2.data_ptr()):
-        raise ValueError("d_out must not be u, d1 or d2")
-    if _native_for(u) and isinstance(segments, torch.Tensor):
-        return _cpu.ecx_sign(_native, u, d1, d2, d_out,
-                             segments.detach().to("cpu", torch.int64).reshape(-1, 2).contiguous(),
-                             alpha)
-    segs = _segment_pairs(segments, n)
+    n = _check_streams("d_out", d_out, u=u, d1=d1, d2=d2)
     if _native_for(u):
-        return _cpu.ecx_sign(_native, u, d1, d2, d_out, segs, alpha)
-    return _torch.ecx_sign(u.detach(), d1.detach(), d2.detach(), d_out, segs.tolist(), alpha)
+        return _cpu.ecx_sign(_native, u, d1, d2, d_out, _native_segments(segments, n), alpha)
+    return _torch.ecx_sign(u.detach(), d1.detach(), d2.detach(), d_out,
+                           _segment_pairs(segments, n).tolist(), alpha)
 
 
 def ecx_coefficients(alpha):
@@ -402,19 +401,7 @@ def tree_abs_sum(x):
 
 
 def _check_momentum(g, m, m_out, beta):
-    for t, name in ((g, "g"), (m, "m"), (m_out, "m_out")):
-        _check_tensor(t, name)
-        if t.dtype != torch.float32:
-            raise TypeError(f"{name} must be float32, not {t.dtype}")
-        if t.dim() != 1 or not t.is_contiguous() or t.device != g.device:
-            raise ValueError(f"{name} must be 1-D, contiguous, on {g.device}")
-    n = g.numel()
-    if m.numel() != n or m_out.numel() != n:
-        raise ValueError("g, m and m_out must have the same number of elements")
-    if n > 1 << 31:
-        raise ValueError("more than 2**31 elements")
-    if n and (m_out.data_ptr() == m.data_ptr() or m_out.data_ptr() == g.data_ptr()):
-        raise ValueError("m_out must not be g or m")
+    _check_streams("m_out", m_out, g=g, m=m)
     beta = float(beta)
     if not math.isfinite(beta):
         raise ValueError(f"beta must be finite, not {beta}")
