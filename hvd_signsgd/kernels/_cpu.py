@@ -71,31 +71,30 @@ def count_zeros(native, x):
     return native.count_zeros(buffer(_contiguous(x)))
 
 
+def _scaled_sign_outputs(n, segments):
+    """bits, zero plane, per-segment scales and zero counts: the fused sign kernels' outputs."""
+    nb = nbytes(n)
+    return (torch.empty(nb, dtype=torch.uint8), torch.empty(nb, dtype=torch.uint8),
+            torch.empty(segments.shape[0], dtype=torch.float32),
+            torch.empty(segments.shape[0] + 1, dtype=torch.int64))
+
+
 def ef_sign(native, g, e, e_out, segments):
     """segments: int64 (S, 2) CPU tensor. None when something is not finite."""
-    nb = nbytes(g.numel())
-    bits = torch.empty(nb, dtype=torch.uint8)
-    zplane = torch.empty(nb, dtype=torch.uint8)
-    scales = torch.empty(segments.shape[0], dtype=torch.float32)
-    zeros = torch.empty(segments.shape[0] + 1, dtype=torch.int64)
-    if not native.ef_sign(buffer(g), buffer(e), buffer(e_out), buffer(segments), buffer(bits),
-                          buffer(zplane), buffer(scales), buffer(zeros)):
+    out = _scaled_sign_outputs(g.numel(), segments)
+    if not native.ef_sign(buffer(g), buffer(e), buffer(e_out), buffer(segments),
+                          *map(buffer, out)):
         return None
-    return bits, zplane, scales, zeros
+    return out
 
 
 def ecx_sign(native, u, d1, d2, d_out, segments, alpha):
     """segments: int64 (S, 2) CPU tensor. None when something is not finite."""
-    nb = nbytes(u.numel())
-    bits = torch.empty(nb, dtype=torch.uint8)
-    zplane = torch.empty(nb, dtype=torch.uint8)
-    scales = torch.empty(segments.shape[0], dtype=torch.float32)
-    zeros = torch.empty(segments.shape[0] + 1, dtype=torch.int64)
+    out = _scaled_sign_outputs(u.numel(), segments)
     if not native.ecx_sign(buffer(u), buffer(d1), buffer(d2), buffer(d_out), buffer(segments),
-                           buffer(bits), buffer(zplane), buffer(scales), buffer(zeros),
-                           float(alpha)):
+                           *map(buffer, out), float(alpha)):
         return None
-    return bits, zplane, scales, zeros
+    return out
 
 
 def momentum_sign(native, g, m, m_out, beta):
