@@ -64,7 +64,7 @@ os.environ.setdefault("HOROVOD_CPU_OPERATIONS", "mpi")
 import horovod.torch as hvd  # noqa: E402
 import torch  # noqa: E402
 
-DEFAULT_CONTENDERS = ("hvd_fp32,hvd_fp16,none,signsgd,ssdm,ef_signsgd,"
+DEFAULT_CONTENDERS = ("hvd_fp32,hvd_fp16,none,signsgd,signum,ssdm,ef_signsgd,"
                       "topk:ratio=0.01,topk:ratio=0.001,threshold:lam=2.576")
 
 
