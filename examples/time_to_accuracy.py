@@ -254,8 +254,8 @@ class Run:
 
 def summarise(runs: list, args, meta: dict) -> dict:
     """Per contender: curve, final accuracy, time and steps to the target, speed-ups."""
-    rows = {r.c.label: r for r in runs}
-    ref = rows.get("hvd_fp32")
+    # the reference: the first Horovod fp32 contender (its lr may be overridden)
+    ref = next((r for r in runs if r.c.name == "hvd_fp32"), None)
     target = None
     if ref is not None and ref.curve:
         tail = [a for _, _, a, _ in ref.curve[-3:]]
@@ -291,7 +291,9 @@ def speedups(res: list) -> None:
     for i in res:
         i["time_to_target_est_s"] = (i["steps_to_target"] * i["step_s_median"]
                                      if i["steps_to_target"] else None)
-    by = {i["contender"]: i for i in res}
+    by = {}
+    for i in res:                    # the first contender of each Horovod kind is the base
+        by.setdefault(i["method"], i)
     for i in res:
         for base in ("hvd_fp32", "hvd_fp16"):
             for key, tag in (("time_to_target_s", ""), ("time_to_target_est_s", "est_")):
