@@ -24,7 +24,8 @@ bytes. Every piece to rank j has the same length, so no sizes are exchanged.
 
 Owner j's result (phase 2), a wire header (codec, n = shard elements, nnz, flags) and:
   majority  the sign plane of the vote (bit set = -1), then the ties (vote 0), which one bit
-            cannot carry: none (nnz = 0; with an odd number of voters there are none), or
+            cannot carry: none (nnz = 0; with an odd number of voters there are none, and
+            with ties="owner" the owner breaks them with its own signs), or
             nnz int32 offsets into the shard, or, with FLAG_DENSE, a tie plane (bit set = 0),
             whichever is smaller. Decoded to exactly the values the allgather vote gives.
   mean      nnz = ceil(log2(n + 1)) bit planes of c, the number of -1 signs per element
@@ -102,7 +103,8 @@ from .methods.sign import EFSignSGD, SignSGD
 
 EXCHANGES = ("auto", "allgather", "alltoall", "hierarchical")
 LOCAL_SIZE_ENV = "HVD_SIGNSGD_LOCAL_SIZE"
-WORD = 4                      # shard granularity in bytes of packed bits
+WORD = wire.WORD
+shard_bounds, shard_elements = wire.shard_bounds, wire.shard_elements
 _FLAG_FAILED = 1 << 8         # phase 2: the owner could not aggregate its shard
 _FLAG_MARKED = 1 << 9         # phase 1: the sender's payload marks exact zeros (sign(0) = 0),
                               # which a shard of sign bits cannot carry; phase 2: so some
@@ -122,29 +124,6 @@ _FLAG_MARKED = 1 << 9         # phase 1: the sender's payload marks exact zeros 
 ALPHA = 3.0e-2
 BETA = 4.0e-8
 GAMMA = 2.0e-8
-
-
-def shard_bounds(nbytes: int, n: int, word: int = WORD) -> list[tuple[int, int]]:
-    """[(first byte, end byte)] of the n shards of nbytes packed bytes: contiguous, in rank
-    order, covering [0, nbytes); in whole words of `word` bytes, the counts of words differing
-    by at most one (with w words, the first w % n shards have one more; the last word may be
-    partial). A shard may be empty when there are fewer words than ranks."""
-    if n < 1 or word < 1 or nbytes < 0:
-        raise ValueError(f"bad shard arguments nbytes={nbytes}, n={n}, word={word}")
-    words = -(-nbytes // word)
-    q, r = divmod(words, n)
-    out = []
-    for j in range(n):
-        w0 = j * q + min(j, r)
-        w1 = w0 + q + (j < r)
-        out.append((min(w0 * word, nbytes), min(w1 * word, nbytes)))
-    return out
-
-
-def shard_elements(numel: int, n: int, word: int = WORD) -> list[tuple[int, int]]:
-    """[(first element, element count)] of the n shards of a bucket of numel elements."""
-    return [(8 * b0, max(0, min(8 * b1, numel) - 8 * b0))
-            for b0, b1 in shard_bounds(-(-numel // 8), n, word)]
 
 
 def count_bits(n_ranks: int) -> int:
@@ -195,7 +174,8 @@ def route_bytes(method, numel: int, n: int, route: str) -> int:
     if route == "allgather":
         return (n - 1) * wire.payload_nbytes(method.codec.codec, numel,
                                              n_scales=_n_scales(method))
-    planes = count_bits(n) if method.aggregation == "mean" else 1 + (n % 2 == 0)
+    planes = (count_bits(n) if method.aggregation == "mean"
+              else 1 + (n % 2 == 0 and getattr(method, "ties", "zero") == "zero"))
     # phase 1: shard j arrives from n - 1 ranks at rank j; phase 2: owner j's result arrives
     # at n - 1 ranks; per rank, the mean over j of both
     per_shard = [2 * wire.HEADER_NBYTES + (1 + planes) * _r4(b1 - b0)
@@ -477,6 +457,10 @@ class _ShardedHandle:
                       for i in range(self.bits)]
             return _message(self.codec, k, 0, self.bits, *planes)
         vote = kernels.vote(rows, k, mode="majority")
+        if self.b.active.ties == "owner" and j in voters and kernels.count_zeros(vote):
+            # ties take this rank's own sign (SignSGD's ties="owner"): one plane, no ties
+            mine = kernels.unpack_signs(rows[voters.index(j)], k)
+            vote = torch.where(vote == 0, mine, vote)
         signs = _pad4(kernels.pack_signs(vote))
         t = kernels.count_zeros(vote)
         if t == 0:

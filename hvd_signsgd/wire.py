@@ -251,3 +251,29 @@ def split(gathered: torch.Tensor, n_ranks: int, *, bucket: str, codec: str,
         raise PayloadError(f"bucket {bucket}: {gathered.numel() - pos} trailing bytes after "
                            f"{n_ranks} payloads")
     return out
+
+
+WORD = 4        # the sharded exchange cuts packed bits in whole words of WORD bytes
+
+
+def shard_bounds(nbytes: int, n: int, word: int = WORD) -> list[tuple[int, int]]:
+    """[(first byte, end byte)] of the n shards of nbytes packed bytes: contiguous, in rank
+    order, covering [0, nbytes); in whole words of `word` bytes, the counts of words differing
+    by at most one (with w words, the first w % n shards have one more; the last word may be
+    partial). A shard may be empty when there are fewer words than ranks."""
+    if n < 1 or word < 1 or nbytes < 0:
+        raise ValueError(f"bad shard arguments nbytes={nbytes}, n={n}, word={word}")
+    words = -(-nbytes // word)
+    q, r = divmod(words, n)
+    out = []
+    for j in range(n):
+        w0 = j * q + min(j, r)
+        w1 = w0 + q + (j < r)
+        out.append((min(w0 * word, nbytes), min(w1 * word, nbytes)))
+    return out
+
+
+def shard_elements(numel: int, n: int, word: int = WORD) -> list[tuple[int, int]]:
+    """[(first element, element count)] of the n shards of a bucket of numel elements."""
+    return [(8 * b0, max(0, min(8 * b1, numel) - 8 * b0))
+            for b0, b1 in shard_bounds(-(-numel // 8), n, word)]

@@ -20,11 +20,43 @@ from ..kernels._torch import momentum_update
 from .base import ErrorFeedbackMethod, MemoryState, Method, OutOfPlace, as_sum, mix_seed
 
 _SIGN = Sign()
+TIES = ("zero", "owner")
+
+
+def _check_ties(ties: str, aggregation: str) -> str:
+    if ties not in TIES:
+        raise ValueError(f"ties must be one of {TIES}, not {ties!r}")
+    if ties == "owner" and aggregation != "majority":
+        raise ValueError(f"ties='owner' breaks ties of the majority vote; aggregation "
+                         f"{aggregation!r} has none to break")
+    return ties
+
+
+def _break_ties(method, vote, gathered, ctx) -> torch.Tensor:
+    """ties="owner": a tied element (vote 0) of shard j (wire.shard_elements over the ranks)
+    takes the sign rank j sent for it, 0 where rank j sent 0 or did not vote. The sharded
+    exchange's owner j breaks its shard's ties the same way, so both exchanges agree bit for
+    bit, and its result needs one bit per element."""
+    if kernels.count_zeros(vote) == 0:
+        return vote
+    n = ctx.n_ranks or ctx.size
+    payloads = wire.split(gathered, n, bucket=ctx.bucket, codec=method.codec.codec,
+                          n=ctx.layout.numel)
+    for j, (e0, k) in enumerate(wire.shard_elements(vote.numel(), n)):
+        p = payloads[j]
+        if k and not p.header.flags & wire.FLAG_JOINED:
+            seg = vote[e0:e0 + k]
+            seg.copy_(torch.where(seg == 0, method.codec.decode_slice(p, e0, k), seg))
+    return vote
 
 
 def _sign_aggregate(method, gathered, ctx, weights=None):
     payloads = method._payloads(gathered, ctx, method.codec)
     mode = method.aggregation
+    if mode == "majority" and method.ties == "owner":
+        out = method.codec.aggregate(payloads, ctx.layout.numel, mode, weights=weights,
+                                     out=ctx.out)
+        return _break_ties(method, out, gathered, ctx)
     if mode == "norm_weighted":
         # E[norm_m * s~(v_m)] = v_m, so this mean is unbiased for the average momentum.
         weights = torch.stack([p.scales[0] for p in payloads]) / ctx.size
@@ -42,17 +74,23 @@ class SignSGD(Method):
     as the gradient, so SGD(lr, weight_decay) applies x <- x - lr * (vote + wd * x): decoupled
     weight decay after the vote. aggregation="mean" averages the signs instead. A rank's
     exact zero does not vote: the vote is sign(sum_m sign(g_m)) with sign(0) = 0.
+
+    ties (majority only; an even number of voters can tie): "zero" (default) gives 0, no
+    move; "owner" takes the sign of one rank fixed per element, the owner of its shard on the
+    sharded exchange (rank j for shard j of wire.shard_elements), on either exchange. With
+    "owner" the sharded exchange's result is one bit per element at any n (with "zero" the
+    ties travel too: up to a second bit plane); at odd n the two rules agree.
     """
     name, bits_per_coordinate = "signsgd", 1.0
     codec = _SIGN
 
-    def __init__(self, aggregation: str = "majority"):
+    def __init__(self, aggregation: str = "majority", ties: str = "zero"):
         if aggregation not in ("majority", "mean"):
             raise ValueError(f"aggregation must be 'majority' or 'mean', not {aggregation!r}")
-        self.aggregation = aggregation
+        self.aggregation, self.ties = aggregation, _check_ties(ties, aggregation)
 
     def options(self):
-        return {"aggregation": self.aggregation}
+        return {"aggregation": self.aggregation, "ties": self.ties}
 
     @property
     def unit_scale(self):
@@ -120,14 +158,14 @@ class Signum(_FusedMomentum, SignSGD):
     """
     name = "signum"
 
-    def __init__(self, beta: float = 0.9, aggregation: str = "majority"):
-        super().__init__(aggregation)
+    def __init__(self, beta: float = 0.9, aggregation: str = "majority", ties: str = "zero"):
+        super().__init__(aggregation, ties)
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"beta must be in [0, 1), not {beta}")
         self.beta = beta
 
     def options(self):
-        return {"beta": self.beta, "aggregation": self.aggregation}
+        return {"beta": self.beta, "aggregation": self.aggregation, "ties": self.ties}
 
     def prepare(self, g, state, ctx):
         if not self.fused:           # fused: in encode, one pass with the sign bits
@@ -166,7 +204,7 @@ class StochasticSignMethod(SignSGD):
     codec = StochasticSign()
 
     def __init__(self, aggregation: str = "majority", norm: str = "model",
-                 norm_type: str = "linf"):
+                 norm_type: str = "linf", ties: str = "zero"):
         if aggregation not in ("majority", "mean", "norm_weighted"):
             raise ValueError("aggregation must be 'majority', 'mean' or 'norm_weighted', "
                              f"not {aggregation!r}")
@@ -175,10 +213,12 @@ class StochasticSignMethod(SignSGD):
         if norm_type not in ("l2", "linf"):
             raise ValueError(f"norm_type must be 'l2' or 'linf', not {norm_type!r}")
         self.aggregation, self.norm, self.norm_type = aggregation, norm, norm_type
+        self.ties = _check_ties(ties, aggregation)
         self.model_scope = norm == "model"
 
     def options(self):
-        return {"aggregation": self.aggregation, "norm": self.norm, "norm_type": self.norm_type}
+        return {"aggregation": self.aggregation, "norm": self.norm, "norm_type": self.norm_type,
+                "ties": self.ties}
 
     def _source(self, g, state):
         return g
@@ -228,8 +268,8 @@ class SSDM(_FusedMomentum, StochasticSignMethod):
     name = "ssdm"
 
     def __init__(self, beta=0.9, aggregation: str = "mean", norm: str = "model",
-                 norm_type: str = "linf"):
-        super().__init__(aggregation, norm, norm_type)
+                 norm_type: str = "linf", ties: str = "zero"):
+        super().__init__(aggregation, norm, norm_type, ties)
         if beta != "schedule" and not 0.0 <= float(beta) < 1.0:
             raise ValueError(f"beta must be in [0, 1) or 'schedule', not {beta!r}")
         self.beta = beta

@@ -16,7 +16,8 @@ from hvd_signsgd.exchange import shard_bounds, shard_elements, count_bits
 hvd.init()
 rank, n = hvd.rank(), hvd.size()
 METHODS = [("signsgd", {}), ("signum", {}), ("stochastic_sign", {}), ("ssdm", {}),
-           ("signsgd", {"aggregation": "mean"})]
+           ("signsgd", {"aggregation": "mean"}), ("signsgd", {"ties": "owner"}),
+           ("signum", {"ties": "owner"})]
 
 def model():
     torch.manual_seed(0)
@@ -40,7 +41,7 @@ def step(m, opt, k, poison=False):
 
 out = {}
 for method, opts in METHODS:
-    key = method + "-" + opts.get("aggregation", "default")
+    key = method + "-" + opts.get("aggregation", "default") + ("-owner" if "ties" in opts else "")
     res = {}
     for exchange in ("allgather", "alltoall"):
         m, opt = make(method, opts, exchange)
@@ -115,7 +116,7 @@ def test_alltoall_matches_allgather_bit_for_bit_with_exact_bytes(mpi_job, launch
     results = mpi_job(JOB, np=np, launcher=launcher, timeout=400).ok()
     import struct
     for key in ("signsgd-default", "signum-default", "stochastic_sign-default",
-                "ssdm-default", "signsgd-mean"):
+                "ssdm-default", "signsgd-mean", "signsgd-default-owner", "signum-default-owner"):
         digests = {(r[key]["allgather"]["digest"], r[key]["alltoall"]["digest"])
                    for r in results}
         assert len(digests) == 1, f"{key}: ranks differ"
@@ -131,6 +132,10 @@ def test_alltoall_matches_allgather_bit_for_bit_with_exact_bytes(mpi_job, launch
             assert (a["sent"], a["received"], a["wire"]) == want, (key, rank)
             g = res[key]["allgather"]
             assert (g["sent"], g["received"], g["wire"]) == expected_allgather(np, scales)
+            if key.endswith("-owner"):      # no tie left: one plane per owner at any n
+                assert 0 not in a["aggregate"] and -2 ** 31 not in a["aggregate"], key
+    # the default rule does tie at even n (so "owner" had ties to break)
+    assert np % 2 or 0 in results[0]["signsgd-default"]["alltoall"]["aggregate"]
     for res in results:
         assert res["nan"].startswith("NonFiniteGradientError"), res["nan"]
         assert f"rank(s) [{np - 1}]" in res["nan"]
