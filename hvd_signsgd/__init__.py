@@ -19,11 +19,11 @@ from .compression import Compression
 from .engine import StepError
 from .exchange import ExchangeError
 from .methods import METHODS, Method, NonFiniteGradientError, make_method, ssdm_lr_lambda
-from .wire import PayloadError
+from .wire import PayloadError, SenderFailedError
 
 __all__ = ["DistributedOptimizer", "Compression", "METHODS", "Method", "make_method",
-           "NonFiniteGradientError", "PayloadError", "StepError", "ExchangeError",
-           "ssdm_lr_lambda", "kernels", "ddp"]
+           "NonFiniteGradientError", "PayloadError", "SenderFailedError", "StepError",
+           "ExchangeError", "ssdm_lr_lambda", "kernels", "ddp"]
 __version__ = "0.1.0"
 
 

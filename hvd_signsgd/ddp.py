@@ -206,7 +206,11 @@ class State:
         with self._finishing:
             bad = False
             for part in parts:
-                error = self.engine.finish_bucket(part.bucket)
+                try:
+                    error = self.engine.finish_bucket(part.bucket)
+                except Exception:
+                    self.engine.raise_own_failure()     # this rank's own, if it has one
+                    raise
                 if error is not None:
                     self._error, bad = self._error or error, True
             if bad:

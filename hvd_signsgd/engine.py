@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import kernels
+from . import kernels, wire
 from .codecs import Layout
 from .communicator import Counters
 from .exchange import make_exchange
@@ -84,6 +84,7 @@ class Bucket:
     active: Method = None   # the method used this step (the dense one during warm-up)
     part: object = None     # exchange="hierarchical": this rank's slice (exchange._Part)
     work: object = None     # what this step encodes: the bucket, or its part
+    failed: Exception = None  # what the method raised on this rank this step (Engine._fail)
 
 
 @dataclass
@@ -129,6 +130,7 @@ class Engine:
         self._step_started = False
         self.launch_times = []       # (bucket indices, start, end) of this step's encodes
         self._counted = False
+        self._failure = None         # the first error a method raised on this rank this step
 
     # --- construction -------------------------------------------------------------------------
 
@@ -318,6 +320,7 @@ class Engine:
         t0 = time.perf_counter()
         warm = self.step < self.start_step
         for b in buckets:
+            b.failed = None
             b.active = self.dense if warm else b.method
             compressed = b.active is not self.dense
             # a method that checks NaN/Inf in its own encode sets ctx.nonfinite itself
@@ -335,13 +338,18 @@ class Engine:
             # the hierarchical exchange reduces on the host first and encodes a slice
             b.work = b if self._joined else self.exchange.work(b)
             if not self._joined:
-                b.active.prepare(b.work.flat, b.state, b.work.ctx)
+                self._guarded(b, b.active.prepare, b.work.flat, b.state, b.work.ctx)
         if method.model_scope and any(b.ctx.nonfinite for b in buckets):
             for b in buckets:     # a fused prepare (ssdm) found NaN/Inf in some bucket
                 b.ctx.nonfinite = True
         if method.model_scope and not self._joined:
-            norm = method.combine_norms([method.norm_part(b.flat, b.state, b.ctx)
-                                         for b in buckets])
+            try:
+                norm = method.combine_norms([method.norm_part(b.flat, b.state, b.ctx)
+                                             for b in buckets])
+            except Exception as e:  # noqa: BLE001 - sent as FLAG_FAILED, raised in finish
+                for b in buckets:
+                    self._fail(b, e)
+                norm = 0.0
             for b in buckets:
                 b.ctx.model_norm = norm
         for b in buckets:
@@ -350,12 +358,35 @@ class Engine:
         self.comm.counters.seconds_encode += t1 - t0
         self.launch_times.append(([b.index for b in buckets], t0, t1))
 
+    def _guarded(self, b: Bucket, fn, *args):
+        """fn(*args) for bucket b, unless its method already failed this step (_fail)."""
+        if b.failed is None:
+            try:
+                return fn(*args)
+            except Exception as e:  # noqa: BLE001 - sent as FLAG_FAILED, raised in finish
+                self._fail(b, e)
+        return None
+
+    def _fail(self, b: Bucket, error: Exception) -> None:
+        """b's method raised on this rank. Raising here would leave the other ranks waiting in
+        the bucket's collective, so a method with a wire payload sends a FLAG_FAILED header
+        instead: they raise SenderFailedError, and this rank raises the error itself once the
+        step's collectives are done (finish). Dense methods (allreduce) raise at once."""
+        if b.active.collective != "allgather":
+            raise error
+        b.failed = error
+        if self._failure is None:
+            self._failure = error
+
     def _send(self, b: Bucket) -> None:
         w = b.work
         if self._joined:
             msg = b.active.encode_joined(w.flat, w.ctx)
         else:
-            msg = b.active.encode(w.flat, b.state, w.ctx)
+            msg = self._guarded(b, b.active.encode, w.flat, b.state, w.ctx)
+            if b.failed is not None:
+                msg = wire.build(wire.Header(b.active.codec.codec, w.layout.numel,
+                                             flags=wire.FLAG_NONFINITE | wire.FLAG_FAILED))
         extra = self.comm.counters.extra
         for k, v in w.ctx.stats.items():      # method counts (nnz_sent, dense_fallbacks, ...)
             extra[k] = extra.get(k, 0) + v
@@ -365,12 +396,23 @@ class Engine:
         """Wait for every bucket in a fixed order and aggregate it into its flat buffer
         (identical on every rank). A non-finite step restores every bucket's state."""
         error = None
-        for b in self.buckets:
-            if error is None:
-                error = self.finish_bucket(b)
-            else:
-                b.handle.wait()     # finish the collectives in flight; nothing is applied
+        try:
+            for b in self.buckets:
+                if error is None:
+                    error = self.finish_bucket(b)
+                else:
+                    b.handle.wait()     # finish the collectives in flight; nothing is applied
+        except Exception:
+            self.raise_own_failure()
+            raise
+        self.raise_own_failure()        # the front end drains and restores
         return self.end_step(error)
+
+    def raise_own_failure(self) -> None:
+        """Raise what this rank's method raised this step (_fail), if it did: the other ranks
+        raise SenderFailedError for it."""
+        if self._failure is not None:
+            raise self._failure
 
     def finish_bucket(self, b: Bucket) -> NonFiniteGradientError | None:
         """Wait for one bucket and aggregate it into b.flat (identical on every rank). Returns
@@ -447,6 +489,7 @@ class Engine:
 
     def _abort_step(self):
         self._step_started = False
+        self._failure = None
         for b in self.buckets:
             b.saved = False
 

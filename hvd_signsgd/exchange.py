@@ -346,7 +346,7 @@ class _ShardedHandle:
     def _pieces(self, msg):
         b = self.b
         (p,) = wire.split(msg, 1, bucket=b.name, codec=self.codec, n=b.layout.numel)
-        flags = p.header.flags & (wire.FLAG_NONFINITE | wire.FLAG_JOINED)
+        flags = p.header.flags & (wire.FLAG_NONFINITE | wire.FLAG_JOINED | wire.FLAG_FAILED)
         if p.header.flags & wire.FLAG_ZEROS and not flags:
             flags = _FLAG_MARKED
         out = torch.zeros(sum(self.pieces), dtype=torch.uint8)
@@ -421,7 +421,7 @@ class _ShardedHandle:
         if received.numel() != n * size:
             raise wire.PayloadError(f"bucket {self.b.name}: rank {j} received "
                                     f"{received.numel()} bytes of shards, expected {n * size}")
-        voters, bad, marked = [], [], False
+        voters, bad, failed, marked = [], [], [], False
         for m in range(n):
             h = wire.parse_header(received, m * size, rank=m, bucket=self.b.name)
             if h.codec != self.codec or h.n != k or h.n_scales != self.n_scales:
@@ -429,11 +429,17 @@ class _ShardedHandle:
                     f"rank {m} sent shard {j} of bucket {self.b.name} as {h.codec!r} with "
                     f"{h.n} elements and {h.n_scales} scales; rank {j} expects "
                     f"{self.codec!r} with {k} and {self.n_scales}")
-            if h.flags & wire.FLAG_NONFINITE:
+            if h.flags & wire.FLAG_FAILED:
+                failed.append(m)
+            elif h.flags & wire.FLAG_NONFINITE:
                 bad.append(m)
             elif not h.flags & wire.FLAG_JOINED:
                 voters.append(m)
             marked = marked or bool(h.flags & _FLAG_MARKED)
+        if failed:      # answered with _FLAG_FAILED and this text (_run)
+            raise wire.SenderFailedError(
+                f"the method raised on rank(s) {failed} while encoding bucket {self.b.name} "
+                f"(see the error there); the step is not applied on any rank")
         if marked and not bad:
             # every rank falls back to the allgather (the double squeeze too: that step is
             # exact ef_signsgd and leaves owner_error as it is, so owner conservation holds)

@@ -62,6 +62,8 @@ FLAG_NONFINITE = 1 << 0   # the sender's gradient had NaN/Inf; body is zero and 
 FLAG_DENSE = 1 << 1       # a sparse codec fell back to sending every coordinate (fp32 body)
 FLAG_JOINED = 1 << 7      # the sender has joined (optimizer.join()): no body, no vote
 FLAG_ZEROS = 1 << 2       # sign codecs: nnz exact zeros are marked and do not vote (see above)
+FLAG_FAILED = 1 << 3      # the sender's encode raised: no body (sent with FLAG_NONFINITE, so
+                          # every reader skips the body); every rank raises SenderFailedError
 
 SIGN_CODECS = ("sign", "scaled_sign", "stochastic_sign")
 
@@ -72,6 +74,11 @@ def _round4(n: int) -> int:
 
 class PayloadError(RuntimeError):
     """A received payload is malformed or does not match this rank's bucket."""
+
+
+class SenderFailedError(PayloadError):
+    """Another rank's method raised while encoding its payload (FLAG_FAILED); that rank raises
+    its own error. The step is applied on no rank."""
 
 
 @dataclass(frozen=True)

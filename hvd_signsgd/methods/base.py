@@ -63,6 +63,11 @@ class StepContext:
 
 
 def check_flags(payloads, ctx: StepContext) -> None:
+    failed = [p.rank for p in payloads if p.header.flags & wire.FLAG_FAILED]
+    if failed:
+        raise wire.SenderFailedError(
+            f"the method raised on rank(s) {failed} while encoding bucket {ctx.bucket} at step "
+            f"{ctx.step} (see the error there); the step is not applied on any rank")
     bad = [p.rank for p in payloads if p.header.flags & wire.FLAG_NONFINITE]
     if bad:
         raise NonFiniteGradientError(
