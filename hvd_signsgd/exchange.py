@@ -463,12 +463,12 @@ class _ShardedHandle:
                       for i in range(self.bits)]
             return _message(self.codec, k, 0, self.bits, *planes)
         vote = kernels.vote(rows, k, mode="majority")
-        if self.b.active.ties == "owner" and j in voters and kernels.count_zeros(vote):
+        t = kernels.count_zeros(vote)
+        if t and self.b.active.ties == "owner" and j in voters:
             # ties take this rank's own sign (SignSGD's ties="owner"): one plane, no ties
             mine = kernels.unpack_signs(rows[voters.index(j)], k)
-            vote = torch.where(vote == 0, mine, vote)
+            vote, t = torch.where(vote == 0, mine, vote), 0
         signs = _pad4(kernels.pack_signs(vote))
-        t = kernels.count_zeros(vote)
         if t == 0:
             return _message(self.codec, k, 0, 0, signs)
         if 4 * t < _r4(nb):

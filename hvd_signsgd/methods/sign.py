@@ -32,38 +32,33 @@ def _check_ties(ties: str, aggregation: str) -> str:
     return ties
 
 
-def _break_ties(method, vote, gathered, ctx) -> torch.Tensor:
+def _break_ties(method, vote, payloads, ctx) -> torch.Tensor:
     """ties="owner": a tied element (vote 0) of shard j (wire.shard_elements over the ranks)
     takes the sign rank j sent for it, 0 where rank j sent 0 or did not vote. The sharded
     exchange's owner j breaks its shard's ties the same way, so both exchanges agree bit for
-    bit, and its result needs one bit per element."""
+    bit, and its result needs one bit per element. payloads: the voters' (joined dropped)."""
     if kernels.count_zeros(vote) == 0:
         return vote
-    n = ctx.n_ranks or ctx.size
-    payloads = wire.split(gathered, n, bucket=ctx.bucket, codec=method.codec.codec,
-                          n=ctx.layout.numel)
-    for j, (e0, k) in enumerate(wire.shard_elements(vote.numel(), n)):
-        p = payloads[j]
-        if k and not p.header.flags & wire.FLAG_JOINED:
+    by_rank = {p.rank: p for p in payloads}
+    for j, (e0, k) in enumerate(wire.shard_elements(vote.numel(), ctx.n_ranks or ctx.size)):
+        if k and j in by_rank:
             seg = vote[e0:e0 + k]
-            seg.copy_(torch.where(seg == 0, method.codec.decode_slice(p, e0, k), seg))
+            seg.copy_(torch.where(seg == 0, method.codec.decode_slice(by_rank[j], e0, k), seg))
     return vote
 
 
 def _sign_aggregate(method, gathered, ctx, weights=None):
     payloads = method._payloads(gathered, ctx, method.codec)
     mode = method.aggregation
-    if mode == "majority" and method.ties == "owner":
-        out = method.codec.aggregate(payloads, ctx.layout.numel, mode, weights=weights,
-                                     out=ctx.out)
-        return _break_ties(method, out, gathered, ctx)
     if mode == "norm_weighted":
         # E[norm_m * s~(v_m)] = v_m, so this mean is unbiased for the average momentum.
         weights = torch.stack([p.scales[0] for p in payloads]) / ctx.size
         return method.codec.aggregate(payloads, ctx.layout.numel, "sum", weights=weights,
                                       out=ctx.out)
     out = method.codec.aggregate(payloads, ctx.layout.numel, mode, weights=weights, out=ctx.out)
-    return as_sum(out, ctx) if mode == "mean" else out
+    if mode == "mean":
+        return as_sum(out, ctx)
+    return _break_ties(method, out, payloads, ctx) if method.ties == "owner" else out
 
 
 class SignSGD(Method):
