@@ -362,3 +362,58 @@ def test_bench_ddp_smoke():
     assert float(rows["fp32"]["ratio_to_fp32"]) == 1.0
     assert 0 < int(rows["signsgd"]["bytes_sent_per_step"]) * 20 < 4 * n
     assert "timed its warm-up" not in job.stdout     # 4 steps > start 3
+
+
+SENDER_FAILED = """
+from hvd_signsgd.methods import SignSGD
+
+class EncodeFails(SignSGD):      # a user's compressor with a bug on the last rank only
+    fired = False
+    def encode(self, g, state, ctx):
+        if rank == size - 1 and ctx.step == 2 and not EncodeFails.fired:
+            EncodeFails.fired = True
+            raise ValueError(f"boom on rank {rank}")
+        return super().encode(g, state, ctx)
+
+out = {}
+for exchange in ("allgather", "alltoall"):
+    EncodeFails.fired = False
+    model, state = hooked(Reversed(), EncodeFails(), exchange=exchange)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    errors = []
+    for step in range(5):
+        opt.zero_grad()
+        try:
+            loss_of(model, step, rank).backward()
+            opt.step()
+            errors.append(None)
+        except Exception as e:
+            errors.append(str(e))
+        if step == 1:
+            before = flat_params(model).clone()
+        if step == 2:
+            unchanged = torch.equal(flat_params(model), before)
+    out[exchange] = dict(errors=errors, unchanged=unchanged,
+                         identical=identical_everywhere(flat_params(model)),
+                         steps=state.compression_stats()["steps"])
+report(out)
+"""
+
+
+@pytest.mark.parametrize("np", [2, 3])
+def test_a_method_failing_on_one_rank_fails_the_step_everywhere_without_a_hang(np):
+    for rank, r in enumerate(ddp_job(SENDER_FAILED, np).ok()):
+        for exchange, res in r.items():
+            errors = res["errors"]
+            assert errors[:2] == [None, None] and errors[3:] == [None, None], (exchange, rank)
+            failed = errors[2]
+            assert failed is not None, (exchange, rank)
+            if rank == np - 1:
+                assert "boom on rank" in failed, (exchange, failed)
+            else:
+                # the sharded exchange: the owner of a shard could not aggregate it
+                want = "SenderFailedError" if exchange == "allgather" else "PayloadError"
+                assert want in failed, (exchange, failed)
+                assert f"rank(s) [{np - 1}]" in failed, (exchange, failed)
+            assert res["unchanged"] and res["identical"], (exchange, rank, res)
+            assert res["steps"] == 4, (exchange, rank, res)
