@@ -332,6 +332,8 @@ class Engine:
             for b in buckets:     # no finite whole-model norm: every bucket reports it
                 b.ctx.nonfinite = True
         for b in buckets:
+            if list(b.backup) != _backed_up(b):     # method.fused changed after the build
+                b.backup = _backup_for(b)
             for k, v in b.backup.items():     # restored if any rank is non-finite
                 v.copy_(b.state[k])
             b.saved = True
@@ -600,8 +602,11 @@ class Engine:
 def _backup_for(b: Bucket) -> dict:
     """Spare copies of the state the engine restores after a failed step (the method restores
     its self_restored_keys itself)."""
-    return {k: torch.empty_like(v) for k, v in b.state.items()
-            if k not in b.method.self_restored_keys}
+    return {k: torch.empty_like(b.state[k]) for k in _backed_up(b)}
+
+
+def _backed_up(b: Bucket) -> list:
+    return [k for k in b.state if k not in b.method.self_restored_keys]
 
 
 def _first_difference(views) -> str:

@@ -352,8 +352,10 @@ def _check_streams(out_name, out, **inputs):
                          f"of elements")
     if n > 1 << 31:
         raise ValueError("more than 2**31 elements")
-    if n and out.data_ptr() in [t.data_ptr() for t in inputs.values()]:
-        raise ValueError(f"{out_name} must not be {_listed(list(inputs), 'or')}")
+    # equal lengths: two arrays share memory iff their starts are less than n elements apart
+    if n and any(abs(out.data_ptr() - t.data_ptr()) < 4 * n for t in inputs.values()):
+        raise ValueError(f"{out_name} must not be {_listed(list(inputs), 'or')} "
+                         f"(nor overlap it)")
     return n
 
 

@@ -158,6 +158,11 @@ def test_argument_errors():
         K.ef_sign(g, g.clone(), torch.empty(16), torch.tensor([[8, 9]]))
     with pytest.raises(ValueError, match="must not be"):
         K.ef_sign(g, g.clone(), g, [(0, 16)])
+    # a view that starts elsewhere but shares memory with an input is refused too
+    base = torch.zeros(24)
+    with pytest.raises(ValueError, match="overlap"):
+        K.ef_sign(base[:16], g.clone(), base[8:], [(0, 16)])
+    K.ef_sign(base[:8], g[:8].clone(), base[8:16], [(0, 8)])     # adjacent is fine
     with pytest.raises(TypeError):
         K.ef_sign(g.double(), g, torch.empty(16), [(0, 16)])
     with pytest.raises(ValueError, match="same number"):
@@ -236,15 +241,18 @@ def test_plain_dict_state_still_works():
     assert torch.equal(state["error"], want["error"])
 
 
-def test_engine_rollback_after_a_failed_step_restores_the_memory():
+@pytest.mark.parametrize("fused", [True, False])
+def test_engine_rollback_after_a_failed_step_restores_the_memory(fused):
     """drain() (an error between launch and finish) and a non-finite step on this rank both
-    leave the error memory as before the step, without a backup copy of it."""
+    leave the error memory as before the step: fused without a backup copy of it, and with
+    one when method.fused is switched off after the engine was built."""
     from hvd_signsgd.communicator import Communicator
     from hvd_signsgd.engine import Engine
     eng = Engine(Communicator(), make_method("ef_signsgd"))
     eng.build([(["a", "b"], [40, 13], None)])
     (b,) = eng.buckets
     assert "error" not in b.backup
+    b.method.fused = fused
 
     def launch(fill):
         eng.begin_step()
