@@ -536,7 +536,10 @@ class _CompressedOptimizer(torch.optim.Optimizer):
         hvd.broadcast_optimizer_state) works. What needs the other ranks (world size, rank,
         method, model) is checked at the next step, where every rank raises the same error.
         A plain optimizer's state (no hvd_signsgd section) loads with the method state
-        starting fresh."""
+        starting fresh. Between backward() and step() the exchange in flight is finished
+        first (the other ranks are in it), so the loaded state is the one step() keeps."""
+        if self._launched and not self._synchronized:
+            self.synchronize()
         state_dict = dict(state_dict)
         ours = state_dict.pop("hvd_signsgd", None)
         self._base_cls.load_state_dict(self, state_dict)

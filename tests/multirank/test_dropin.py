@@ -578,3 +578,47 @@ def test_encoding_overlaps_backward(mpi_job):
     for r in mpi_job(OVERLAP, np=2, timeout=240).ok():
         assert r["off"] == 0, r
         assert r["on"] > 0, r
+
+
+LOAD_IN_FLIGHT = """
+import copy, torch, horovod.torch as hvd, hvd_signsgd
+from rankcommon import small_model, train, digest, batch
+hvd.init()
+rank = hvd.rank()
+out = {}
+for method in ("ef_signsgd", "signum"):
+    model = small_model()
+    opt = hvd_signsgd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.01),
+                                           named_parameters=model.named_parameters(),
+                                           method=method, min_compress_numel=100)
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    train(model, opt, 2, rank=rank)
+    ckpt = copy.deepcopy(opt.state_dict())
+    train(model, opt, 2, start=2, rank=rank)
+    # backward() has launched the exchange; the state is loaded before step()
+    x, y = batch(4, rank)
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.load_state_dict(ckpt)
+    opt.step()
+    want = ckpt["hvd_signsgd"]["buckets"]
+    got = opt.state_dict()["hvd_signsgd"]["buckets"]
+    out[method] = {"kept": all(torch.equal(a[k], b[k]) for a, b in zip(want, got) for k in a),
+                   "stateful": any(len(a) for a in want),
+                   "step": opt.state_dict()["hvd_signsgd"]["step"],
+                   "digest": digest(model)}
+    train(model, opt, 1, start=5, rank=rank)      # and training goes on
+report(out)
+"""
+
+
+def test_load_state_dict_between_backward_and_step_keeps_the_loaded_state(mpi_job, launcher):
+    """A checkpoint loaded after backward() (its exchange in flight) is the state step()
+    leaves: the in-flight step does not write its method state over it."""
+    results = mpi_job(LOAD_IN_FLIGHT, np=2, launcher=launcher, timeout=300).ok()
+    for r in results:
+        for method, res in r.items():
+            assert res["stateful"] and res["kept"], (method, res)
+            assert res["step"] == 2, (method, res)
+    for method in results[0]:
+        assert len({r[method]["digest"] for r in results}) == 1, method
