@@ -81,8 +81,9 @@ is what this rank selected either way. The lengths: topk's follow from the layou
 every step; a perturbation reset step sends every coordinate on every rank); threshold's vary,
 so their size exchange (8 bytes a rank, counted as before) runs first, by itself, and the
 allgather after it counts none. Identical on every rank, but not bit-identical to the
-allgather path: the allreduce sums in its own order (float32 rounding). A NaN/Inf rank sends
-NaN: the sum is NaN everywhere and every rank raises (the rank is not named, as randomk).
+allgather path: the allreduce sums in its own order (float32 rounding). The vector carries n
+status slots after the bucket (4n bytes): a rank whose gradient was not finite, or whose
+method raised, marks its own slot and sends zeros, so every rank raises naming it.
 compression_stats counts such bucket-steps as sparse_dense_buckets. exchange="allgather"
 keeps the pairs always.
 """
@@ -98,7 +99,7 @@ import torch
 from . import kernels, wire
 from .codecs import Layout, Sparse
 from .methods import NoCompression, NonFiniteGradientError
-from .methods.base import as_mean
+from .methods.base import as_mean, check_ranks
 from .methods.sign import EFSignSGD, SignSGD
 
 EXCHANGES = ("auto", "allgather", "alltoall", "hierarchical")
@@ -269,7 +270,7 @@ class Exchange:
         if isinstance(b.handle, _ShardedHandle) and not b.handle.fell_back:
             return b.handle.decode(result)
         if isinstance(b.handle, _DenseSparseHandle):
-            return _dense_sparse_aggregate(b, result)
+            return _dense_sparse_aggregate(b, result, self.comm.size)
         return b.active.aggregate(result, b.state, b.ctx)
 
     def sparse_switch(self, b) -> bool:
@@ -305,7 +306,8 @@ class Exchange:
         with self.comm.counting:
             extra = self.comm.counters.extra
             extra["sparse_dense_buckets"] = extra.get("sparse_dense_buckets", 0) + 1
-        return _DenseSparseHandle(self.comm.allreduce(_densify(b, msg), f"{b.name}.dense"))
+        vector = _densify(b, msg, self.comm.rank, n)
+        return _DenseSparseHandle(self.comm.allreduce(vector, f"{b.name}.dense"))
 
 
 class _ShardedHandle:
@@ -577,27 +579,38 @@ class _DenseSparseHandle:
         return self.handle.future()
 
 
-def _densify(b, msg: torch.Tensor) -> torch.Tensor:
-    """This rank's payload as a float32 vector of the bucket: its pairs (or dense fallback)
-    scattered into zeros; zeros for a joined rank, NaN for a non-finite one."""
+_NONFINITE_SLOT, _FAILED_SLOT = 1.0, 2.0
+
+
+def _densify(b, msg: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """This rank's payload as a float32 vector of the bucket, its pairs (or dense fallback)
+    scattered into zeros (zeros for a joined rank), then `size` status slots in which this
+    rank marks its own when its gradient was not finite or its method raised."""
     d = b.layout.numel
+    out = torch.zeros(d + size)
     (p,) = wire.split(msg, 1, bucket=b.name, codec=b.active.codec.codec, n=d)
-    if p.header.flags & wire.FLAG_NONFINITE:
-        return torch.full((d,), float("nan"))
-    if p.header.flags & wire.FLAG_JOINED:
-        return torch.zeros(d)
-    return b.active.codec.aggregate([p], d, b.name).to(torch.float32).contiguous()
+    flags = p.header.flags
+    if flags & wire.FLAG_FAILED:
+        out[d + rank] = _FAILED_SLOT
+    elif flags & wire.FLAG_NONFINITE:
+        out[d + rank] = _NONFINITE_SLOT
+    elif not flags & wire.FLAG_JOINED:
+        b.active.codec.aggregate([p], d, b.name, out=out[:d])
+    return out
 
 
-def _dense_sparse_aggregate(b, total: torch.Tensor) -> torch.Tensor:
-    ctx = b.ctx
-    if not kernels.all_finite(total):
+def _dense_sparse_aggregate(b, total: torch.Tensor, size: int) -> torch.Tensor:
+    ctx, d = b.ctx, b.layout.numel
+    status = total[d:].tolist()
+    check_ranks([m for m in range(size) if status[m] == _FAILED_SLOT],
+                [m for m in range(size) if status[m] == _NONFINITE_SLOT], ctx,
+                ", pairs summed densely")
+    if not kernels.all_finite(total[:d]):       # finite on every rank, the sum overflowed
         raise NonFiniteGradientError(
-            f"NaN or Inf in the gradient of at least one rank (bucket {ctx.bucket}, step "
-            f"{ctx.step}, pairs summed densely); the step is not applied on any rank. Lower "
-            f"the learning rate, clip gradients, or check the data.")
-    out = ctx.out if ctx.out is not None else torch.zeros(b.layout.numel)
-    out.copy_(total)
+            f"the ranks' gradients summed to Inf (bucket {ctx.bucket}, step {ctx.step}, pairs "
+            f"summed densely); the step is not applied on any rank")
+    out = ctx.out if ctx.out is not None else torch.zeros(d)
+    out.copy_(total[:d])
     return as_mean(out, ctx)
 
 

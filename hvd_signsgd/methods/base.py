@@ -63,17 +63,21 @@ class StepContext:
 
 
 def check_flags(payloads, ctx: StepContext) -> None:
-    failed = [p.rank for p in payloads if p.header.flags & wire.FLAG_FAILED]
+    check_ranks([p.rank for p in payloads if p.header.flags & wire.FLAG_FAILED],
+                [p.rank for p in payloads if p.header.flags & wire.FLAG_NONFINITE], ctx)
+
+
+def check_ranks(failed: list, bad: list, ctx: StepContext, route: str = "") -> None:
+    """Raise for the ranks whose method raised (failed) or whose gradient was not finite."""
     if failed:
         raise wire.SenderFailedError(
             f"the method raised on rank(s) {failed} while encoding bucket {ctx.bucket} at step "
-            f"{ctx.step} (see the error there); the step is not applied on any rank")
-    bad = [p.rank for p in payloads if p.header.flags & wire.FLAG_NONFINITE]
+            f"{ctx.step}{route} (see the error there); the step is not applied on any rank")
     if bad:
         raise NonFiniteGradientError(
             f"NaN or Inf in the gradient of rank(s) {bad} (bucket {ctx.bucket}, step "
-            f"{ctx.step}); the step is not applied on any rank. Lower the learning rate, clip "
-            f"gradients, or check the data.")
+            f"{ctx.step}{route}); the step is not applied on any rank. Lower the learning rate, "
+            f"clip gradients, or check the data.")
 
 
 def as_mean(total: torch.Tensor, ctx: StepContext) -> torch.Tensor:

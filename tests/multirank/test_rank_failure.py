@@ -8,6 +8,7 @@ import pytest
 JOB = """
 import torch, horovod.torch as hvd, hvd_signsgd
 from hvd_signsgd.methods import SignSGD, Signum, StochasticSignMethod
+from hvd_signsgd.methods.sparse import TopK
 from rankcommon import small_model, first_error, batch, digest
 hvd.init()
 r, n = hvd.rank(), hvd.size()
@@ -31,6 +32,11 @@ class PrepareFails(Signum):
         broken(ctx.step)
         return super().prepare(g, state, ctx)
 
+class TopKFails(TopK):          # 90% of the pairs: the sum of payloads goes dense
+    def encode(self, g, state, ctx):
+        broken(ctx.step)
+        return super().encode(g, state, ctx)
+
 class NormFails(StochasticSignMethod):       # a whole-model norm: every bucket fails
     def norm_part(self, g, state, ctx):
         broken(ctx.step)
@@ -40,7 +46,8 @@ out = {}
 for label, make, exchange in (("encode-allgather", EncodeFails, "allgather"),
                               ("encode-alltoall", EncodeFails, "alltoall"),
                               ("prepare-alltoall", lambda: PrepareFails(beta=0.5), "alltoall"),
-                              ("norm-allgather", NormFails, "allgather")):
+                              ("norm-allgather", NormFails, "allgather"),
+                              ("encode-sparse-dense", lambda: TopKFails(ratio=0.9), "auto")):
     LABEL = label
     m = small_model()
     opt = hvd_signsgd.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.01),
@@ -58,8 +65,10 @@ for label, make, exchange in (("encode-allgather", EncodeFails, "allgather"),
     errors.append(first_error(lambda: one_step(BAD_STEP)))
     unchanged = digest(m) == before
     errors += [first_error(lambda: one_step(k)) for k in (3, 4)]
+    stats = opt.compression_stats()
     out[label] = {"errors": errors, "unchanged": unchanged, "digest": digest(m),
-                  "moved": digest(m) != before, "steps": opt.compression_stats()["steps"]}
+                  "moved": digest(m) != before, "steps": stats["steps"],
+                  "dense": stats.get("total_sparse_dense_buckets", 0)}
 report(out)
 """
 
@@ -83,3 +92,5 @@ def test_a_method_failing_on_one_rank_fails_the_step_everywhere_without_a_hang(
         assert len({res[label]["digest"] for res in results}) == 1, label
         # the failed step was not counted
         assert {res[label]["steps"] for res in results} == {4}, label
+    # the sparse buckets went as the dense allreduce, whose status slots name the rank
+    assert all(res["encode-sparse-dense"]["dense"] >= 4 for res in results)

@@ -85,9 +85,11 @@ def test_sparse_goes_dense_where_cheaper(mpi_job, launcher, np):
             assert a["update"] == pytest.approx(g["update"], rel=1e-5, abs=1e-7), name
             size = 8 if name == "threshold_all" else 0
             if dense:
-                wire = 2 * (np - 1) * 4 * D // np + 2 * (np - 1) * DENSE // np
+                # the bucket and one status slot per rank, as float32
+                vec = 4 * (D + np)
+                wire = 2 * (np - 1) * vec // np + 2 * (np - 1) * DENSE // np
                 assert (a["sent"], a["received"], a["wire"]) == (
-                    4 * D + size + DENSE, 4 * D + size * (np - 1) + DENSE, wire + size), name
+                    vec + size + DENSE, vec + size * (np - 1) + DENSE, wire + size), name
             else:
                 assert a["sent"] == g["sent"] == payload[name] + DENSE
                 assert a["received"] == g["received"] == (np - 1) * payload[name] + DENSE
@@ -95,5 +97,6 @@ def test_sparse_goes_dense_where_cheaper(mpi_job, launcher, np):
             assert g["sent"] == payload[name] + size + DENSE
     for r in results:
         assert r["nan"].startswith("NonFiniteGradientError") and "densely" in r["nan"], r["nan"]
+        assert f"rank(s) [{np - 1}]" in r["nan"], r["nan"]
         assert r["restored"]
     assert len({r["after_nan"] for r in results}) == 1
