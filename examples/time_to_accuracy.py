@@ -421,6 +421,7 @@ def parse_args(argv=None):
 def render(summary: dict, out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "time_to_accuracy.json").write_text(json.dumps(summary, indent=1))
+    (out / "time_to_accuracy.partial.json").unlink(missing_ok=True)     # the run finished
     md = markdown(summary)
     (out / "time_to_accuracy.md").write_text(md)
     plot(summary, str(out / "time_to_accuracy.png"))
