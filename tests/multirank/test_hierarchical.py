@@ -145,9 +145,9 @@ def expected(rank, key):
         cross_wire = 2 * pieces[1 - j]
     elif key == "threshold":
         # every coordinate passes: the 2 hosts' pairs (2 * (16 + 8 * slice)) exceed 8 bytes
-        # per element of the slice, so the slice goes as a float32 allreduce of 2 ranks,
-        # after the size exchange of the lengths (8 bytes each way)
-        cross_sent = cross_recv = cross_wire = 8 + 4 * mine
+        # per element of the slice, so the slice and a status slot per host go as a float32
+        # allreduce of 2 ranks, after the size exchange of the lengths (8 bytes each way)
+        cross_sent = cross_recv = cross_wire = 8 + 4 * (mine + 2)
     else:
         codec, scales, nnz = {"signsgd": ("sign", 0, 0), "signum": ("sign", 0, 0),
                               "ef_signsgd": ("scaled_sign", 1, 0),
