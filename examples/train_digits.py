@@ -63,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--shards", choices=["iid", "sorted"], default="iid",
                    help="iid: shuffled shards; sorted: label-sorted (heterogeneous) shards")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dense-inputs", action="store_true",
+                   help="standardise the pixels (dropping the always-blank ones) and use tanh: "
+                        "gradients without exact zeros, which sign(0) = 0 would mark")
     p.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="method option, e.g. --opt beta=0.95 --opt aggregation=mean")
     p.add_argument("--out", default=None, help="JSON file for the run's metrics")
@@ -87,13 +90,17 @@ def method_options(pairs):
     return opts
 
 
-def load_data(seed: int):
+def load_data(seed: int, dense_inputs: bool = False):
     x, y = load_digits(return_X_y=True)
     x = torch.tensor(x, dtype=torch.float32) / 16.0
     y = torch.tensor(y)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     x, y = x[perm], y[perm]
     n_test = 360
+    if dense_inputs:        # statistics of the training part only
+        train = x[n_test:]
+        keep = train.std(0) > 0
+        x = (x[:, keep] - train[:, keep].mean(0)) / train[:, keep].std(0)
     return (x[n_test:], y[n_test:]), (x[:n_test], y[:n_test])
 
 
@@ -106,9 +113,9 @@ def shard(x, y, rank, size, mode):
     return x[rank::size], y[rank::size]
 
 
-def make_model(hidden: int):
-    return torch.nn.Sequential(torch.nn.Linear(64, hidden), torch.nn.ReLU(),
-                               torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
+def make_model(hidden: int, inputs: int = 64, act=torch.nn.ReLU):
+    return torch.nn.Sequential(torch.nn.Linear(inputs, hidden), act(),
+                               torch.nn.Linear(hidden, hidden), act(),
                                torch.nn.Linear(hidden, 10))
 
 
@@ -164,9 +171,10 @@ def main(argv=None):
     torch.set_num_threads(1)
     rank, size = hvd.rank(), hvd.size()
 
-    (xtr, ytr), (xte, yte) = load_data(args.seed)
+    (xtr, ytr), (xte, yte) = load_data(args.seed, args.dense_inputs)
     xs, ys = shard(xtr, ytr, rank, size, args.shards)
-    model = make_model(args.hidden)
+    model = make_model(args.hidden, xtr.shape[1],
+                       torch.nn.Tanh if args.dense_inputs else torch.nn.ReLU)
     hvd.broadcast_parameters(model.state_dict(), root_rank=0)
 
     d = DEFAULTS.get(args.method, DEFAULTS["signum"])
