@@ -421,7 +421,6 @@ def parse_args(argv=None):
 def render(summary: dict, out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "time_to_accuracy.json").write_text(json.dumps(summary, indent=1))
-    (out / "time_to_accuracy.partial.json").unlink(missing_ok=True)     # the run finished
     md = markdown(summary)
     (out / "time_to_accuracy.md").write_text(md)
     plot(summary, str(out / "time_to_accuracy.png"))
@@ -506,6 +505,7 @@ def main(argv=None) -> int:
     for item, r in zip(summary["results"], runs):
         item["ranks_identical"] = r.ranks_identical
     print(render(summary, Path(args.out_dir)), flush=True)
+    (Path(args.out_dir) / "time_to_accuracy.partial.json").unlink(missing_ok=True)  # finished
     log(f"wrote {args.out_dir}/time_to_accuracy.{{json,md,png}}")
     return 0
 

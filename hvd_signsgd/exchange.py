@@ -306,8 +306,8 @@ class Exchange:
         with self.comm.counting:
             extra = self.comm.counters.extra
             extra["sparse_dense_buckets"] = extra.get("sparse_dense_buckets", 0) + 1
-        vector = _densify(b, msg, self.comm.rank, n)
-        return _DenseSparseHandle(self.comm.allreduce(vector, f"{b.name}.dense"))
+        vector, error = _densify(b, msg, self.comm.rank, n)
+        return _DenseSparseHandle(self.comm.allreduce(vector, f"{b.name}.dense"), error)
 
 
 class _ShardedHandle:
@@ -567,13 +567,18 @@ class _ShardedHandle:
 
 
 class _DenseSparseHandle:
-    """A bucket of pairs on its way as a float32 allreduce (module docstring)."""
+    """A bucket of pairs on its way as a float32 allreduce (module docstring). error: this
+    rank's own payload could not be read; raised here once the allreduce is done (the other
+    ranks raise SenderFailedError for its status slot)."""
 
-    def __init__(self, handle):
-        self.handle = handle
+    def __init__(self, handle, error: Exception | None = None):
+        self.handle, self.error = handle, error
 
     def wait(self) -> torch.Tensor:
-        return self.handle.wait()
+        total = self.handle.wait()
+        if self.error is not None:
+            raise self.error
+        return total
 
     def future(self) -> torch.futures.Future:
         return self.handle.future()
@@ -582,21 +587,28 @@ class _DenseSparseHandle:
 _NONFINITE_SLOT, _FAILED_SLOT = 1.0, 2.0
 
 
-def _densify(b, msg: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    """This rank's payload as a float32 vector of the bucket, its pairs (or dense fallback)
-    scattered into zeros (zeros for a joined rank), then `size` status slots in which this
-    rank marks its own when its gradient was not finite or its method raised."""
+def _densify(b, msg: torch.Tensor, rank: int, size: int):
+    """(vector, error): this rank's payload as a float32 vector of the bucket, its pairs (or
+    dense fallback) scattered into zeros (zeros for a joined rank), then `size` status slots
+    in which this rank marks its own when its gradient was not finite or its method raised.
+    A payload that cannot be read (error) is marked as failed rather than raised here, where
+    the other ranks would wait in the allreduce."""
     d = b.layout.numel
     out = torch.zeros(d + size)
-    (p,) = wire.split(msg, 1, bucket=b.name, codec=b.active.codec.codec, n=d)
-    flags = p.header.flags
+    try:
+        (p,) = wire.split(msg, 1, bucket=b.name, codec=b.active.codec.codec, n=d)
+        flags = p.header.flags
+        if not flags & (wire.FLAG_FAILED | wire.FLAG_NONFINITE | wire.FLAG_JOINED):
+            b.active.codec.aggregate([p], d, b.name, out=out[:d])
+    except wire.PayloadError as e:
+        out.zero_()
+        out[d + rank] = _FAILED_SLOT
+        return out, e
     if flags & wire.FLAG_FAILED:
         out[d + rank] = _FAILED_SLOT
     elif flags & wire.FLAG_NONFINITE:
         out[d + rank] = _NONFINITE_SLOT
-    elif not flags & wire.FLAG_JOINED:
-        b.active.codec.aggregate([p], d, b.name, out=out[:d])
-    return out
+    return out, None
 
 
 def _dense_sparse_aggregate(b, total: torch.Tensor, size: int) -> torch.Tensor:

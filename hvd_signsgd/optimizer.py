@@ -146,6 +146,7 @@ class _CompressedOptimizer(torch.optim.Optimizer):
         self._should_synchronize = True
         self._launched = False
         self._backward_seen = False
+        self._pending_load = None       # (section,): load_state_dict() while a step ran
         self._skip_step = False
         self._engine = Engine(self._comm, method or NoCompression(), seed=seed,
                               start_step=start_step, average=op == hvd.Average,
@@ -398,6 +399,9 @@ class _CompressedOptimizer(torch.optim.Optimizer):
         self._reset_delays()
         self._launched = False
         self._backward_seen = False
+        if self._pending_load is not None:      # load_state_dict() during this step
+            (ours,), self._pending_load = self._pending_load, None
+            self._engine.load_section(ours)
 
     def _reset_delays(self):
         for p in self._delay:
@@ -536,13 +540,15 @@ class _CompressedOptimizer(torch.optim.Optimizer):
         hvd.broadcast_optimizer_state) works. What needs the other ranks (world size, rank,
         method, model) is checked at the next step, where every rank raises the same error.
         A plain optimizer's state (no hvd_signsgd section) loads with the method state
-        starting fresh. Between backward() and step() the exchange in flight is finished
-        first (the other ranks are in it), so the loaded state is the one step() keeps."""
-        if self._launched and not self._synchronized:
-            self.synchronize()
+        starting fresh. Between backward() and step() the method state is loaded once the
+        step's exchange has ended (it was encoded from the state before), so the loaded state
+        is the one step() keeps; nothing is communicated here."""
         state_dict = dict(state_dict)
         ours = state_dict.pop("hvd_signsgd", None)
         self._base_cls.load_state_dict(self, state_dict)
+        if self._engine.buckets and (self._launched or self._backward_seen):
+            self._pending_load = (ours,)        # applied by _end_exchange
+            return
         self._engine.load_section(ours)
         self._reset_delays()
 

@@ -37,6 +37,15 @@ class TopKFails(TopK):          # 90% of the pairs: the sum of payloads goes den
         broken(ctx.step)
         return super().encode(g, state, ctx)
 
+class TopKGarbles(TopK):        # a payload the sender itself cannot read back
+    def encode(self, g, state, ctx):
+        msg = super().encode(g, state, ctx)
+        if r == BAD_RANK and ctx.step == BAD_STEP and LABEL not in FIRED:
+            FIRED.add(LABEL)
+            msg = msg.clone()
+            msg[4:8] = torch.tensor([ctx.layout.numel + 1], dtype=torch.int32).view(torch.uint8)
+        return msg
+
 class NormFails(StochasticSignMethod):       # a whole-model norm: every bucket fails
     def norm_part(self, g, state, ctx):
         broken(ctx.step)
@@ -47,7 +56,8 @@ for label, make, exchange in (("encode-allgather", EncodeFails, "allgather"),
                               ("encode-alltoall", EncodeFails, "alltoall"),
                               ("prepare-alltoall", lambda: PrepareFails(beta=0.5), "alltoall"),
                               ("norm-allgather", NormFails, "allgather"),
-                              ("encode-sparse-dense", lambda: TopKFails(ratio=0.9), "auto")):
+                              ("encode-sparse-dense", lambda: TopKFails(ratio=0.9), "auto"),
+                              ("payload-sparse-dense", lambda: TopKGarbles(ratio=0.9), "auto")):
     LABEL = label
     m = small_model()
     opt = hvd_signsgd.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.01),
@@ -83,7 +93,9 @@ def test_a_method_failing_on_one_rank_fails_the_step_everywhere_without_a_hang(
                 res[label]["errors"][3:]
             assert before == [None, None] and after == [None, None], (label, rank, res)
             assert failed is not None, (label, rank)
-            if rank == np - 1:
+            if rank == np - 1 and label == "payload-sparse-dense":
+                assert failed.startswith("PayloadError") and "elements" in failed, failed
+            elif rank == np - 1:
                 assert failed.startswith("ValueError") and "boom" in failed, (label, failed)
             else:
                 assert "PayloadError" in failed or "SenderFailedError" in failed, (label, failed)
@@ -93,4 +105,5 @@ def test_a_method_failing_on_one_rank_fails_the_step_everywhere_without_a_hang(
         # the failed step was not counted
         assert {res[label]["steps"] for res in results} == {4}, label
     # the sparse buckets went as the dense allreduce, whose status slots name the rank
-    assert all(res["encode-sparse-dense"]["dense"] >= 4 for res in results)
+    assert all(res[k]["dense"] >= 4 for res in results
+               for k in ("encode-sparse-dense", "payload-sparse-dense"))
