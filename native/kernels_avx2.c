@@ -551,12 +551,48 @@ static int momentum_absmax_avx2(const float *g, const float *m, float *m_out, si
     return worst < 0x7F800000u;
 }
 
+/* ---- compensation add (the sparse compressors' error feedback) ------------------------- */
+
+/* out (a whole bucket) is far larger than the cache: streamed when 32-byte aligned. */
+static inline __attribute__((always_inline)) int
+add_finite_body(const float *a, const float *b, float *out, size_t n, int stream) {
+    const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
+    __m256i w = _mm256_setzero_si256();
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        _mm_prefetch((const char *)(a + i + SG_PREFETCH_ELEMS), _MM_HINT_T0);
+        _mm_prefetch((const char *)(b + i + SG_PREFETCH_ELEMS), _MM_HINT_T0);
+        __m256 s0 = _mm256_add_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i));
+        __m256 s1 = _mm256_add_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8));
+        if (stream) {
+            _mm256_stream_ps(out + i, s0);
+            _mm256_stream_ps(out + i + 8, s1);
+        } else {
+            _mm256_storeu_ps(out + i, s0);
+            _mm256_storeu_ps(out + i + 8, s1);
+        }
+        w = _mm256_max_epu32(w, _mm256_and_si256(_mm256_castps_si256(s0), abs_mask));
+        w = _mm256_max_epu32(w, _mm256_and_si256(_mm256_castps_si256(s1), abs_mask));
+    }
+    uint32_t lanes[8], worst = 0;
+    _mm256_storeu_si256((__m256i *)(void *)lanes, w);
+    for (int k = 0; k < 8; k++) worst = lanes[k] > worst ? lanes[k] : worst;
+    return sg_add_finite_scalar(a, b, out, i, n) && worst < 0x7F800000u;
+}
+
+static int add_finite_avx2(const float *a, const float *b, float *out, size_t n) {
+    if ((uintptr_t)out % 32 != 0) return add_finite_body(a, b, out, n, 0);
+    int ok = add_finite_body(a, b, out, n, 1);
+    _mm_sfence();   /* the streamed stores are visible before the caller reads out */
+    return ok;
+}
+
 const sg_kernels sg_kernels_avx2 = {
     "avx2",          pack_avx2,          pack_stochastic_avx2, unpack_avx2,
     vote_count_avx2, vote_weighted_avx2, scan_ge_avx2,         count_ge_avx2,
     count_zeros_avx2, ef_sign_avx2,
     momentum_sign_avx2, momentum_absmax_avx2,
-    ecx_sign_avx2,
+    ecx_sign_avx2, add_finite_avx2,
 };
 
 #if defined(__clang__)

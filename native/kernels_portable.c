@@ -148,10 +148,14 @@ static int momentum_absmax_portable(const float *g, const float *m, float *m_out
     return worst < 0x7F800000u;
 }
 
+static int add_finite_portable(const float *a, const float *b, float *out, size_t n) {
+    return sg_add_finite_scalar(a, b, out, 0, n);
+}
+
 const sg_kernels sg_kernels_portable = {
     "portable",          pack_portable,          pack_stochastic_portable, unpack_portable,
     vote_count_portable, vote_weighted_portable, scan_ge_portable,         count_ge_portable,
     count_zeros_portable, ef_sign_portable,
     momentum_sign_portable, momentum_absmax_portable,
-    ecx_sign_portable,
+    ecx_sign_portable, add_finite_portable,
 };

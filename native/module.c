@@ -1021,6 +1021,38 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(add_finite_doc,
+"add_finite(a, b, out) -> bool\n\n"
+"out = a + b (float32, rounded per element); True when every sum is finite (out is written\n"
+"either way). a, b, out: float32 vectors of one length, out disjoint from a and b.");
+
+static PyObject *py_add_finite(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"a", "b", "out", NULL};
+    PyObject *o[3], *result = NULL;
+    Py_buffer v[3] = {{0}};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO:add_finite", kwlist, &o[0], &o[1], &o[2]))
+        return NULL;
+    if (get_f32_vector(o[0], "a", ARG_IN, &v[0]) < 0 || get_f32_vector(o[1], "b", ARG_IN, &v[1]) < 0 ||
+        get_f32_vector(o[2], "out", ARG_OUT, &v[2]) < 0)
+        goto done;
+    if (v[1].len != v[0].len || v[2].len != v[0].len) {
+        PyErr_SetString(PyExc_ValueError, "a, b and out must have the same length");
+        goto done;
+    }
+    if (check_disjoint(v[2].buf, (size_t)v[2].len, v[0].buf, (size_t)v[0].len) < 0 ||
+        check_disjoint(v[2].buf, (size_t)v[2].len, v[1].buf, (size_t)v[1].len) < 0)
+        goto done;
+    size_t n = (size_t)(v[0].len / 4);
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = active->add_finite((const float *)v[0].buf, (const float *)v[1].buf, (float *)v[2].buf, n);
+    Py_END_ALLOW_THREADS
+    result = PyBool_FromLong(ok);
+done:
+    release_all(v, 3);
+    return result;
+}
+
 /* ---- module ------------------------------------------------------------------------------ */
 
 static PyMethodDef methods[] = {
@@ -1047,6 +1079,8 @@ static PyMethodDef methods[] = {
      METH_VARARGS | METH_KEYWORDS, momentum_sign_doc},
     {"momentum_absmax", (PyCFunction)(void (*)(void))py_momentum_absmax,
      METH_VARARGS | METH_KEYWORDS, momentum_absmax_doc},
+    {"add_finite", (PyCFunction)(void (*)(void))py_add_finite, METH_VARARGS | METH_KEYWORDS,
+     add_finite_doc},
     {"count_zeros", py_count_zeros, METH_VARARGS, count_zeros_doc},
     {"isa", py_isa, METH_NOARGS, "isa() -> name of the active kernel set"},
     {"set_isa", py_set_isa, METH_VARARGS,

@@ -62,6 +62,9 @@ typedef struct {
     int (*ecx_sign)(const float *u, const float *d1, const float *d2, float a, float b,
                     float *d_out, size_t n, const int64_t *segs, size_t n_segs, uint8_t *bits,
                     uint8_t *zplane, float *scales, uint64_t *zeros);
+    /* 13: out = a + b (rounded float32 sums), the error-feedback compensation of the sparse
+     * compressors written out of place; 0 if any sum is NaN/Inf (out then fully written). */
+    int (*add_finite)(const float *a, const float *b, float *out, size_t n);
 } sg_kernels;
 
 extern const sg_kernels sg_kernels_portable;

@@ -177,6 +177,19 @@ static inline size_t sg_count_zeros_scalar(const void *x, sg_dtype dt, size_t fr
     return count;
 }
 
+/* out[i] = a[i] + b[i] for i in [from, n); returns 1 if every sum is finite. */
+static inline int sg_add_finite_scalar(const float *a, const float *b, float *out, size_t from,
+                                       size_t n) {
+    uint32_t worst = 0;
+    for (size_t i = from; i < n; i++) {
+        float s = a[i] + b[i];
+        uint32_t k = sg_key(s);
+        out[i] = s;
+        worst = k > worst ? k : worst;
+    }
+    return worst < 0x7F800000u;
+}
+
 static inline void sg_unpack_scalar(const uint8_t *bits, size_t from, size_t n,
                                     uint32_t value_bits, sg_dtype dt, void *out) {
     uint8_t *o = (uint8_t *)out;

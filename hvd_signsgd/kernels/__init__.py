@@ -100,6 +100,10 @@ NaN, only its NaN-ness is specified, not its sign or payload):
                                           fused SSDM momentum: m_out as momentum_sign's,
                                           absmax = max |m_out_i| (float; 0.0 when empty), zeros
                                           the number of +-0 in m_out. None as momentum_sign.
+    add_finite(a, b, out) -> bool        out = a + b (rounded float32 sums; a, b, out as
+                                          ef_sign's g, e, e_out), written in full; False when
+                                          any sum is NaN/Inf. Top-k's and threshold's fused
+                                          compensation p = g + e (one pass, the check in it).
     pack_bits(mask) -> uint8 tensor       a bool tensor packed like pack_signs (bit set = True).
     unpack_bits(bits, n) -> bool tensor   the first n bits of bits (inverse of pack_bits).
 
@@ -157,7 +161,7 @@ import torch
 from . import _cpu, _torch
 from ._loader import load_native
 
-__all__ = ["SparseIndexError", "all_finite", "backend", "count_zeros", "ecx_coefficients",
+__all__ = ["SparseIndexError", "add_finite", "all_finite", "backend", "count_zeros", "ecx_coefficients",
            "ecx_sign", "ef_sign", "momentum_absmax", "momentum_sign", "pack_bits", "pack_signs",
            "pack_stochastic_signs", "sparse_sum", "threshold_count", "threshold_take", "topk_take",
            "tree_abs_sum", "unpack_bits", "unpack_signs", "vote"]
@@ -424,6 +428,16 @@ def momentum_absmax(g, m, m_out, beta):
     if _native_for(g):
         return _cpu.momentum_absmax(_native, g, m, m_out, beta)
     return _torch.momentum_absmax(g.detach(), m.detach(), m_out, beta)
+
+
+def add_finite(a, b, out):
+    """out = a + b (float32, rounded per element; the error-feedback compensation of the
+    sparse compressors, written out of place). True when every sum is finite; out is written
+    either way. a, b, out as ef_sign's g, e, e_out."""
+    _check_streams("out", out, a=a, b=b)
+    if _native_for(a):
+        return _cpu.add_finite(_native, a, b, out)
+    return _torch.add_finite(a.detach(), b.detach(), out)
 
 
 def pack_bits(mask):

@@ -109,3 +109,7 @@ def momentum_sign(native, g, m, m_out, beta):
 
 def momentum_absmax(native, g, m, m_out, beta):
     return native.momentum_absmax(buffer(g), buffer(m), buffer(m_out), beta)
+
+
+def add_finite(native, a, b, out):
+    return native.add_finite(buffer(a), buffer(b), buffer(out))

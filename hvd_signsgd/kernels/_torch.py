@@ -264,6 +264,13 @@ def momentum_absmax(g, m, m_out, beta):
     return float(absmax), int((mag == 0).sum())
 
 
+def add_finite(a, b, out):
+    """The compensation add (see kernels.add_finite)."""
+    torch.add(a, b, out=out)
+    mag = magnitude_keys(out)
+    return not bool((mag >= 0x7F800000).any())
+
+
 # ---- sparse: Top-k / threshold with fused error feedback, scatter-add decode ----------------
 # The native rules (native/sg_sparse.h): magnitude is the bit pattern with the sign cleared,
 # compared as an integer (|v| for non-NaN v, +0 == -0, NaN above Inf); ties at the cut go to

@@ -114,6 +114,10 @@ class _SparseEF(Perturbation, ErrorFeedbackMethod):
         if values == "fp16":
             self.bits_per_coordinate = 48.0
         self._init_perturbation(noise, noise_seed, reset_every)
+        # Without perturbation, p = g + e is one native pass written out of place with the
+        # NaN/Inf check in it (kernels.add_finite): the engine keeps no backup of e and
+        # makes no check of its own. Perturbation needs the unfused path (perturb.py).
+        self.fused = not self.noise and not self.reset_every
 
     def take(self, p: torch.Tensor, ctx):
         """The pairs payload for p, with e <- p - q applied to the sent positions in the same
@@ -135,10 +139,15 @@ class _SparseEF(Perturbation, ErrorFeedbackMethod):
             p.zero_()
         return msg
 
+    def compress_fused(self, g, memories, out, ctx):
+        if not kernels.add_finite(g, memories[0], out):
+            return None
+        return self.compress(out, ctx)
+
     def aggregate(self, gathered, state, ctx):
         payloads = self._payloads(gathered, ctx, self.codec)
-        return as_mean(self.codec.aggregate(payloads, ctx.layout.numel, ctx.bucket,
-                                            out=ctx.out), ctx)
+        return self.codec.aggregate(payloads, ctx.layout.numel, ctx.bucket, out=ctx.out,
+                                    divide_by=ctx.size if ctx.average else None)
 
 
 def _budget(ratio, k):

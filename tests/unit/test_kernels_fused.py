@@ -241,14 +241,16 @@ def test_plain_dict_state_still_works():
     assert torch.equal(state["error"], want["error"])
 
 
+@pytest.mark.parametrize("method", ["ef_signsgd", "topk", "threshold:lam=2"])
 @pytest.mark.parametrize("fused", [True, False])
-def test_engine_rollback_after_a_failed_step_restores_the_memory(fused):
+def test_engine_rollback_after_a_failed_step_restores_the_memory(fused, method):
     """drain() (an error between launch and finish) and a non-finite step on this rank both
     leave the error memory as before the step: fused without a backup copy of it, and with
     one when method.fused is switched off after the engine was built."""
     from hvd_signsgd.communicator import Communicator
     from hvd_signsgd.engine import Engine
-    eng = Engine(Communicator(), make_method("ef_signsgd"))
+    name, _, lam = method.partition(":lam=")
+    eng = Engine(Communicator(), make_method(name, **({"lam": float(lam)} if lam else {})))
     eng.build([(["a", "b"], [40, 13], None)])
     (b,) = eng.buckets
     assert "error" not in b.backup

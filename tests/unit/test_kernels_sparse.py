@@ -406,3 +406,141 @@ def test_payloads_and_memory_byte_for_byte_as_before(name, method, options):
         expected = legacy_encode(m, legacy.add_(g), layout)
         assert torch.equal(msg, expected), step
         assert torch.equal(bits(state["error"]), bits(legacy)), step
+
+
+# ---- the fused compensation p = g + e (kernels.add_finite) and the fused methods -------------
+
+ADD_KINDS = st.lists(st.sampled_from(["normal", "zeros", "subnormal", "cancel", "huge", "nan",
+                                      "inf"]), max_size=3)
+
+
+def add_inputs(n, kinds, seed):
+    """a, b with signed zeros, subnormals, exact cancellation, overflowing sums, NaN / Inf."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal(n).astype(np.float32)
+    b = (rng.standard_normal(n) * 0.1).astype(np.float32)
+    some = lambda: rng.random(n) < 0.2  # noqa: E731
+    if "zeros" in kinds:
+        m = some()
+        a[m], b[m] = rng.choice([0.0, -0.0], int(m.sum())), -0.0
+    if "subnormal" in kinds:
+        m = some()
+        a[m], b[m] = 1e-40, -3e-41
+    if "cancel" in kinds:
+        m = some()
+        b[m] = -a[m]
+    if "huge" in kinds and n:                   # finite inputs, an overflowing sum
+        j = int(rng.integers(0, n))
+        a[j], b[j] = 3e38, 3e38
+    for kind, value in (("nan", math.nan), ("inf", -math.inf)):
+        if kind in kinds and n:
+            (a if rng.random() < 0.5 else b)[int(rng.integers(0, n))] = value
+    return torch.from_numpy(a), torch.from_numpy(b)
+
+
+@SETTINGS
+@given(n=st.one_of(st.sampled_from([0, 1, 7, 8, 15, 16, 17, 33, 4097]), st.integers(0, 5000)),
+       kinds=ADD_KINDS, seed=st.integers(0, 2**32 - 1), shift=st.integers(0, 7))
+@example(n=1 << 20, kinds=["nan"], seed=0, shift=0)          # the streamed stores, NaN late
+def test_add_finite_every_backend_is_torch_add(n, kinds, seed, shift):
+    """out = a + b bit for bit on every backend and alignment (32-byte aligned out takes the
+    streaming stores); True exactly when every sum is finite."""
+    a0, b0 = add_inputs(n, kinds, seed)
+    want = a0 + b0
+    finite = bool(torch.isfinite(want).all())
+    base = torch.zeros(3 * (n + 8))
+    a, b = base[shift:shift + n], base[n + 8 + shift:2 * n + 8 + shift]
+    a.copy_(a0)
+    b.copy_(b0)
+    for name in BACKENDS:
+        out = torch.full((n + 8,), 7.0)[shift:shift + n]
+        with backend(name):
+            ok = K.add_finite(a, b, out)
+        assert ok is finite, name
+        same = (bits(out) == bits(want)) | (out.isnan() & want.isnan())   # NaN payloads may differ
+        assert bool(same.all()), name
+        assert torch.equal(bits(a), bits(a0)) and torch.equal(bits(b), bits(b0)), name
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_add_finite_refuses_overlap_and_wrong_shapes(name):
+    a, b = torch.randn(16), torch.randn(16)
+    big = torch.zeros(40)
+    with backend(name):
+        for exc, fn in [(ValueError, lambda: K.add_finite(a, b, a)),
+                        (ValueError, lambda: K.add_finite(big[:16], b, big[8:24])),
+                        (ValueError, lambda: K.add_finite(a, b, torch.empty(15))),
+                        (TypeError, lambda: K.add_finite(a.double(), b, torch.empty(16)))]:
+            with pytest.raises(exc):
+                fn()
+
+
+def _step_ctx(layout, step):
+    return StepContext(step=step, rank=0, size=1, bucket="b", offset=0, layout=layout)
+
+
+@pytest.mark.parametrize("method,options", [
+    ("topk", {}), ("topk", {"ratio": 0.05, "values": "fp16", "scope": "bucket"}),
+    ("threshold", {"lam": 1.2}), ("threshold", {"lam": 0.05}),      # dense fallbacks
+])
+def test_fused_sparse_step_is_the_unfused_one_and_rotates_the_memory(method, options):
+    """Without perturbation topk and threshold compensate out of place (the memory buffers
+    rotate: no backup in the engine) and check NaN/Inf in that pass; payloads and memory are
+    the unfused path's bit for bit, a NaN leaves the memory as it was, rollback restores it."""
+    torch.manual_seed(1)
+    layout = Layout.for_sizes([37, 1, 130, 2000, 9])
+    fused, plain = make_method(method, **options), make_method(method, **options)
+    plain.fused = False
+    assert fused.fused and fused.encode_checks_finite and fused.self_restored_keys == ("error",)
+    sf, sp = fused.init_state(layout), plain.init_state(layout)
+    for step in range(5):
+        g = torch.zeros(layout.numel)
+        for o, s in layout.segments():
+            g[o:o + s] = torch.randn(s) * (step + 1)
+        before = sf["error"]
+        assert torch.equal(fused.encode(g, sf, _step_ctx(layout, step)),
+                           plain.encode(g, sp, _step_ctx(layout, step)))
+        assert torch.equal(bits(sf["error"]), bits(sp["error"])), step
+        assert sf["error"] is not before and sf.pending            # rotated, not copied
+    kept = sf["error"].clone()
+    g[3] = math.nan
+    ctx = _step_ctx(layout, 5)
+    msg = fused.encode(g, sf, ctx)
+    assert ctx.nonfinite and torch.equal(sf["error"], kept)
+    (p,) = wire.split(msg, 1, bucket="b", codec=fused.codec.codec, n=layout.numel)
+    assert p.header.flags & wire.FLAG_NONFINITE
+    g[3] = 1.0
+    fused.encode(g * 0.01, sf, _step_ctx(layout, 6))      # small: no dense fallback
+    assert not torch.equal(sf["error"], kept)
+    fused.rollback(sf)                                # another rank failed this step
+    assert torch.equal(sf["error"], kept)
+
+
+def test_perturbed_sparse_methods_stay_unfused():
+    for method in ("topk", "threshold"):
+        assert not make_method(method, noise=0.5).fused
+        assert not make_method(method, reset_every=3).fused
+        assert make_method(method).fused
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("ranks,nnz", [(3, 40), (4, 1), (2, 0), (3, 900)])
+def test_mean_divides_only_the_sent_coordinates_with_the_bits_of_div(name, ranks, nnz):
+    """codec.aggregate(divide_by=n) == sum.div_(n) bit for bit, overlapping indices included;
+    nnz=900 of 1000 takes the whole-vector path."""
+    codec, n = Sparse(), 1000
+    rng = np.random.default_rng(ranks * 1000 + nnz)
+    parts = []
+    for r in range(ranks):
+        idx = torch.tensor(np.sort(rng.choice(n, nnz, replace=False)), dtype=torch.int64)
+        vals = torch.tensor(rng.choice(POOL[:13], nnz) * rng.standard_normal(nnz),
+                            dtype=torch.float32)
+        msg, i, v = codec.encode_pairs(nnz, n)               # as topk_take fills it
+        i.copy_(idx)
+        v.copy_(vals)
+        parts.append(msg)
+    payloads = wire.split(torch.cat(parts), ranks, bucket="b", codec="sparse32", n=n)
+    with backend(name):
+        want = codec.aggregate(payloads, n, "b").div_(ranks)
+        got = codec.aggregate(payloads, n, "b", divide_by=ranks)
+    assert torch.equal(bits(got), bits(want))

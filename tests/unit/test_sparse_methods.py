@@ -196,6 +196,8 @@ def test_ef_conservation_invariant(method, options):
     torch.manual_seed(0)
     sizes = [37, 1, 130]
     sim = Simulation(method, n_ranks=3, sizes=sizes, seed=4, **options)
+    perturbed = options.get("noise") or options.get("reset_every")
+    assert sim.method.fused == (method != "randomk" and not perturbed)   # both paths covered
     sent = [torch.zeros(sim.layout.numel, dtype=torch.float64) for _ in range(3)]
     total = [torch.zeros(sim.layout.numel, dtype=torch.float64) for _ in range(3)]
     for step in range(40):
