@@ -453,18 +453,6 @@ class Dense:
 FP16_MAX = 65504.0
 
 
-def _divide_sent(total: torch.Tensor, parts, by) -> torch.Tensor:
-    """total / by, dividing only the coordinates some part sent when they are few: the others
-    are +0.0 and stay so (0 / by), so the bits are those of total.div_(by) at a fraction of
-    its memory traffic. Duplicate indices write the same quotient."""
-    # a scattered quotient costs several streamed ones
-    if any(i is None for i, _ in parts) or 8 * sum(i.numel() for i, _ in parts) > total.numel():
-        return total.div_(by)
-    idx = torch.cat([i for i, _ in parts])
-    total[idx] = total[idx].div_(by)
-    return total
-
-
 class Sparse:
     """(index, value) pairs: nnz int32 indices, then nnz float32 ("sparse32", 64 bits per sent
     coordinate) or float16 ("sparse16", 48 bits) values. With FLAG_DENSE the body is instead
@@ -522,13 +510,11 @@ class Sparse:
                                     f"indices outside [0, {h.n})")
         return idx, vals
 
-    def aggregate(self, payloads, n: int, bucket: str = "?", out=None,
-                  divide_by=None) -> torch.Tensor:
+    def aggregate(self, payloads, n: int, bucket: str = "?", out=None) -> torch.Tensor:
         """Sum over ranks (rank order) of every rank's pairs as a dense float32 vector
         (written into out when given), in one kernels.sparse_sum call: the same float32
         additions in the same order as zeros + index_add_ / add_ rank by rank. Every rank's
-        indices are checked before anything is written (PayloadError). divide_by: the sum
-        divided by it (the mean), the bits of total.div_(divide_by)."""
+        indices are checked before anything is written (PayloadError)."""
         parts = []
         for p in payloads:
             h = p.header
@@ -538,8 +524,7 @@ class Sparse:
                 parts.append((p.body[:4 * h.nnz].view(torch.int32),
                               p.body[4 * h.nnz:].view(self.dtype)))
         try:
-            total = kernels.sparse_sum(parts, n, out=out)
+            return kernels.sparse_sum(parts, n, out=out)
         except kernels.SparseIndexError as exc:
             raise wire.PayloadError(f"payload from rank {payloads[exc.part].rank} for bucket "
                                     f"{bucket} has indices outside [0, {n})") from None
-        return total if divide_by is None else _divide_sent(total, parts, divide_by)

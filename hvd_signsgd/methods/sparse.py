@@ -146,8 +146,8 @@ class _SparseEF(Perturbation, ErrorFeedbackMethod):
 
     def aggregate(self, gathered, state, ctx):
         payloads = self._payloads(gathered, ctx, self.codec)
-        return self.codec.aggregate(payloads, ctx.layout.numel, ctx.bucket, out=ctx.out,
-                                    divide_by=ctx.size if ctx.average else None)
+        return as_mean(self.codec.aggregate(payloads, ctx.layout.numel, ctx.bucket,
+                                            out=ctx.out), ctx)
 
 
 def _budget(ratio, k):

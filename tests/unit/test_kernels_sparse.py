@@ -521,26 +521,3 @@ def test_perturbed_sparse_methods_stay_unfused():
         assert not make_method(method, noise=0.5).fused
         assert not make_method(method, reset_every=3).fused
         assert make_method(method).fused
-
-
-@pytest.mark.parametrize("name", BACKENDS)
-@pytest.mark.parametrize("ranks,nnz", [(3, 40), (4, 1), (2, 0), (3, 900)])
-def test_mean_divides_only_the_sent_coordinates_with_the_bits_of_div(name, ranks, nnz):
-    """codec.aggregate(divide_by=n) == sum.div_(n) bit for bit, overlapping indices included;
-    nnz=900 of 1000 takes the whole-vector path."""
-    codec, n = Sparse(), 1000
-    rng = np.random.default_rng(ranks * 1000 + nnz)
-    parts = []
-    for r in range(ranks):
-        idx = torch.tensor(np.sort(rng.choice(n, nnz, replace=False)), dtype=torch.int64)
-        vals = torch.tensor(rng.choice(POOL[:13], nnz) * rng.standard_normal(nnz),
-                            dtype=torch.float32)
-        msg, i, v = codec.encode_pairs(nnz, n)               # as topk_take fills it
-        i.copy_(idx)
-        v.copy_(vals)
-        parts.append(msg)
-    payloads = wire.split(torch.cat(parts), ranks, bucket="b", codec="sparse32", n=n)
-    with backend(name):
-        want = codec.aggregate(payloads, n, "b").div_(ranks)
-        got = codec.aggregate(payloads, n, "b", divide_by=ranks)
-    assert torch.equal(bits(got), bits(want))
