@@ -551,6 +551,27 @@ static int momentum_absmax_avx2(const float *g, const float *m, float *m_out, si
     return worst < 0x7F800000u;
 }
 
+static int sign_scan_avx2(const float *x, size_t n, uint8_t *bits, uint8_t *zplane,
+                          size_t *zeros) {
+    const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
+    const __m256i max_finite = _mm256_set1_epi32(0x7F7FFFFF), zero = _mm256_setzero_si256();
+    __m256i bad = zero;
+    size_t i = 0, z = 0;
+    for (; i + 8 <= n; i += 8) {
+        _mm_prefetch((const char *)(x + i + SG_PREFETCH_ELEMS), _MM_HINT_T0);
+        __m256 v = _mm256_loadu_ps(x + i);
+        __m256i mag = _mm256_and_si256(_mm256_castps_si256(v), abs_mask);
+        bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(mag, max_finite));
+        unsigned zb = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, zero)));
+        bits[i / 8] = (uint8_t)_mm256_movemask_ps(v);
+        zplane[i / 8] = (uint8_t)zb;
+        z += (size_t)__builtin_popcount(zb);
+    }
+    *zeros = z;
+    int tail_ok = sg_sign_scan_scalar(x, i, n, bits, zplane, zeros);
+    return _mm256_testz_si256(bad, bad) && tail_ok;
+}
+
 /* ---- compensation add (the sparse compressors' error feedback) ------------------------- */
 
 /* out (a whole bucket) is far larger than the cache: streamed when 32-byte aligned. */
@@ -592,7 +613,7 @@ const sg_kernels sg_kernels_avx2 = {
     vote_count_avx2, vote_weighted_avx2, scan_ge_avx2,         count_ge_avx2,
     count_zeros_avx2, ef_sign_avx2,
     momentum_sign_avx2, momentum_absmax_avx2,
-    ecx_sign_avx2, add_finite_avx2,
+    ecx_sign_avx2, add_finite_avx2, sign_scan_avx2,
 };
 
 #if defined(__clang__)

@@ -152,10 +152,16 @@ static int add_finite_portable(const float *a, const float *b, float *out, size_
     return sg_add_finite_scalar(a, b, out, 0, n);
 }
 
+static int sign_scan_portable(const float *x, size_t n, uint8_t *bits, uint8_t *zplane,
+                              size_t *zeros) {
+    *zeros = 0;
+    return sg_sign_scan_scalar(x, 0, n, bits, zplane, zeros);
+}
+
 const sg_kernels sg_kernels_portable = {
     "portable",          pack_portable,          pack_stochastic_portable, unpack_portable,
     vote_count_portable, vote_weighted_portable, scan_ge_portable,         count_ge_portable,
     count_zeros_portable, ef_sign_portable,
     momentum_sign_portable, momentum_absmax_portable,
-    ecx_sign_portable, add_finite_portable,
+    ecx_sign_portable, add_finite_portable, sign_scan_portable,
 };

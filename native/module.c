@@ -1053,6 +1053,45 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(sign_scan_doc,
+"sign_scan(x, bits, zplane) -> zeros or None\n\n"
+"signSGD's encode in one pass: the sign bits of the float32 vector x and the bitplane of\n"
+"x == +-0 (pack_signs layout, ceil(n/8) bytes each) and the number of +-0; None, with bits\n"
+"and zplane unspecified, if any x is NaN/Inf.");
+
+static PyObject *py_sign_scan(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"x", "bits", "zplane", NULL};
+    PyObject *o[3], *result = NULL;
+    Py_buffer v[3] = {{0}};
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO:sign_scan", kwlist, &o[0], &o[1], &o[2]))
+        return NULL;
+    if (get_f32_vector(o[0], "x", ARG_IN, &v[0]) < 0) goto done;
+    size_t n = (size_t)(v[0].len / 4), zeros = 0;
+    if (get_buffer(o[1], "bits", ARG_OUT, &v[1]) < 0 || check_bytes_format(&v[1], "bits") < 0 ||
+        check_contiguous(&v[1], "bits") < 0 || get_buffer(o[2], "zplane", ARG_OUT, &v[2]) < 0 ||
+        check_bytes_format(&v[2], "zplane") < 0 || check_contiguous(&v[2], "zplane") < 0 ||
+        check_room(v[1].len, sg_nbytes(n), "bits", "bytes") < 0 ||
+        check_room(v[2].len, sg_nbytes(n), "zplane", "bytes") < 0 ||
+        check_disjoint(v[1].buf, sg_nbytes(n), v[2].buf, sg_nbytes(n)) < 0 ||
+        check_disjoint(v[1].buf, sg_nbytes(n), v[0].buf, (size_t)v[0].len) < 0 ||
+        check_disjoint(v[2].buf, sg_nbytes(n), v[0].buf, (size_t)v[0].len) < 0)
+        goto done;
+    int ok;
+    Py_BEGIN_ALLOW_THREADS
+    ok = active->sign_scan((const float *)v[0].buf, n, (uint8_t *)v[1].buf, (uint8_t *)v[2].buf,
+                           &zeros);
+    Py_END_ALLOW_THREADS
+    if (ok) {
+        result = PyLong_FromSize_t(zeros);
+    } else {
+        Py_INCREF(Py_None);
+        result = Py_None;
+    }
+done:
+    release_all(v, 3);
+    return result;
+}
+
 /* ---- module ------------------------------------------------------------------------------ */
 
 static PyMethodDef methods[] = {
@@ -1081,6 +1120,8 @@ static PyMethodDef methods[] = {
      METH_VARARGS | METH_KEYWORDS, momentum_absmax_doc},
     {"add_finite", (PyCFunction)(void (*)(void))py_add_finite, METH_VARARGS | METH_KEYWORDS,
      add_finite_doc},
+    {"sign_scan", (PyCFunction)(void (*)(void))py_sign_scan, METH_VARARGS | METH_KEYWORDS,
+     sign_scan_doc},
     {"count_zeros", py_count_zeros, METH_VARARGS, count_zeros_doc},
     {"isa", py_isa, METH_NOARGS, "isa() -> name of the active kernel set"},
     {"set_isa", py_set_isa, METH_VARARGS,

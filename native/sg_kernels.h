@@ -65,6 +65,9 @@ typedef struct {
     /* 13: out = a + b (rounded float32 sums), the error-feedback compensation of the sparse
      * compressors written out of place; 0 if any sum is NaN/Inf (out then fully written). */
     int (*add_finite)(const float *a, const float *b, float *out, size_t n);
+    /* 14: signSGD's encode in one pass (sg_momentum.h): the sign bits and zero plane of x
+     * (ceil(n/8) bytes each) and the +-0 count into *zeros; 0 if any x is NaN/Inf. */
+    int (*sign_scan)(const float *x, size_t n, uint8_t *bits, uint8_t *zplane, size_t *zeros);
 } sg_kernels;
 
 extern const sg_kernels sg_kernels_portable;

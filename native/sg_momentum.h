@@ -51,6 +51,28 @@ static inline int sg_momentum_sign_scalar(const float *g, const float *m, float 
     return worst < 0x7F800000u;
 }
 
+/* signSGD's encode, the same pass with m_out = x read, not computed: sign bits, zero plane
+ * and zero count of x[from, to) (from a multiple of 8); returns 1 if every x is finite. */
+static inline int sg_sign_scan_scalar(const float *x, size_t from, size_t to, uint8_t *bits,
+                                      uint8_t *zplane, size_t *zeros) {
+    uint32_t worst = 0;
+    size_t z = 0;
+    for (size_t j = from / 8; 8 * j < to; j++) {
+        unsigned sb = 0, zb = 0;
+        for (size_t i = 8 * j; i < to && i < 8 * j + 8; i++) {
+            uint32_t vb = sg_bits_from_f32(x[i]), mag = vb & 0x7FFFFFFFu;
+            worst = mag > worst ? mag : worst;
+            sb |= (unsigned)(vb >> 31) << (i % 8);
+            zb |= (unsigned)(mag == 0) << (i % 8);
+            z += mag == 0;
+        }
+        bits[j] = (uint8_t)sb;
+        zplane[j] = (uint8_t)zb;
+    }
+    *zeros += z;
+    return worst < 0x7F800000u;
+}
+
 /* [from, to): m_out, the largest magnitude bits into *worst, zeros counted. */
 static inline void sg_momentum_absmax_scalar(const float *g, const float *m, float *m_out,
                                              size_t from, size_t to, float a, float b,

@@ -96,6 +96,11 @@ NaN, only its NaN-ness is specified, not its sign or payload):
                                           of m_out == +-0, zeros: their number (int). None
                                           (m_out unspecified, g and m untouched) when any m_out
                                           is NaN/Inf (so any NaN/Inf in g or m).
+    sign_scan(x) -> (bits, zplane, zeros) or None
+                                          signSGD's encode in one pass over x (float32, 1-D,
+                                          contiguous): bits and zplane as momentum_sign's for
+                                          m_out = x, zeros their number (int). None when any x
+                                          is NaN/Inf.
     momentum_absmax(g, m, m_out, beta) -> (absmax, zeros) or None
                                           fused SSDM momentum: m_out as momentum_sign's,
                                           absmax = max |m_out_i| (float; 0.0 when empty), zeros
@@ -161,10 +166,11 @@ import torch
 from . import _cpu, _torch
 from ._loader import load_native
 
-__all__ = ["SparseIndexError", "add_finite", "all_finite", "backend", "count_zeros", "ecx_coefficients",
-           "ecx_sign", "ef_sign", "momentum_absmax", "momentum_sign", "pack_bits", "pack_signs",
-           "pack_stochastic_signs", "sparse_sum", "threshold_count", "threshold_take", "topk_take",
-           "tree_abs_sum", "unpack_bits", "unpack_signs", "vote"]
+__all__ = ["SparseIndexError", "add_finite", "all_finite", "backend", "count_zeros",
+           "ecx_coefficients", "ecx_sign", "ef_sign", "momentum_absmax", "momentum_sign",
+           "pack_bits", "pack_signs", "pack_stochastic_signs", "sign_scan", "sparse_sum",
+           "threshold_count", "threshold_take", "topk_take", "tree_abs_sum", "unpack_bits",
+           "unpack_signs", "vote"]
 
 _native, _native_unavailable = load_native()
 _FORCE_TORCH = os.environ.get("HVD_SIGNSGD_KERNELS", "").strip().lower() == "torch"
@@ -412,6 +418,19 @@ def _check_momentum(g, m, m_out, beta):
     if not math.isfinite(beta):
         raise ValueError(f"beta must be finite, not {beta}")
     return beta
+
+
+def sign_scan(x):
+    """signSGD's encode in one pass: sign bits, zero plane and zero count (see the module
+    doc)."""
+    _check_tensor(x, "x")
+    if x.dtype != torch.float32:
+        raise TypeError(f"x must be float32, not {x.dtype}")
+    if x.dim() != 1 or not x.is_contiguous():
+        raise ValueError("x must be 1-D and contiguous")
+    if _native_for(x):
+        return _cpu.sign_scan(_native, x)
+    return _torch.sign_scan(x.detach())
 
 
 def momentum_sign(g, m, m_out, beta):

@@ -113,3 +113,12 @@ def momentum_absmax(native, g, m, m_out, beta):
 
 def add_finite(native, a, b, out):
     return native.add_finite(buffer(a), buffer(b), buffer(out))
+
+
+def sign_scan(native, x):
+    """None when something is not finite."""
+    nb = nbytes(x.numel())
+    bits = torch.empty(nb, dtype=torch.uint8)
+    zplane = torch.empty(nb, dtype=torch.uint8)
+    zeros = native.sign_scan(buffer(x), buffer(bits), buffer(zplane))
+    return None if zeros is None else (bits, zplane, zeros)

@@ -244,6 +244,14 @@ def momentum_update(g, m, m_out, beta):
     return m_out.add_(torch.mul(g, 1.0 - beta))
 
 
+def sign_scan(x):
+    """signSGD's one-pass encode (see kernels.sign_scan)."""
+    if not bool(torch.isfinite(x).all()):
+        return None
+    zero = x == 0
+    return pack_signs(x), pack_bools(zero), int(zero.sum())
+
+
 def momentum_sign(g, m, m_out, beta):
     """The fused Signum momentum (see kernels.momentum_sign)."""
     momentum_update(g, m, m_out, beta)

@@ -75,9 +75,14 @@ class SignSGD(Method):
     sharded exchange (rank j for shard j of wire.shard_elements), on either exchange. With
     "owner" the sharded exchange's result is one bit per element at any n (with "zero" the
     ties travel too: up to a second bit plane); at odd n the two rules agree.
+
+    fused = True (default): the sign bits, the zero marks and the NaN/Inf check are one pass
+    over g (kernels.sign_scan), so the engine makes no NaN/Inf pass of its own; False: the
+    engine's check, then count_zeros and pack_signs (the same payload bytes).
     """
     name, bits_per_coordinate = "signsgd", 1.0
     codec = _SIGN
+    fused = True
 
     def __init__(self, aggregation: str = "majority", ties: str = "zero"):
         if aggregation not in ("majority", "mean"):
@@ -91,7 +96,17 @@ class SignSGD(Method):
     def unit_scale(self):
         return self.aggregation != "norm_weighted"
 
+    @property
+    def encode_checks_finite(self):
+        return self.fused
+
     def encode(self, g, state, ctx):
+        if self.fused and not ctx.nonfinite:
+            found = kernels.sign_scan(g)
+            if found is not None:
+                bits, plane, zeros = found
+                return self.codec.encode_packed(g, bits, plane, zeros, layout=ctx.layout)
+            ctx.nonfinite = True
         return self.codec.encode(g, flags=wire.FLAG_NONFINITE if ctx.nonfinite else 0,
                                  layout=ctx.layout)
 
@@ -197,6 +212,7 @@ class StochasticSignMethod(SignSGD):
     """
     name = "stochastic_sign"
     codec = StochasticSign()
+    encode_checks_finite = False      # the engine checks g (SSDM: its fused momentum does)
 
     def __init__(self, aggregation: str = "majority", norm: str = "model",
                  norm_type: str = "linf", ties: str = "zero"):

@@ -353,3 +353,72 @@ def test_engine_rollback_after_a_failed_step_restores_the_momentum(name, options
         assert torch.equal(bits_of(b.state["momentum"]), bits_of(c.state["momentum"]))
         assert torch.equal(bits_of(b.flat), bits_of(c.flat))
     assert eng.step == clean.step == 3
+
+
+# ---- signSGD's one-pass encode (kernels.sign_scan) -------------------------------------------
+
+
+@SETTINGS
+@given(n=SIZES, kinds=KINDS, seed=st.integers(0, 2**32 - 1), shift=st.integers(0, 7))
+@example(n=(1 << 20) + 3, kinds=["normal", "zeros", "tail_nan"], seed=1, shift=0)
+@example(n=17, kinds=["subnormal", "zeros"], seed=0, shift=3)
+def test_sign_scan_equals_pack_signs_and_the_zero_plane(n, kinds, seed, shift):
+    """Every ISA and the torch fallback: the bits of pack_signs(x), the plane of x == +-0 and
+    their count, any alignment of x; None exactly when some x is NaN/Inf."""
+    x0, _ = make_inputs(n, kinds, seed)
+    x = torch.zeros(n + 8)[shift:shift + n]
+    x.copy_(x0)
+    finite = bool(torch.isfinite(x0).all())
+    zero = x0 == 0
+    want = (K.pack_signs(x0), K.pack_bits(zero), int(zero.sum()))
+    results = {"torch": T.sign_scan(x)}
+    for name in ISAS:
+        previous = NATIVE.set_isa(name)
+        try:
+            results[name] = K.sign_scan(x)
+        finally:
+            NATIVE.set_isa(previous)
+    for name, got in results.items():
+        if not finite:
+            assert got is None, name
+            continue
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), name
+        assert got[2] == want[2], name
+
+
+def test_sign_scan_argument_errors():
+    with pytest.raises(TypeError):
+        K.sign_scan(torch.zeros(8, dtype=torch.float64))
+    with pytest.raises(ValueError):
+        K.sign_scan(torch.zeros(16)[::2])
+    x, small = np.zeros(17, np.float32), np.zeros(2, np.uint8)
+    with pytest.raises(ValueError):
+        NATIVE.sign_scan(x, small, np.zeros(3, np.uint8))       # bits too small
+    room = np.zeros(6, np.uint8)
+    with pytest.raises(ValueError):
+        NATIVE.sign_scan(x, room[:3], room[2:5])                 # bits and zplane overlap
+
+
+@pytest.mark.parametrize("options", [{}, {"aggregation": "mean"}, {"ties": "owner"}])
+def test_signsgd_one_pass_encode_is_the_unfused_payload(options):
+    """signsgd (fused, default) and fused=False: identical payload bytes step after step, zero
+    marks included; the fused one checks NaN/Inf itself (the engine skips its pass) and sends
+    the non-finite flag."""
+    layout = Layout.for_sizes([100, 37, 9, 4097])
+    fused, ref = make_method("signsgd", **options), make_method("signsgd", **options)
+    ref.fused = False
+    assert fused.encode_checks_finite and not ref.encode_checks_finite
+    assert not make_method("stochastic_sign").encode_checks_finite
+    marked = 0
+    for k, g in enumerate(_grads(layout, 5, 7)):
+        msg = fused.encode(g, {}, _ctx(layout, k))
+        assert torch.equal(msg, ref.encode(g, {}, _ctx(layout, k))), k
+        payload = wire.split(msg, 1, bucket="b", codec=fused.codec.codec, n=layout.numel)
+        marked += bool(payload[0].header.flags & wire.FLAG_ZEROS)
+    assert marked
+    g[5] = math.inf
+    ctx = _ctx(layout, 9)
+    msg = fused.encode(g, {}, ctx)
+    assert ctx.nonfinite
+    payload = wire.split(msg, 1, bucket="b", codec=fused.codec.codec, n=layout.numel)
+    assert payload[0].header.flags & wire.FLAG_NONFINITE
