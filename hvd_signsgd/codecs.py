@@ -253,8 +253,8 @@ class Sign:
         out: a float32 buffer of n elements to write into (else a new one)."""
         if not _has_zeros(payloads):
             rows = _gathered_rows(payloads)
-            if mode == "majority":
-                return kernels.vote(rows, n, mode="majority", weights=weights, out=out)
+            if mode == "majority" or (mode == "mean" and weights is None):
+                return kernels.vote(rows, n, mode=mode, weights=weights, out=out)
             out = kernels.vote(rows, n, mode="sum", weights=weights, out=out)
             return out.div_(len(payloads)) if mode == "mean" else out
         if out is None:

@@ -184,14 +184,15 @@ static void to_counts_avx2(const sg_counter *c, size_t ne, uint32_t *counts, int
 
 /* Votes straight from the byte counts (n_ranks <= 255). Majority stays in bytes:
  * +1 where count <= (R-1)/2, -1 where count >= R/2 + 1, else 0 (a tie). */
-static void emit_avx2(const sg_counter *c, size_t ne, size_t n_ranks, int majority, float *out) {
+static void emit_avx2(const sg_counter *c, size_t ne, size_t n_ranks, int mode, float *out) {
     const __m256i plus_max = _mm256_set1_epi8((char)((n_ranks - 1) / 2));
     const __m256i minus_min = _mm256_set1_epi8((char)(n_ranks / 2 + 1));
     const __m256i ranks = _mm256_set1_epi32((int)n_ranks);
+    const __m256 divisor = _mm256_set1_ps((float)n_ranks);
     size_t chunks = ne / 32;
     for (size_t q = 0; q < chunks; q++) {
         __m256i bytes = byte_counts32(c, q);
-        if (majority) {
+        if (mode == SG_VOTE_MAJORITY) {
             __m256i plus = _mm256_cmpeq_epi8(_mm256_max_epu8(bytes, plus_max), plus_max);
             __m256i minus = _mm256_cmpeq_epi8(_mm256_max_epu8(bytes, minus_min), bytes);
             __m256i votes = _mm256_sub_epi8(minus, plus);   /* masks are -1: plus - minus */
@@ -200,11 +201,13 @@ static void emit_avx2(const sg_counter *c, size_t ne, size_t n_ranks, int majori
         } else {
             for (int t = 0; t < 4; t++) {
                 __m256i d = _mm256_sub_epi32(ranks, _mm256_slli_epi32(widen_u8(bytes, t), 1));
-                _mm256_storeu_ps(out + 32 * q + 8 * t, _mm256_cvtepi32_ps(d));
+                __m256 s = _mm256_cvtepi32_ps(d);
+                if (mode == SG_VOTE_MEAN) s = _mm256_div_ps(s, divisor);
+                _mm256_storeu_ps(out + 32 * q + 8 * t, s);
             }
         }
     }
-    sg_emit_scalar(c, 32 * chunks, ne, n_ranks, majority, out);
+    sg_emit_scalar(c, 32 * chunks, ne, n_ranks, mode, out);
 }
 
 /* Counts one full block, 256 elements (a vector per row) at a time, with the planes in
@@ -256,8 +259,8 @@ static void count_block_avx2(const sg_rows *rows, size_t byte0, sg_counter *c) {
     }
 }
 
-static void vote_count_avx2(const sg_rows *rows, size_t n, int majority, float *out) {
-    sg_vote_count_blocks(rows, n, majority, out, count_block_avx2, emit_avx2, to_counts_avx2);
+static void vote_count_avx2(const sg_rows *rows, size_t n, int mode, float *out) {
+    sg_vote_count_blocks(rows, n, mode, out, count_block_avx2, emit_avx2, to_counts_avx2);
 }
 
 static void add_signed_avx2(const uint8_t *bits, size_t ne, float w, float *acc) {

@@ -40,13 +40,13 @@ static void to_counts_portable(const sg_counter *c, size_t ne, uint32_t *counts,
     sg_to_counts_scalar(c, 0, ne, counts, accumulate);
 }
 
-static void emit_portable(const sg_counter *c, size_t ne, size_t n_ranks, int majority,
+static void emit_portable(const sg_counter *c, size_t ne, size_t n_ranks, int mode,
                           float *out) {
-    sg_emit_scalar(c, 0, ne, n_ranks, majority, out);
+    sg_emit_scalar(c, 0, ne, n_ranks, mode, out);
 }
 
-static void vote_count_portable(const sg_rows *rows, size_t n, int majority, float *out) {
-    sg_vote_count_blocks(rows, n, majority, out, NULL, emit_portable, to_counts_portable);
+static void vote_count_portable(const sg_rows *rows, size_t n, int mode, float *out) {
+    sg_vote_count_blocks(rows, n, mode, out, NULL, emit_portable, to_counts_portable);
 }
 
 static void add_signed_portable(const uint8_t *bits, size_t ne, float w, float *acc) {

@@ -408,8 +408,9 @@ static float *read_weights(PyObject *wo, size_t n_ranks) {
 PyDoc_STRVAR(vote_doc,
 "vote(gathered, n, out, mode='majority', weights=None, n_ranks=None) -> None\n\n"
 "Per element i < n, with s_m = +1 (bit 0) or -1 (bit 1) from rank m's packed row:\n"
-"mode 'sum': sum_m w_m s_m; mode 'majority': its sign (ties give 0). Unweighted sums are\n"
-"exact integers; weighted ones are float32 additions from +0.0 in rank order.\n"
+"mode 'sum': sum_m w_m s_m; mode 'majority': its sign (ties give 0); mode 'mean' (no\n"
+"weights): the sum / n_ranks, one float32 division. Unweighted sums are exact integers;\n"
+"weighted ones are float32 additions from +0.0 in rank order.\n"
 "gathered: uint8 2-D (n_ranks, >= ceil(n/8)) with unit stride in a row, or 1-D contiguous\n"
 "with n_ranks given. out: float32, C-contiguous, aligned, >= n elements.\n"
 "weights: float32 buffer of n_ranks values or None.");
@@ -425,9 +426,13 @@ static PyObject *py_vote(PyObject *self, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OnO|sOO:vote", kwlist, &go, &n, &oo, &mode, &wo,
                                      &nro))
         return NULL;
-    int majority = strcmp(mode, "majority") == 0;
-    if (!majority && strcmp(mode, "sum") != 0) {
-        PyErr_Format(PyExc_ValueError, "mode must be 'majority' or 'sum', not '%s'", mode);
+    int how = strcmp(mode, "majority") == 0 ? SG_VOTE_MAJORITY
+              : strcmp(mode, "mean") == 0   ? SG_VOTE_MEAN
+              : strcmp(mode, "sum") == 0    ? SG_VOTE_SUM
+                                            : -1;
+    if (how < 0 || (how == SG_VOTE_MEAN && wo != Py_None)) {
+        PyErr_Format(PyExc_ValueError, "mode must be 'majority', 'sum' or 'mean' (unweighted), "
+                     "not '%s'", mode);
         return NULL;
     }
     if (nro != Py_None && (n_ranks = PyLong_AsSsize_t(nro)) < 0) {
@@ -453,9 +458,9 @@ static PyObject *py_vote(PyObject *self, PyObject *args, PyObject *kw) {
         float *dst = (float *)o.buf;
         Py_BEGIN_ALLOW_THREADS
         if (w)
-            active->vote_weighted(&rows, (size_t)n, w, majority, dst);
+            active->vote_weighted(&rows, (size_t)n, w, how == SG_VOTE_MAJORITY, dst);
         else
-            active->vote_count(&rows, (size_t)n, majority, dst);
+            active->vote_count(&rows, (size_t)n, how, dst);
         Py_END_ALLOW_THREADS
     }
     Py_INCREF(Py_None);

@@ -14,6 +14,9 @@
 /* Element types. bfloat16 has no buffer-protocol format; it travels as 16-bit integers. */
 typedef enum { SG_F32 = 0, SG_F16 = 1, SG_BF16 = 2 } sg_dtype;
 
+/* What an unweighted vote writes per element (vote_count's mode). */
+enum { SG_VOTE_SUM = 0, SG_VOTE_MAJORITY = 1, SG_VOTE_MEAN = 2 };
+
 /* The packed vectors of all ranks: row m starts at base + m * stride (any stride, even 0). */
 typedef struct {
     const uint8_t *base;
@@ -31,8 +34,9 @@ typedef struct {
     /* out[i] <- value with its sign bit flipped where bit i is set. value_bits is the
      * bit pattern of +scale in dt (16 significant bits for float16/bfloat16). */
     void (*unpack)(const uint8_t *bits, size_t n, uint32_t value_bits, sg_dtype dt, void *out);
-    /* Unweighted vote: out[i] <- n_ranks - 2 * (number of set bits), or its sign. */
-    void (*vote_count)(const sg_rows *rows, size_t n, int majority, float *out);
+    /* Unweighted vote: out[i] <- s = n_ranks - 2 * (number of set bits), its sign, or
+     * float32(s) / float32(n_ranks) (mode: SG_VOTE_SUM, _MAJORITY, _MEAN). */
+    void (*vote_count)(const sg_rows *rows, size_t n, int mode, float *out);
     /* Weighted vote: out[i] <- ((0 + s_0 w_0) + s_1 w_1) + ... in float32, or its sign. */
     void (*vote_weighted)(const sg_rows *rows, size_t n, const float *w, int majority,
                           float *out);

@@ -28,7 +28,7 @@ typedef void (*sg_to_counts_fn)(const sg_counter *c, size_t nelem, uint32_t *cou
 /* Counts all ranks (n_ranks <= 255) over the full block starting at byte0. */
 typedef void (*sg_count_block_fn)(const sg_rows *rows, size_t byte0, sg_counter *c);
 /* When all ranks fit in one group: planes -> votes out[0 .. nelem) directly. */
-typedef void (*sg_emit_fn)(const sg_counter *c, size_t nelem, size_t n_ranks, int majority,
+typedef void (*sg_emit_fn)(const sg_counter *c, size_t nelem, size_t n_ranks, int mode,
                            float *out);
 
 static inline size_t sg_min(size_t a, size_t b) { return a < b ? a : b; }
@@ -113,10 +113,12 @@ static inline uint32_t sg_lane(uint64_t lanes, size_t i) {
     return (uint32_t)(lanes >> (8 * (i % 8))) & 0xFFu;
 }
 
-/* The vote of one element from its count: s = n_ranks - 2 * count, or the sign of s. */
-static inline float sg_vote_of(uint32_t count, size_t n_ranks, int majority) {
+/* The vote of one element from its count: s = n_ranks - 2 * count, the sign of s, or the
+ * mean s / n_ranks (one rounded float32 division: the bits of the sum then torch's div_). */
+static inline float sg_vote_of(uint32_t count, size_t n_ranks, int mode) {
     int32_t d = (int32_t)n_ranks - 2 * (int32_t)count;
-    return majority ? (float)((d > 0) - (d < 0)) : (float)d;
+    if (mode == SG_VOTE_MAJORITY) return (float)((d > 0) - (d < 0));
+    return mode == SG_VOTE_MEAN ? (float)d / (float)n_ranks : (float)d;
 }
 
 /* Planes -> counts for elements from .. ne-1 (from a multiple of 8). */
@@ -131,24 +133,24 @@ static inline void sg_to_counts_scalar(const sg_counter *c, size_t from, size_t 
 
 /* Planes -> votes for elements from .. ne-1 (from a multiple of 8). */
 static inline void sg_emit_scalar(const sg_counter *c, size_t from, size_t ne, size_t n_ranks,
-                                  int majority, float *out) {
+                                  int mode, float *out) {
     for (size_t j = from / 8; j < sg_nbytes(ne); j++) {
         uint64_t lanes = sg_byte_counts(c, j);
         for (size_t i = 8 * j; i < ne && i < 8 * j + 8; i++)
-            out[i] = sg_vote_of(sg_lane(lanes, i), n_ranks, majority);
+            out[i] = sg_vote_of(sg_lane(lanes, i), n_ranks, mode);
     }
 }
 
 /* The sum of the +-1 votes is exact in float up to 2^24 ranks. */
 static inline void sg_counts_to_votes(const uint32_t *counts, size_t ne, size_t n_ranks,
-                                      int majority, float *out) {
-    for (size_t i = 0; i < ne; i++) out[i] = sg_vote_of(counts[i], n_ranks, majority);
+                                      int mode, float *out) {
+    for (size_t i = 0; i < ne; i++) out[i] = sg_vote_of(counts[i], n_ranks, mode);
 }
 
 /* Up to 255 ranks the planes of a block go straight to votes; beyond, the counts of each
  * group of ranks are added up first. */
 static inline __attribute__((always_inline)) void
-sg_vote_count_blocks(const sg_rows *rows, size_t n, int majority, float *out,
+sg_vote_count_blocks(const sg_rows *rows, size_t n, int mode, float *out,
                      sg_count_block_fn count_block, sg_emit_fn emit, sg_to_counts_fn to_counts) {
     sg_counter c;
     uint32_t counts[SG_BLOCK_ELEMS];
@@ -159,7 +161,7 @@ sg_vote_count_blocks(const sg_rows *rows, size_t n, int majority, float *out,
                 count_block(rows, e0 / 8, &c);
             else
                 sg_count_group(rows, 0, rows->n_ranks, e0 / 8, nbytes, &c);
-            emit(&c, ne, rows->n_ranks, majority, out + e0);
+            emit(&c, ne, rows->n_ranks, mode, out + e0);
             continue;
         }
         for (size_t r0 = 0; r0 < rows->n_ranks; r0 += SG_GROUP_RANKS) {
@@ -167,7 +169,7 @@ sg_vote_count_blocks(const sg_rows *rows, size_t n, int majority, float *out,
             sg_count_group(rows, r0, nr, e0 / 8, nbytes, &c);
             to_counts(&c, ne, counts, r0 > 0);
         }
-        sg_counts_to_votes(counts, ne, rows->n_ranks, majority, out + e0);
+        sg_counts_to_votes(counts, ne, rows->n_ranks, mode, out + e0);
     }
 }
 

@@ -299,11 +299,12 @@ def unpack_signs(bits, n, scale=1.0, out=None, dtype=torch.float32):
 
 
 def vote(bits2d, n, mode="majority", weights=None, out=None):
-    """Per element, the (weighted) sum of the ranks' +-1 signs, or its sign ("majority")."""
+    """Per element, the (weighted) sum of the ranks' +-1 signs, its sign ("majority"), or
+    the unweighted sum divided by the number of rows ("mean": the bits of "sum" then div_)."""
     _check_bits(bits2d, "bits2d")
     n = _check_n(n)
-    if mode not in ("majority", "sum"):
-        raise ValueError(f"mode must be 'majority' or 'sum', not {mode!r}")
+    if mode not in ("majority", "sum", "mean") or (mode == "mean" and weights is not None):
+        raise ValueError(f"mode must be 'majority', 'sum' or 'mean' (unweighted), not {mode!r}")
     if bits2d.dim() != 2 or not 1 <= bits2d.shape[0] <= 1 << 24:
         raise ValueError(f"bits2d must be 2-D with 1 to 2^24 rows, got {tuple(bits2d.shape)}")
     if bits2d.shape[1] < _torch.nbytes(n):
@@ -311,9 +312,9 @@ def vote(bits2d, n, mode="majority", weights=None, out=None):
     w = _weights(weights, bits2d.shape[0], bits2d.device)
     result = _output(out, n, torch.float32, bits2d.device, (torch.float32,))
     if _native_for(bits2d):
-        _cpu.vote(_native, bits2d, n, mode == "majority", w, result)
+        _cpu.vote(_native, bits2d, n, mode, w, result)
     else:
-        _torch.vote(bits2d, n, mode == "majority", w, result.view(-1))
+        _torch.vote(bits2d, n, mode, w, result.view(-1))
     return result
 
 

@@ -39,12 +39,12 @@ def unpack_signs(native, bits, n, scale, out):
     native.unpack_signs(buffer(_contiguous(bits)), n, buffer(out), float(scale))
 
 
-def vote(native, rows, n, majority, weights, out):
+def vote(native, rows, n, mode, weights, out):
     """rows: uint8 (n_ranks, >= ceil(n/8)) CPU tensor; weights: None or float32 CPU tensor."""
     if rows.shape[1] > 1 and rows.stride(1) != 1:
         rows = rows.contiguous()
     w = None if weights is None else buffer(_contiguous(weights))
-    native.vote(buffer(rows), n, buffer(out), "majority" if majority else "sum", w)
+    native.vote(buffer(rows), n, buffer(out), mode, w)
 
 
 def topk_take(native, p, segments, idx, vals):

@@ -139,10 +139,12 @@ def unpack_signs(bits, n, scale, out):
     torch.where(unpack_bools(bits, n), -value, value, out=out)
 
 
-def vote(rows, n, majority, weights, out):
-    """rows: uint8 (n_ranks, >= ceil(n/8)); weights: None or float32 (n_ranks,) on rows' device.
+def vote(rows, n, mode, weights, out):
+    """rows: uint8 (n_ranks, >= ceil(n/8)); weights: None or float32 (n_ranks,) on rows' device;
+    mode: "majority", "sum" or "mean" (unweighted).
 
     Unweighted: exact integer counts. Weighted: float32 additions from +0.0 in rank order."""
+    majority = mode == "majority"
     n_ranks = rows.shape[0]
     if weights is None:
         count = torch.zeros(n, dtype=torch.int32, device=rows.device)
@@ -150,6 +152,8 @@ def vote(rows, n, majority, weights, out):
             count += unpack_bools(rows[m], n)
         total = n_ranks - 2 * count
         out.copy_(total.sign() if majority else total)
+        if mode == "mean":
+            out.div_(n_ranks)
         return
     out.zero_()
     for m in range(n_ranks):

@@ -246,11 +246,14 @@ def naive_vote(rows, n, mode, weights):
         total = total + signs[m] * w[m]
     if mode == "majority":
         total = torch.sign(total) + 0.0  # + 0.0: no -0.0
+    if mode == "mean":                    # the sum, then torch's division by the row count
+        total = total.div_(rows.shape[0])
     return total
 
 
 @SETTINGS
-@given(n_ranks=RANKS, n=LENGTHS, mode=st.sampled_from(["majority", "sum"]), weights=WEIGHTS,
+@given(n_ranks=RANKS, n=LENGTHS, mode=st.sampled_from(["majority", "sum", "mean"]),
+       weights=WEIGHTS,
        seed=st.integers(0, 2**32 - 1), isa_name=st.sampled_from(ISAS))
 @example(n_ranks=8, n=BIG, mode="majority", weights=None, seed=6, isa_name=ISAS[-1])
 @example(n_ranks=64, n=BIG, mode="sum", weights=None, seed=7, isa_name=ISAS[-1])
@@ -258,13 +261,15 @@ def naive_vote(rows, n, mode, weights):
 @example(n_ranks=9, n=BIG, mode="majority", weights=None, seed=9, isa_name="portable")
 @example(n_ranks=300, n=4099, mode="sum", weights=None, seed=10, isa_name=ISAS[-1])
 @example(n_ranks=256, n=2100, mode="majority", weights=None, seed=11, isa_name="portable")
+@example(n_ranks=7, n=BIG, mode="mean", weights=None, seed=12, isa_name=ISAS[-1])
+@example(n_ranks=300, n=4099, mode="mean", weights=None, seed=13, isa_name=ISAS[-1])
 def test_vote_matches_naive(n_ranks, n, mode, weights, seed, isa_name):
     rows = gathered(n_ranks, n, seed)
-    w = make_weights(weights, n_ranks, seed)
+    w = None if mode == "mean" else make_weights(weights, n_ranks, seed)
     expected = naive_vote(rows, n, mode, w)
     w_tensor = None if w is None else torch.as_tensor(w, dtype=torch.float32)
     fallback = torch.empty(n)
-    T.vote(rows, n, mode == "majority", w_tensor, fallback)
+    T.vote(rows, n, mode, w_tensor, fallback)
     with isa(isa_name):
         public = K.vote(rows, n, mode, w)
         out = torch.full((n + 5,), 7.0)
@@ -278,7 +283,7 @@ def test_vote_matches_naive(n_ranks, n, mode, weights, seed, isa_name):
 def torch_vote(rows, n, mode="majority", weights=None):
     out = torch.empty(n)
     w = None if weights is None else torch.tensor(weights, dtype=torch.float32)
-    T.vote(rows, n, mode == "majority", w, out)
+    T.vote(rows, n, mode, w, out)
     return out
 
 
@@ -447,7 +452,9 @@ def test_public_argument_errors():
         K.unpack_signs(bits, 20, dtype=torch.int32)
     rows = torch.stack([bits, bits])
     with pytest.raises(ValueError):
-        K.vote(rows, 20, mode="mean")
+        K.vote(rows, 20, mode="average")
+    with pytest.raises(ValueError):                  # the mean is of unweighted votes
+        K.vote(rows, 20, mode="mean", weights=[1.0, 1.0])
     with pytest.raises(ValueError):
         K.vote(rows, 30)
     with pytest.raises(ValueError):

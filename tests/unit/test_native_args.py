@@ -113,7 +113,9 @@ def test_vote_argument_errors():
     with pytest.raises(ValueError):
         N.vote(rows, 33, np.empty(33, np.float32))
     with pytest.raises(ValueError):
-        N.vote(rows, 32, out, "mean")
+        N.vote(rows, 32, out, "average")
+    with pytest.raises(ValueError):                  # the mean is of unweighted votes
+        N.vote(rows, 32, out, "mean", np.ones(3, np.float32))
     with pytest.raises(ValueError):
         N.vote(rows, 32, np.empty(31, np.float32))
     with pytest.raises(TypeError):
