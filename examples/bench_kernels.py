@@ -222,6 +222,35 @@ def fused_momentum(t, n, rep, bw, rng):
               f"fused is {s_old / s:.1f}x faster")
 
 
+def fused_scans(t, n, rep, bw, rng):
+    """sign_scan (signsgd's encode; x read, bits and zero plane written) against the three
+    passes it replaces, and add_finite (topk / threshold's compensation; g, e read, p
+    written) against the backup copy, NaN/Inf sum and in-place add it replaces."""
+    x = torch.from_numpy(rng.standard_normal(n, dtype=np.float32))
+    e = torch.from_numpy(rng.standard_normal(n, dtype=np.float32) * 0.1)
+    out, backup = torch.empty(n), torch.empty(n)
+    bound = (4 * n + 2 * (n / 8)) / (4 * n / bw)
+    s = best_time(lambda: kernels.sign_scan(x), rep)
+    t.add("native sign_scan kernel", s, 4 * n,
+          f"bound {bound * 1e3:.2f} ms: {bound / s:.2f} of bound")
+    s_old = best_time(lambda: (kernels.all_finite(x), kernels.count_zeros(x),
+                               kernels.pack_signs(x)), max(1, rep // 3))
+    t.add("signsgd encode passes, unfused (before)", s_old, 4 * n,
+          f"sign_scan is {s_old / s:.1f}x faster")
+    bound = 12 * n / (4 * n / bw)
+    s = best_time(lambda: kernels.add_finite(x, e, out), rep)
+    t.add("native add_finite kernel", s, 8 * n,
+          f"bound {bound * 1e3:.2f} ms: {bound / s:.2f} of bound")
+
+    def unfused():        # the add written out of place here too, so that e stays the same
+        backup.copy_(e)
+        kernels.all_finite(x)
+        torch.add(e, x, out=out)
+    s_old = best_time(unfused, max(1, rep // 3))
+    t.add("topk compensation, unfused (copy, NaN sum, add)", s_old, 8 * n,
+          f"add_finite is {s_old / s:.1f}x faster")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--log2n", type=int, default=24)
@@ -230,7 +259,7 @@ def main():
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     parser.add_argument("--only", choices=["all", "fused"], default="all",
                         help="fused: the read bandwidth and the fused encodes (ef_signsgd, "
-                             "signum, ssdm) alone")
+                             "ecx, signum, ssdm, signsgd, topk's compensation) alone")
     args = parser.parse_args()
     global CLOCK
     CLOCK = time.perf_counter if args.clock == "wall" else time.thread_time
@@ -251,6 +280,7 @@ def main():
     fused_encodes(t, n, rep, bw, rng)
     fused_ecx(t, n, rep, bw, rng)
     fused_momentum(t, n, rep, bw, rng)
+    fused_scans(t, n, rep, bw, rng)
     if args.only == "fused":
         t.print()
         print(FUSED_NOTE)

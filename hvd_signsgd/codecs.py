@@ -424,14 +424,8 @@ class ScaledSign:
                         kernels.unpack_signs(p.body[o // 8:(o + s + 7) // 8], s,
                                              scale=w[m, t], out=tmp[o:o + s])
             return _weighted_with_zeros(payloads, layout.numel, fill, out)
-        rows = _gathered_rows(payloads)
-        for t, (o, s) in enumerate(layout.segments()):
-            if s == 0:
-                continue
-            seg_rows = rows[:, o // 8:(o + s + 7) // 8]
-            kernels.vote(seg_rows, s, mode="sum", weights=scales[:, t] / n_ranks,
-                         out=out[o:o + s])
-        return out
+        return kernels.scaled_vote(_gathered_rows(payloads), segment_pairs(layout),
+                                   (scales / n_ranks).T, out)
 
 
 class Dense:

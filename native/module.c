@@ -1097,6 +1097,96 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(scaled_vote_doc,
+"scaled_vote(gathered, segments, weights, out) -> None\n\n"
+"vote(mode='sum') segment by segment in one call: for segment t, (offset, size) pair t of\n"
+"the int64 buffer segments (offsets multiples of 8, ascending, non-overlapping, inside out),\n"
+"out[offset + i] = sum_m weights[t, m] s_m, float32 additions from +0.0 in rank order, s_m\n"
+"from bit offset + i of rank m's row. gathered: uint8 2-D (n_ranks, >= ceil(end / 8)) with\n"
+"unit stride in a row; weights: float32, aligned, C-contiguous, S * n_ranks values; out:\n"
+"float32, aligned, C-contiguous, disjoint from the inputs. Elements outside the segments are\n"
+"not written.");
+
+/* The segments as (offset, size) pairs checked against out's length and the rows' bytes. */
+static int64_t *scaled_vote_segments(const Py_buffer *sv, size_t n_out, Py_ssize_t row_len,
+                                     size_t *n_segs) {
+    if (sv->len % 16 != 0) {
+        PyErr_SetString(PyExc_ValueError, "segments must hold (offset, size) pairs");
+        return NULL;
+    }
+    *n_segs = (size_t)(sv->len / 16);
+    int64_t *segs = PyMem_Malloc(sv->len ? (size_t)sv->len : 1);
+    if (!segs) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    memcpy(segs, sv->buf, (size_t)sv->len);
+    uint64_t end = 0;
+    for (size_t t = 0; t < *n_segs; t++) {
+        int64_t o = segs[2 * t], sz = segs[2 * t + 1];
+        if (o < 0 || sz < 0 || o % 8 != 0 || (uint64_t)o < end || (uint64_t)o + (uint64_t)sz > n_out ||
+            sg_nbytes((size_t)(o + sz)) > (size_t)row_len) {
+            PyErr_Format(PyExc_ValueError, "segment %zu (%lld, %lld) is not an ascending, "
+                         "8-aligned range inside out and the rows", t, (long long)o, (long long)sz);
+            PyMem_Free(segs);
+            return NULL;
+        }
+        end = (uint64_t)(o + sz);
+    }
+    return segs;
+}
+
+static PyObject *py_scaled_vote(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"gathered", "segments", "weights", "out", NULL};
+    PyObject *go, *so, *wo, *oo, *result = NULL;
+    Py_buffer g = {0}, sv = {0}, wv = {0}, o = {0};
+    int64_t *segs = NULL;
+    sg_rows rows;
+    Py_ssize_t row_len;
+    size_t n_segs = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO:scaled_vote", kwlist, &go, &so, &wo, &oo))
+        return NULL;
+    if (get_buffer(go, "gathered", ARG_IN, &g) < 0) return NULL;
+    if (check_bytes_format(&g, "gathered") < 0 || gathered_rows(&g, -1, &rows, &row_len) < 0 ||
+        get_buffer(so, "segments", ARG_IN, &sv) < 0 || check_int_format(&sv, "segments", 8) < 0 ||
+        check_contiguous(&sv, "segments") < 0 || get_f32_vector(wo, "weights", ARG_IN, &wv) < 0 ||
+        get_f32_vector(oo, "out", ARG_OUT, &o) < 0)
+        goto done;
+    size_t n_out = (size_t)(o.len / 4);
+    if ((segs = scaled_vote_segments(&sv, n_out, row_len, &n_segs)) == NULL) goto done;
+    if ((size_t)(wv.len / 4) != n_segs * rows.n_ranks) {
+        PyErr_Format(PyExc_ValueError, "weights has %zd values, need segments x n_ranks = %zu",
+                     wv.len / 4, n_segs * rows.n_ranks);
+        goto done;
+    }
+    uintptr_t lo;
+    size_t extent;
+    rows_extent(&rows, (size_t)row_len, &lo, &extent);
+    if (check_disjoint((const void *)lo, row_len ? extent : 0, o.buf, (size_t)o.len) < 0 ||
+        check_disjoint(wv.buf, (size_t)wv.len, o.buf, (size_t)o.len) < 0 ||
+        check_disjoint(sv.buf, (size_t)sv.len, o.buf, (size_t)o.len) < 0)
+        goto done;
+    const float *w = (const float *)wv.buf;
+    float *dst = (float *)o.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (size_t t = 0; t < n_segs; t++) {
+        size_t off = (size_t)segs[2 * t], sz = (size_t)segs[2 * t + 1];
+        if (sz == 0) continue;
+        sg_rows seg = {rows.base + off / 8, rows.stride, rows.n_ranks};
+        active->vote_weighted(&seg, sz, w + t * rows.n_ranks, 0, dst + off);
+    }
+    Py_END_ALLOW_THREADS
+    Py_INCREF(Py_None);
+    result = Py_None;
+done:
+    PyMem_Free(segs);
+    if (o.obj) PyBuffer_Release(&o);
+    if (wv.obj) PyBuffer_Release(&wv);
+    if (sv.obj) PyBuffer_Release(&sv);
+    PyBuffer_Release(&g);
+    return result;
+}
+
 /* ---- module ------------------------------------------------------------------------------ */
 
 static PyMethodDef methods[] = {
@@ -1107,6 +1197,8 @@ static PyMethodDef methods[] = {
     {"unpack_signs", (PyCFunction)(void (*)(void))py_unpack_signs, METH_VARARGS | METH_KEYWORDS,
      unpack_signs_doc},
     {"vote", (PyCFunction)(void (*)(void))py_vote, METH_VARARGS | METH_KEYWORDS, vote_doc},
+    {"scaled_vote", (PyCFunction)(void (*)(void))py_scaled_vote, METH_VARARGS | METH_KEYWORDS,
+     scaled_vote_doc},
     {"topk_take", (PyCFunction)(void (*)(void))py_topk_take, METH_VARARGS | METH_KEYWORDS,
      topk_take_doc},
     {"threshold_count", (PyCFunction)(void (*)(void))py_threshold_count,

@@ -55,6 +55,10 @@ NaN, only its NaN-ness is specified, not its sign or payload):
                                           bits (bit-sliced counters), never unpacking n_ranks
                                           float vectors.
                                           out: as for unpack_signs, but float32.
+    scaled_vote(bits2d, segments, weights, out) -> out
+                                          vote(mode="sum") per (offset, size) segment t with
+                                          weights[t] (float32 (S, n_ranks)), one call: the
+                                          scaled mean of ef_signsgd / ecx (weights scale / n).
     count_zeros(x) -> int                 number of elements of x equal to +0 or -0 (one pass,
                                           no temporary in the native kernel). x: as pack_signs.
     ef_sign(g, e, e_out, segments) -> (bits, zplane, scales, zeros) or None
@@ -168,9 +172,9 @@ from ._loader import load_native
 
 __all__ = ["SparseIndexError", "add_finite", "all_finite", "backend", "count_zeros",
            "ecx_coefficients", "ecx_sign", "ef_sign", "momentum_absmax", "momentum_sign",
-           "pack_bits", "pack_signs", "pack_stochastic_signs", "sign_scan", "sparse_sum",
-           "threshold_count", "threshold_take", "topk_take", "tree_abs_sum", "unpack_bits",
-           "unpack_signs", "vote"]
+           "pack_bits", "pack_signs", "pack_stochastic_signs", "scaled_vote", "sign_scan",
+           "sparse_sum", "threshold_count", "threshold_take", "topk_take", "tree_abs_sum",
+           "unpack_bits", "unpack_signs", "vote"]
 
 _native, _native_unavailable = load_native()
 _FORCE_TORCH = os.environ.get("HVD_SIGNSGD_KERNELS", "").strip().lower() == "torch"
@@ -316,6 +320,39 @@ def vote(bits2d, n, mode="majority", weights=None, out=None):
     else:
         _torch.vote(bits2d, n, mode, w, result.view(-1))
     return result
+
+
+def scaled_vote(bits2d, segments, weights, out):
+    """vote(mode="sum") over each (offset, size) segment with its own weights, in one call:
+    out[o:o + s] = sum_m weights[t, m] * s_m (float32 from +0.0, rank order) for segment t,
+    the bits of one vote() per segment. segments: (offset, size) pairs (a sequence or an int64
+    tensor (S, 2)), offsets multiples of 8, ascending, inside out; weights: float32 (S,
+    n_ranks); out: float32, 1-D, contiguous (elements outside the segments are left)."""
+    _check_bits(bits2d, "bits2d")
+    if bits2d.dim() != 2 or not 1 <= bits2d.shape[0] <= 1 << 24:
+        raise ValueError(f"bits2d must be 2-D with 1 to 2^24 rows, got {tuple(bits2d.shape)}")
+    _check_tensor(out, "out")
+    if out.dtype != torch.float32 or out.dim() != 1 or not out.is_contiguous():
+        raise ValueError("out must be a 1-D contiguous float32 tensor")
+    native = _native_for(bits2d)
+    # the extension checks a tensor's pairs itself (cheaper than _segment_pairs)
+    segs = _native_segments(segments, out.numel()) if native else \
+        _segment_pairs(segments, out.numel())
+    w = torch.as_tensor(weights, dtype=torch.float32, device=bits2d.device)
+    if w.shape != (segs.shape[0], bits2d.shape[0]):
+        raise ValueError(f"weights must be (segments, n_ranks) = "
+                         f"{(segs.shape[0], bits2d.shape[0])}, got {tuple(w.shape)}")
+    if native:
+        _cpu.scaled_vote(_native, bits2d, segs, w, out)
+    else:
+        end = int(segs[-1].sum()) if segs.numel() else 0
+        if bits2d.shape[1] < _torch.nbytes(end):
+            raise ValueError(f"bits2d rows have {bits2d.shape[1]} bytes, need "
+                             f"{_torch.nbytes(end)}")
+        for t, (o, s) in enumerate(segs.tolist()):
+            if s:
+                _torch.vote(bits2d[:, o // 8:(o + s + 7) // 8], s, "sum", w[t], out[o:o + s])
+    return out
 
 
 def count_zeros(x):

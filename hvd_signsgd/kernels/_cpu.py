@@ -47,6 +47,14 @@ def vote(native, rows, n, mode, weights, out):
     native.vote(buffer(rows), n, buffer(out), mode, w)
 
 
+def scaled_vote(native, rows, segments, weights, out):
+    """rows: uint8 (n_ranks, bytes) CPU tensor; segments int64 (S, 2), weights float32."""
+    if rows.shape[1] > 1 and rows.stride(1) != 1:
+        rows = rows.contiguous()
+    native.scaled_vote(buffer(rows), buffer(_contiguous(segments)), buffer(_contiguous(weights)),
+                       buffer(out))
+
+
 def topk_take(native, p, segments, idx, vals):
     """p, idx, vals: contiguous CPU tensors; segments: int64 (S, 3) CPU tensor."""
     native.topk_take(buffer(p), buffer(_contiguous(segments)), buffer(idx), buffer(vals))

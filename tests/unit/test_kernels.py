@@ -549,3 +549,63 @@ def test_pack_bits_round_trip(n, seed, density):
     assert torch.equal(T.unpack_bools(bits, n), mask)
     spare = torch.cat([bits, torch.full((3,), 255, dtype=torch.uint8)])
     assert torch.equal(K.unpack_bits(spare, n), mask)
+
+
+# ---- scaled_vote: the scaled mean of ef_signsgd / ecx, every tensor in one call --------------
+
+
+@SETTINGS
+@given(n_ranks=RANKS, sizes=st.lists(st.one_of(st.sampled_from([0, 1, 7, 8, 9, 33, 4097]),
+                                               st.integers(0, 700)), min_size=1, max_size=6),
+       seed=st.integers(0, 2**32 - 1))
+@example(n_ranks=5, sizes=[BIG, 3, 0, 64], seed=1)
+def test_scaled_vote_is_one_weighted_vote_per_segment(n_ranks, sizes, seed):
+    """Every ISA and the torch fallback give the bits of vote(mode="sum") segment by segment
+    with that segment's weights (halves make exact ties and cancellations likely); elements
+    outside the segments (the alignment gaps) are not written."""
+    segs, o = [], 0
+    for s in sizes:
+        segs.append((o, s))
+        o = (o + s + 7) // 8 * 8 + 8 * (s % 3)      # gaps of 0-23 elements
+    n = o + 5
+    rows = gathered(n_ranks, n, seed)
+    rng = np.random.default_rng(seed)
+    w = torch.from_numpy(rng.choice([0.5, 0.25, 1.5, 3e-3], (len(segs), n_ranks))
+                         .astype(np.float32))
+    want = torch.full((n,), 7.0)
+    for t, (o, s) in enumerate(segs):
+        if s:
+            torch_vote_into = torch.empty(s)
+            T.vote(rows[:, o // 8:(o + s + 7) // 8], s, "sum", w[t], torch_vote_into)
+            want[o:o + s] = torch_vote_into
+    for name in ISAS:
+        with isa(name):
+            got = K.scaled_vote(rows, segs, w, torch.full((n,), 7.0))
+            assert_identical(got, want)
+            got = K.scaled_vote(rows, torch.tensor(segs).reshape(-1, 2), w, torch.full((n,), 7.0))
+            assert_identical(got, want)
+    saved = K._USE_NATIVE
+    K._USE_NATIVE = False
+    try:
+        assert_identical(K.scaled_vote(rows, segs, w, torch.full((n,), 7.0)), want)
+    finally:
+        K._USE_NATIVE = saved
+
+
+def test_scaled_vote_argument_errors():
+    rows = torch.zeros(2, 8, dtype=torch.uint8)
+    w = torch.ones(1, 2)
+    out = torch.zeros(64)
+    for segs, weights, exc in [([(4, 8)], w, ValueError),               # offset not 8-aligned
+                               ([(0, 65)], w, ValueError),              # past out and the rows
+                               ([(0, 8)], torch.ones(2, 2), ValueError),  # weights shape
+                               ([(8, 8), (0, 8)], torch.ones(2, 2), ValueError)]:  # descending
+        with pytest.raises(exc):
+            K.scaled_vote(rows, segs, weights, out)
+    short = torch.zeros(2, 4, dtype=torch.uint8)
+    with pytest.raises(ValueError):
+        K.scaled_vote(short, [(0, 40)], w, out)                        # rows too short
+    raw = np.zeros(64, np.float32)
+    with pytest.raises(ValueError):                                    # out overlaps the rows
+        NATIVE.scaled_vote(raw.view(np.uint8).reshape(2, -1), np.array([[0, 8]], np.int64),
+                           np.ones(2, np.float32), raw[:16])
