@@ -936,14 +936,16 @@ PyDoc_STRVAR(momentum_absmax_doc,
 "Fused SSDM momentum: m_out as momentum_sign's, and max |m_out_i| (a float, 0.0 for n = 0)\n"
 "and the number of +-0 in m_out; None, with m_out unspecified, if any m_out is NaN/Inf.");
 
-/* g, m, m_out: the float32 vectors; fills *n and (a, b) from beta. */
-static int momentum_args(PyObject **o, double beta, Py_buffer *v, size_t *n, float *a,
-                         float *b) {
-    if (get_f32_vector(o[0], "g", ARG_IN, &v[0]) < 0 || get_f32_vector(o[1], "m", ARG_IN, &v[1]) < 0 ||
-        get_f32_vector(o[2], "m_out", ARG_OUT, &v[2]) < 0)
+/* Two float32 input vectors and an output vector of the same length (at most 2**31), the
+ * output disjoint from both: v[0], v[1], v[2] from o[0 .. 3) named names[0 .. 3). */
+static int two_in_one_out(PyObject **o, char **names, Py_buffer *v, size_t *n) {
+    if (get_f32_vector(o[0], names[0], ARG_IN, &v[0]) < 0 ||
+        get_f32_vector(o[1], names[1], ARG_IN, &v[1]) < 0 ||
+        get_f32_vector(o[2], names[2], ARG_OUT, &v[2]) < 0)
         return -1;
     if (v[1].len != v[0].len || v[2].len != v[0].len) {
-        PyErr_SetString(PyExc_ValueError, "g, m and m_out must have the same length");
+        PyErr_Format(PyExc_ValueError, "%s, %s and %s must have the same length", names[0],
+                     names[1], names[2]);
         return -1;
     }
     *n = (size_t)(v[0].len / 4);
@@ -951,14 +953,22 @@ static int momentum_args(PyObject **o, double beta, Py_buffer *v, size_t *n, flo
         PyErr_SetString(PyExc_ValueError, "more than 2**31 elements");
         return -1;
     }
+    return check_disjoint(v[2].buf, (size_t)v[2].len, v[0].buf, (size_t)v[0].len) < 0 ||
+           check_disjoint(v[2].buf, (size_t)v[2].len, v[1].buf, (size_t)v[1].len) < 0 ? -1 : 0;
+}
+
+/* g, m, m_out: the float32 vectors; fills *n and (a, b) from beta. */
+static int momentum_args(PyObject **o, double beta, Py_buffer *v, size_t *n, float *a,
+                         float *b) {
+    static char *names[] = {"g", "m", "m_out"};
+    if (two_in_one_out(o, names, v, n) < 0) return -1;
     if (!isfinite(beta)) {
         PyErr_SetString(PyExc_ValueError, "beta must be finite");
         return -1;
     }
     *a = (float)beta;
     *b = (float)(1.0 - beta);
-    return check_disjoint(v[2].buf, (size_t)v[2].len, v[0].buf, (size_t)v[0].len) < 0 ||
-           check_disjoint(v[2].buf, (size_t)v[2].len, v[1].buf, (size_t)v[1].len) < 0 ? -1 : 0;
+    return 0;
 }
 
 static PyObject *py_momentum_sign(PyObject *self, PyObject *args, PyObject *kw) {
@@ -1037,17 +1047,8 @@ static PyObject *py_add_finite(PyObject *self, PyObject *args, PyObject *kw) {
     Py_buffer v[3] = {{0}};
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO:add_finite", kwlist, &o[0], &o[1], &o[2]))
         return NULL;
-    if (get_f32_vector(o[0], "a", ARG_IN, &v[0]) < 0 || get_f32_vector(o[1], "b", ARG_IN, &v[1]) < 0 ||
-        get_f32_vector(o[2], "out", ARG_OUT, &v[2]) < 0)
-        goto done;
-    if (v[1].len != v[0].len || v[2].len != v[0].len) {
-        PyErr_SetString(PyExc_ValueError, "a, b and out must have the same length");
-        goto done;
-    }
-    if (check_disjoint(v[2].buf, (size_t)v[2].len, v[0].buf, (size_t)v[0].len) < 0 ||
-        check_disjoint(v[2].buf, (size_t)v[2].len, v[1].buf, (size_t)v[1].len) < 0)
-        goto done;
-    size_t n = (size_t)(v[0].len / 4);
+    size_t n;
+    if (two_in_one_out(o, kwlist, v, &n) < 0) goto done;
     int ok;
     Py_BEGIN_ALLOW_THREADS
     ok = active->add_finite((const float *)v[0].buf, (const float *)v[1].buf, (float *)v[2].buf, n);

@@ -1,5 +1,6 @@
-/* Fused momentum kernels for Signum and SSDM: the scalar building blocks shared by every ISA
- * (header-only, compiled once per ISA file).
+/* Fused momentum kernels for Signum and SSDM, and signSGD's sign scan (momentum_sign's pass
+ * on x itself): the scalar building blocks shared by every ISA (header-only, compiled once
+ * per ISA file).
  *
  * The update, for float32 coefficients a = float32(beta) and b = float32(1 - beta) (1 - beta
  * taken in double, then rounded):
@@ -26,33 +27,8 @@ static inline float sg_momentum(float m, float g, float a, float b) {
     return x + y;
 }
 
-/* [from, to), from a multiple of 8: m_out, whole bytes of bits / zplane (padding bits 0),
- * zeros counted; returns 1 if every m_out is finite. */
-static inline int sg_momentum_sign_scalar(const float *g, const float *m, float *m_out,
-                                          size_t from, size_t to, float a, float b,
-                                          uint8_t *bits, uint8_t *zplane, size_t *zeros) {
-    uint32_t worst = 0;
-    size_t z = 0;
-    for (size_t j = from / 8; 8 * j < to; j++) {
-        unsigned sb = 0, zb = 0;
-        for (size_t i = 8 * j; i < to && i < 8 * j + 8; i++) {
-            float v = sg_momentum(m[i], g[i], a, b);
-            uint32_t vb = sg_bits_from_f32(v), mag = vb & 0x7FFFFFFFu;
-            m_out[i] = v;
-            worst = mag > worst ? mag : worst;
-            sb |= (unsigned)(vb >> 31) << (i % 8);
-            zb |= (unsigned)(mag == 0) << (i % 8);
-            z += mag == 0;
-        }
-        bits[j] = (uint8_t)sb;
-        zplane[j] = (uint8_t)zb;
-    }
-    *zeros += z;
-    return worst < 0x7F800000u;
-}
-
-/* signSGD's encode, the same pass with m_out = x read, not computed: sign bits, zero plane
- * and zero count of x[from, to) (from a multiple of 8); returns 1 if every x is finite. */
+/* signSGD's encode: the sign bits, zero plane (whole bytes, padding bits 0) and zero count
+ * of x[from, to), from a multiple of 8; returns 1 if every x is finite. */
 static inline int sg_sign_scan_scalar(const float *x, size_t from, size_t to, uint8_t *bits,
                                       uint8_t *zplane, size_t *zeros) {
     uint32_t worst = 0;
@@ -71,6 +47,20 @@ static inline int sg_sign_scan_scalar(const float *x, size_t from, size_t to, ui
     }
     *zeros += z;
     return worst < 0x7F800000u;
+}
+
+/* [from, to), from a multiple of 8: m_out, then its bits / zplane / zeros byte by byte (the
+ * eight values are still in L1); returns 1 if every m_out is finite. */
+static inline int sg_momentum_sign_scalar(const float *g, const float *m, float *m_out,
+                                          size_t from, size_t to, float a, float b,
+                                          uint8_t *bits, uint8_t *zplane, size_t *zeros) {
+    int ok = 1;
+    for (size_t i0 = from; i0 < to; i0 += 8) {
+        size_t end = to - i0 < 8 ? to : i0 + 8;
+        for (size_t i = i0; i < end; i++) m_out[i] = sg_momentum(m[i], g[i], a, b);
+        ok &= sg_sign_scan_scalar(m_out, i0, end, bits, zplane, zeros);
+    }
+    return ok;
 }
 
 /* [from, to): m_out, the largest magnitude bits into *worst, zeros counted. */
