@@ -30,9 +30,11 @@ alone; ranks with finite gradients have updated theirs by the time the flag arri
 encoding, the state of each stateful bucket is copied to a backup, and a step in which any rank
 was non-finite restores every bucket from it, on every rank: the method state is exactly as
 before the step. Methods with fused kernels (method.encode_checks_finite) find NaN/Inf in their
-own prepare or encode, and keys they write out of place (method.self_restored_keys: ef_signsgd's
-error memory, signum's and ssdm's momentum) are not copied: method.rollback swaps the old
-buffer back, method.commit keeps the new.
+own prepare or encode (signsgd, and every method below), and keys they write out of place
+(method.self_restored_keys: the error memory of ef_signsgd, ecx, topk and threshold without
+perturbation, signum's and ssdm's momentum) are not copied: method.rollback swaps the old
+buffer back, method.commit keeps the new. The hierarchical exchange still checks the slice it
+encodes (a host sum can overflow).
 Then on_nonfinite="raise" raises NonFiniteGradientError on every rank, and
 "skip" writes NaN into every gradient (so `torch.amp.GradScaler` sees the overflow and skips
 the step, as with Horovod) and reports `skipped`.

@@ -78,7 +78,8 @@ class SignSGD(Method):
 
     fused = True (default): the sign bits, the zero marks and the NaN/Inf check are one pass
     over g (kernels.sign_scan), so the engine makes no NaN/Inf pass of its own; False: the
-    engine's check, then count_zeros and pack_signs (the same payload bytes).
+    engine's check, then count_zeros and pack_signs (the same payload bytes). A subclass that
+    overrides encode keeps the engine's check (encode_checks_finite).
     """
     name, bits_per_coordinate = "signsgd", 1.0
     codec = _SIGN
@@ -98,10 +99,11 @@ class SignSGD(Method):
 
     @property
     def encode_checks_finite(self):
-        return self.fused
+        # only this encode checks; a subclass's own encode may not set ctx.nonfinite
+        return self.fused and type(self).encode is SignSGD.encode
 
     def encode(self, g, state, ctx):
-        if self.fused and not ctx.nonfinite:
+        if self.encode_checks_finite and not ctx.nonfinite:
             found = kernels.sign_scan(g)
             if found is not None:
                 bits, plane, zeros = found
@@ -212,7 +214,6 @@ class StochasticSignMethod(SignSGD):
     """
     name = "stochastic_sign"
     codec = StochasticSign()
-    encode_checks_finite = False      # the engine checks g (SSDM: its fused momentum does)
 
     def __init__(self, aggregation: str = "majority", norm: str = "model",
                  norm_type: str = "linf", ties: str = "zero"):

@@ -602,6 +602,9 @@ def test_scaled_vote_argument_errors():
                                ([(8, 8), (0, 8)], torch.ones(2, 2), ValueError)]:  # descending
         with pytest.raises(exc):
             K.scaled_vote(rows, segs, weights, out)
+    for segs in ([[4, 8]], [[8, 8], [0, 8]], [[0, 65]]):              # the extension's own
+        with pytest.raises(ValueError):                                # checks of a tensor
+            K.scaled_vote(rows, torch.tensor(segs), torch.ones(len(segs), 2), out)
     short = torch.zeros(2, 4, dtype=torch.uint8)
     with pytest.raises(ValueError):
         K.scaled_vote(short, [(0, 40)], w, out)                        # rows too short
