@@ -477,31 +477,6 @@ static int ecx_sign_avx2(const float *u, const float *d1, const float *d2, float
     return ok;
 }
 
-/* ---- sign planes: signsgd's scan and Signum's momentum write the same bytes ---------------- */
-
-/* Sign bits and zero plane of the 8 values v at byte j; NaN/Inf lanes into *bad, zeros into
- * *z. */
-static inline __attribute__((always_inline)) void
-sign_planes8(__m256 v, size_t j, uint8_t *bits, uint8_t *zplane, __m256i *bad, size_t *z) {
-    const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
-    const __m256i max_finite = _mm256_set1_epi32(0x7F7FFFFF);
-    __m256i mag = _mm256_and_si256(_mm256_castps_si256(v), abs_mask);
-    *bad = _mm256_or_si256(*bad, _mm256_cmpgt_epi32(mag, max_finite));
-    unsigned zb = (unsigned)_mm256_movemask_ps(
-        _mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, _mm256_setzero_si256())));
-    bits[j] = (uint8_t)_mm256_movemask_ps(v);
-    zplane[j] = (uint8_t)zb;
-    *z += (size_t)__builtin_popcount(zb);
-}
-
-/* The largest of the eight unsigned lanes of w. */
-static inline uint32_t max_lane_u32(__m256i w) {
-    uint32_t lanes[8], worst = 0;
-    _mm256_storeu_si256((__m256i *)(void *)lanes, w);
-    for (int k = 0; k < 8; k++) worst = lanes[k] > worst ? lanes[k] : worst;
-    return worst;
-}
-
 /* ---- fused momentum (sg_momentum.h) ---------------------------------------------------- */
 
 static inline __m256 momentum8(const float *g, const float *m, size_t i, __m256 a, __m256 b) {
@@ -514,17 +489,24 @@ static inline __attribute__((always_inline)) int
 momentum_sign_body(const float *g, const float *m, float *m_out, size_t n, float a, float b,
                    uint8_t *bits, uint8_t *zplane, size_t *zeros, int stream) {
     const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
-    __m256i bad = _mm256_setzero_si256();
+    const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
+    const __m256i max_finite = _mm256_set1_epi32(0x7F7FFFFF), zero = _mm256_setzero_si256();
+    __m256i bad = zero;
     size_t i = 0, z = 0;
     for (; i + 8 <= n; i += 8) {
         _mm_prefetch((const char *)(g + i + SG_PREFETCH_ELEMS), _MM_HINT_T0);
         _mm_prefetch((const char *)(m + i + SG_PREFETCH_ELEMS), _MM_HINT_T0);
         __m256 v = momentum8(g, m, i, va, vb);
+        __m256i mag = _mm256_and_si256(_mm256_castps_si256(v), abs_mask);
+        bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(mag, max_finite));
+        unsigned zb = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, zero)));
         if (stream)
             _mm256_stream_ps(m_out + i, v);
         else
             _mm256_storeu_ps(m_out + i, v);
-        sign_planes8(v, i / 8, bits, zplane, &bad, &z);
+        bits[i / 8] = (uint8_t)_mm256_movemask_ps(v);
+        zplane[i / 8] = (uint8_t)zb;
+        z += (size_t)__builtin_popcount(zb);
     }
     *zeros = z;
     int tail_ok = sg_momentum_sign_scalar(g, m, m_out, i, n, a, b, bits, zplane, zeros);
@@ -558,10 +540,14 @@ static int momentum_absmax_avx2(const float *g, const float *m, float *m_out, si
         zc = _mm256_sub_epi32(zc, _mm256_cmpeq_epi32(mag, zero));
         _mm256_storeu_ps(m_out + i, v);
     }
-    uint32_t counts[8], worst = max_lane_u32(w);
+    uint32_t lanes[8], counts[8], worst = 0;
+    _mm256_storeu_si256((__m256i *)(void *)lanes, w);
     _mm256_storeu_si256((__m256i *)(void *)counts, zc);
     size_t z = 0;
-    for (int k = 0; k < 8; k++) z += counts[k];   /* a lane counts < 2^28 zeros: n <= 2^31 */
+    for (int k = 0; k < 8; k++) {      /* a lane counts < 2^28 zeros: n <= 2^31 */
+        worst = lanes[k] > worst ? lanes[k] : worst;
+        z += counts[k];
+    }
     *zeros = z;
     sg_momentum_absmax_scalar(g, m, m_out, i, n, a, b, &worst, zeros);
     *absmax = sg_f32_from_bits(worst);
@@ -570,11 +556,19 @@ static int momentum_absmax_avx2(const float *g, const float *m, float *m_out, si
 
 static int sign_scan_avx2(const float *x, size_t n, uint8_t *bits, uint8_t *zplane,
                           size_t *zeros) {
-    __m256i bad = _mm256_setzero_si256();
+    const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
+    const __m256i max_finite = _mm256_set1_epi32(0x7F7FFFFF), zero = _mm256_setzero_si256();
+    __m256i bad = zero;
     size_t i = 0, z = 0;
     for (; i + 8 <= n; i += 8) {
         _mm_prefetch((const char *)(x + i + SG_PREFETCH_ELEMS), _MM_HINT_T0);
-        sign_planes8(_mm256_loadu_ps(x + i), i / 8, bits, zplane, &bad, &z);
+        __m256 v = _mm256_loadu_ps(x + i);
+        __m256i mag = _mm256_and_si256(_mm256_castps_si256(v), abs_mask);
+        bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(mag, max_finite));
+        unsigned zb = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, zero)));
+        bits[i / 8] = (uint8_t)_mm256_movemask_ps(v);
+        zplane[i / 8] = (uint8_t)zb;
+        z += (size_t)__builtin_popcount(zb);
     }
     *zeros = z;
     int tail_ok = sg_sign_scan_scalar(x, i, n, bits, zplane, zeros);
@@ -604,7 +598,10 @@ add_finite_body(const float *a, const float *b, float *out, size_t n, int stream
         w = _mm256_max_epu32(w, _mm256_and_si256(_mm256_castps_si256(s0), abs_mask));
         w = _mm256_max_epu32(w, _mm256_and_si256(_mm256_castps_si256(s1), abs_mask));
     }
-    return sg_add_finite_scalar(a, b, out, i, n) && max_lane_u32(w) < 0x7F800000u;
+    uint32_t lanes[8], worst = 0;
+    _mm256_storeu_si256((__m256i *)(void *)lanes, w);
+    for (int k = 0; k < 8; k++) worst = lanes[k] > worst ? lanes[k] : worst;
+    return sg_add_finite_scalar(a, b, out, i, n) && worst < 0x7F800000u;
 }
 
 static int add_finite_avx2(const float *a, const float *b, float *out, size_t n) {

@@ -957,15 +957,6 @@ static int two_in_one_out(PyObject **o, char **names, Py_buffer *v, size_t *n) {
            check_disjoint(v[2].buf, (size_t)v[2].len, v[1].buf, (size_t)v[1].len) < 0 ? -1 : 0;
 }
 
-/* bits and zplane (v[0], v[1]): writable, contiguous byte buffers of ceil(n/8) bytes or more. */
-static int get_planes(PyObject *bo, PyObject *zo, size_t n, Py_buffer *v) {
-    return get_buffer(bo, "bits", ARG_OUT, &v[0]) < 0 || check_bytes_format(&v[0], "bits") < 0 ||
-           check_contiguous(&v[0], "bits") < 0 || get_buffer(zo, "zplane", ARG_OUT, &v[1]) < 0 ||
-           check_bytes_format(&v[1], "zplane") < 0 || check_contiguous(&v[1], "zplane") < 0 ||
-           check_room(v[0].len, sg_nbytes(n), "bits", "bytes") < 0 ||
-           check_room(v[1].len, sg_nbytes(n), "zplane", "bytes") < 0 ? -1 : 0;
-}
-
 /* g, m, m_out: the float32 vectors; fills *n and (a, b) from beta. */
 static int momentum_args(PyObject **o, double beta, Py_buffer *v, size_t *n, float *a,
                          float *b) {
@@ -990,7 +981,12 @@ static PyObject *py_momentum_sign(PyObject *self, PyObject *args, PyObject *kw) 
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOdOO:momentum_sign", kwlist, &o[0], &o[1],
                                      &o[2], &beta, &o[3], &o[4]))
         return NULL;
-    if (momentum_args(o, beta, v, &n, &a, &b) < 0 || get_planes(o[3], o[4], n, &v[3]) < 0)
+    if (momentum_args(o, beta, v, &n, &a, &b) < 0 ||
+        get_buffer(o[3], "bits", ARG_OUT, &v[3]) < 0 || check_bytes_format(&v[3], "bits") < 0 ||
+        check_contiguous(&v[3], "bits") < 0 || get_buffer(o[4], "zplane", ARG_OUT, &v[4]) < 0 ||
+        check_bytes_format(&v[4], "zplane") < 0 || check_contiguous(&v[4], "zplane") < 0 ||
+        check_room(v[3].len, sg_nbytes(n), "bits", "bytes") < 0 ||
+        check_room(v[4].len, sg_nbytes(n), "zplane", "bytes") < 0)
         goto done;
     for (int x = 3; x < 5; x++)
         for (int y = 0; y < x; y++)
@@ -1077,11 +1073,15 @@ static PyObject *py_sign_scan(PyObject *self, PyObject *args, PyObject *kw) {
         return NULL;
     if (get_f32_vector(o[0], "x", ARG_IN, &v[0]) < 0) goto done;
     size_t n = (size_t)(v[0].len / 4), zeros = 0;
-    if (get_planes(o[1], o[2], n, &v[1]) < 0) goto done;
-    for (int x = 1; x < 3; x++)          /* each plane disjoint from x and the other plane */
-        for (int y = 0; y < x; y++)
-            if (check_disjoint(v[x].buf, (size_t)v[x].len, v[y].buf, (size_t)v[y].len) < 0)
-                goto done;
+    if (get_buffer(o[1], "bits", ARG_OUT, &v[1]) < 0 || check_bytes_format(&v[1], "bits") < 0 ||
+        check_contiguous(&v[1], "bits") < 0 || get_buffer(o[2], "zplane", ARG_OUT, &v[2]) < 0 ||
+        check_bytes_format(&v[2], "zplane") < 0 || check_contiguous(&v[2], "zplane") < 0 ||
+        check_room(v[1].len, sg_nbytes(n), "bits", "bytes") < 0 ||
+        check_room(v[2].len, sg_nbytes(n), "zplane", "bytes") < 0 ||
+        check_disjoint(v[1].buf, sg_nbytes(n), v[2].buf, sg_nbytes(n)) < 0 ||
+        check_disjoint(v[1].buf, sg_nbytes(n), v[0].buf, (size_t)v[0].len) < 0 ||
+        check_disjoint(v[2].buf, sg_nbytes(n), v[0].buf, (size_t)v[0].len) < 0)
+        goto done;
     int ok;
     Py_BEGIN_ALLOW_THREADS
     ok = active->sign_scan((const float *)v[0].buf, n, (uint8_t *)v[1].buf, (uint8_t *)v[2].buf,
