@@ -504,11 +504,13 @@ class Sparse:
                                     f"indices outside [0, {h.n})")
         return idx, vals
 
-    def aggregate(self, payloads, n: int, bucket: str = "?", out=None) -> torch.Tensor:
+    def aggregate(self, payloads, n: int, bucket: str = "?", out=None,
+                  divisor: int = 1) -> torch.Tensor:
         """Sum over ranks (rank order) of every rank's pairs as a dense float32 vector
-        (written into out when given), in one kernels.sparse_sum call: the same float32
-        additions in the same order as zeros + index_add_ / add_ rank by rank. Every rank's
-        indices are checked before anything is written (PayloadError)."""
+        (written into out when given), divided by divisor, in one kernels.sparse_sum call: the
+        same float32 additions in the same order as zeros + index_add_ / add_ rank by rank,
+        then div_. Every rank's indices are checked before anything is written
+        (PayloadError)."""
         parts = []
         for p in payloads:
             h = p.header
@@ -518,7 +520,7 @@ class Sparse:
                 parts.append((p.body[:4 * h.nnz].view(torch.int32),
                               p.body[4 * h.nnz:].view(self.dtype)))
         try:
-            return kernels.sparse_sum(parts, n, out=out)
+            return kernels.sparse_sum(parts, n, out=out, divisor=divisor)
         except kernels.SparseIndexError as exc:
             raise wire.PayloadError(f"payload from rank {payloads[exc.part].rank} for bucket "
                                     f"{bucket} has indices outside [0, {n})") from None

@@ -681,10 +681,12 @@ done:
 }
 
 PyDoc_STRVAR(sparse_sum_doc,
-"sparse_sum(parts, n, out) -> int\n\n"
+"sparse_sum(parts, n, out, divisor=1.0) -> int\n\n"
 "out[:n] = the sum, in order, of the parts: each (idx, vals) adds vals[j] (float32 or float16,\n"
 "widened exactly) at idx[j] (int32; unique within a part for an order-independent result);\n"
-"each (None, vals) adds the n float32 vals element-wise. Float32 additions from +0.0.\n"
+"each (None, vals) adds the n float32 vals element-wise. Float32 additions from +0.0, then\n"
+"each element divided by float32(divisor) (only the touched ones when that is cheaper: an\n"
+"untouched +0.0 stays +0.0, so the bits are those of dividing all of out).\n"
 "Returns -1, or, leaving out untouched, the number of the first part with an index outside\n"
 "[0, n). out: float32, aligned, C-contiguous, >= n elements, disjoint from the parts.");
 
@@ -695,13 +697,42 @@ typedef struct {
     size_t nnz;
 } sparse_part;
 
+/* dst[0 .. n) /= d after sparse_sum's additions. Only the touched elements when the parts
+ * are all sparse and few (each once, through a bitmap of the positions done): the others are
+ * +0.0, which the division leaves as it is. Returns -1 when out of memory (dst undivided). */
+static int sparse_divide(const sparse_part *parts, size_t n_parts, float *dst, size_t n,
+                         float d) {
+    size_t total = 0;
+    for (size_t r = 0; r < n_parts; r++) total += parts[r].idx ? parts[r].nnz : n;
+    if (total > n / 16) {
+        for (size_t i = 0; i < n; i++) dst[i] /= d;
+        return 0;
+    }
+    uint8_t *done = calloc(sg_nbytes(n), 1);
+    if (!done) return -1;
+    for (size_t r = 0; r < n_parts; r++) {
+        const uint8_t *ib = (const uint8_t *)parts[r].idx;
+        for (size_t j = 0; j < parts[r].nnz; j++) {
+            uint32_t i = sg_ld32(ib + 4 * j);
+            uint8_t bit = (uint8_t)(1u << (i % 8));
+            if (done[i / 8] & bit) continue;
+            done[i / 8] |= bit;
+            dst[i] /= d;
+        }
+    }
+    free(done);
+    return 0;
+}
+
 static PyObject *py_sparse_sum(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"parts", "n", "out", NULL};
+    static char *kwlist[] = {"parts", "n", "out", "divisor", NULL};
     PyObject *partso, *oo, *seq = NULL, *result = NULL;
     Py_ssize_t n, n_parts = 0, n_views = 0;
     Py_buffer o = {0}, *views = NULL;
     sparse_part *parts = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OnO:sparse_sum", kwlist, &partso, &n, &oo))
+    double divisor = 1.0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OnO|d:sparse_sum", kwlist, &partso, &n, &oo,
+                                     &divisor))
         return NULL;
     if (check_count(n) < 0) return NULL;
     if (!(seq = PySequence_Fast(partso, "parts must be a sequence of (idx, vals) pairs")))
@@ -757,6 +788,7 @@ static PyObject *py_sparse_sum(PyObject *self, PyObject *args, PyObject *kw) {
         parts[r].nnz = count;
     }
     Py_ssize_t bad = -1;
+    int no_memory = 0;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t r = 0; r < n_parts && bad < 0; r++)
         if (parts[r].idx && !sg_indices_in_range(parts[r].idx, parts[r].nnz, (size_t)n)) bad = r;
@@ -771,9 +803,11 @@ static PyObject *py_sparse_sum(PyObject *self, PyObject *args, PyObject *kw) {
                 for (Py_ssize_t i = 0; i < n; i++) dst[i] += sg_f32_from_bits(sg_ld32(src + 4 * i));
             }
         }
+        if (divisor != 1.0)
+            no_memory = sparse_divide(parts, (size_t)n_parts, dst, (size_t)n, (float)divisor) < 0;
     }
     Py_END_ALLOW_THREADS
-    result = PyLong_FromSsize_t(bad);
+    result = no_memory ? PyErr_NoMemory() : PyLong_FromSsize_t(bad);
 done:
     if (views) release_all(views, (int)n_views);
     PyMem_Free(views);

@@ -142,15 +142,17 @@ float16(clamp(v, -65504, 65504)) rounded to nearest even, and sets p[g] = v - (v
                                           takes every such i, ascending; idx and vals must have
                                           exactly threshold_count(p, lam) elements (ValueError,
                                           p unchanged, otherwise).
-    sparse_sum(parts, n, out=None) -> float32 tensor of n values
+    sparse_sum(parts, n, out=None, divisor=1) -> float32 tensor of n values
                                           the sum in part order of parts (idx int32, vals float32
                                           or float16): vals[j] added at idx[j] (indices unique
                                           within a part), or (None, vals): n float32 values added
                                           element-wise. Float32 additions from +0.0, each
                                           coordinate in part order: bit-identical to zeros +
-                                          index_add_ / add_ part by part. An index outside
-                                          [0, n) raises SparseIndexError (its .part says which)
-                                          before anything is written. out: as for vote.
+                                          index_add_ / add_ part by part, then div_(divisor)
+                                          (> 0; native: only the touched elements when the
+                                          parts are few pairs). An index outside [0, n) raises
+                                          SparseIndexError (its .part says which) before
+                                          anything is written. out: as for vote.
 
 Everything returned lives on the input's device. Errors: TypeError for wrong dtypes/types,
 ValueError for wrong sizes, layouts, devices or values.
@@ -631,9 +633,12 @@ def threshold_take(p, lam, idx, vals):
         _torch.threshold_take(p, lam, idx, vals)
 
 
-def sparse_sum(parts, n, out=None):
-    """Sum in part order of sparse (idx, vals) and dense (None, vals) parts (see module doc)."""
+def sparse_sum(parts, n, out=None, divisor=1):
+    """Sum in part order of sparse (idx, vals) and dense (None, vals) parts, divided by
+    divisor (see module doc)."""
     n = _check_n(n)
+    if not (isinstance(divisor, (int, float)) and 0 < divisor < math.inf):
+        raise ValueError(f"divisor must be a positive finite number, not {divisor!r}")
     parts = list(parts)
     result = _output(out, n, torch.float32, torch.device("cpu") if not parts else
                      parts[0][1].device, (torch.float32,))
@@ -650,9 +655,9 @@ def sparse_sum(parts, n, out=None):
         else:
             _check_pairs(vals, idx, vals, None)
     if all(_native_for(v) for _, v in parts) and _native_for(result):
-        bad = _cpu.sparse_sum(_native, parts, n, result)
+        bad = _cpu.sparse_sum(_native, parts, n, result, divisor)
     else:
-        bad = _torch.sparse_sum(parts, n, result.view(-1))
+        bad = _torch.sparse_sum(parts, n, result.view(-1), divisor)
     if bad >= 0:
         raise SparseIndexError(bad, n)
     return result

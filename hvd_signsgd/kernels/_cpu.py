@@ -68,11 +68,11 @@ def threshold_take(native, p, lam, idx, vals):
     native.threshold_take(buffer(p), lam, buffer(idx), buffer(vals))
 
 
-def sparse_sum(native, parts, n, out):
+def sparse_sum(native, parts, n, out, divisor):
     """parts: (idx int32 or None, vals) pairs of contiguous CPU tensors. Returns -1 or the
     first part with an index outside [0, n) (out untouched then)."""
     return native.sparse_sum([(None if i is None else buffer(i), buffer(v)) for i, v in parts],
-                             n, buffer(out))
+                             n, buffer(out), float(divisor))
 
 
 def count_zeros(native, x):

@@ -349,7 +349,7 @@ def threshold_take(p, lam, idx, vals):
     take(p, pos, idx, vals)
 
 
-def sparse_sum(parts, n, out):
+def sparse_sum(parts, n, out, divisor=1):
     """As the native sparse_sum: -1, or the first part with an index outside [0, n)."""
     for r, (idx, _) in enumerate(parts):
         if idx is not None and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
@@ -360,4 +360,6 @@ def sparse_sum(parts, n, out):
             out.add_(vals)
         elif idx.numel():
             out.index_add_(0, idx, vals.to(torch.float32))
+    if divisor != 1:
+        out.div_(divisor)
     return -1

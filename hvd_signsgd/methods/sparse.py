@@ -146,8 +146,9 @@ class _SparseEF(Perturbation, ErrorFeedbackMethod):
 
     def aggregate(self, gathered, state, ctx):
         payloads = self._payloads(gathered, ctx, self.codec)
-        return as_mean(self.codec.aggregate(payloads, ctx.layout.numel, ctx.bucket,
-                                            out=ctx.out), ctx)
+        # the mean in the same call: few pairs are divided, not the whole bucket (as_mean)
+        return self.codec.aggregate(payloads, ctx.layout.numel, ctx.bucket, out=ctx.out,
+                                    divisor=ctx.size if ctx.average else 1)
 
 
 def _budget(ratio, k):

@@ -281,6 +281,39 @@ def test_sparse_sum_is_the_legacy_sum_bit_for_bit(n, ranks, seed, fp16):
         assert torch.equal(bits(got), bits(expected)), name
 
 
+@SETTINGS
+@given(n=st.integers(1, 5000), ranks=st.integers(1, 6), seed=st.integers(0, 2**32 - 1),
+       fp16=st.booleans(), sparse_only=st.booleans(), divisor=st.sampled_from([2, 3, 4, 5, 7.5]))
+def test_sparse_sum_with_a_divisor_is_the_legacy_mean_bit_for_bit(n, ranks, seed, fp16,
+                                                                   sparse_only, divisor):
+    """The mean that TopK sends to the optimizer: sum, then div_ over the whole vector. Few
+    pairs (sparse_only: at most n / 16 in all, overlapping across parts) take the native path
+    that divides only the touched elements, once each; the rest divide everything."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for r in range(ranks):
+        if not sparse_only and rng.random() < 0.2:
+            parts.append((None, values(n, seed + r, "mixed")))
+            continue
+        most = n // (16 * ranks) if sparse_only else n
+        nnz = int(rng.integers(0, most + 1))
+        idx = torch.from_numpy(rng.choice(min(n, 3 * most + 1), nnz, replace=False)
+                               .astype(np.int32))
+        parts.append((idx, values(nnz, seed + r, "mixed").to(torch.float16 if fp16
+                                                                else torch.float32)))
+    expected = legacy_sum(parts, n).div_(divisor)
+    for name in BACKENDS:
+        with backend(name):
+            got = K.sparse_sum(parts, n, out=torch.full((n,), 7.0), divisor=divisor)
+        assert torch.equal(bits(got), bits(expected)), name
+
+
+@pytest.mark.parametrize("divisor", [0, -2, math.inf, math.nan, "4"])
+def test_sparse_sum_rejects_a_bad_divisor(divisor):
+    with pytest.raises(ValueError, match="divisor"):
+        K.sparse_sum([(None, torch.ones(3))], 3, divisor=divisor)
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 @pytest.mark.parametrize("bad", [-1, 10, 2**31 - 1])
 def test_sparse_sum_rejects_out_of_range_before_writing(name, bad):
