@@ -71,33 +71,44 @@ static inline __m256 load8_f32(const uint8_t *p, sg_dtype dt, size_t i) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
+/* The 8 bits of the elements whose counters' low words are lo (hi: their high word ^ the
+ * key's). */
+static inline unsigned stochastic_byte_avx2(__m256 v, __m256i lo, __m256i k0, __m256i hi,
+                                            __m256 cv) {
+    __m256i h = mix32_avx2(_mm256_xor_si256(lo, k0));
+    __m256i u = _mm256_srli_epi32(mix32_avx2(_mm256_xor_si256(h, hi)), 8);
+    __m256 t = _mm256_add_ps(_mm256_set1_ps(8388608.0f), _mm256_mul_ps(v, cv));
+    /* negative unless u < t; a NaN t gives 1, as sg_stochastic_bit */
+    return (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_cvtepi32_ps(u), t, _CMP_NLT_UQ));
+}
+
 static void pack_stochastic_avx2(const void *x, sg_dtype dt, size_t n, float c, uint64_t key,
                                  uint64_t offset, uint8_t *out) {
     const uint8_t *p = (const uint8_t *)x;
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i k0 = _mm256_set1_epi32((int)(uint32_t)key);
-    const __m256 cv = _mm256_set1_ps(c), half = _mm256_set1_ps(8388608.0f);
-    size_t full = n / 8;
+    const __m256i step = _mm256_set1_epi32(8);
+    const __m256 cv = _mm256_set1_ps(c);
+    /* 32 elements per step: four independent hash chains keep the multipliers busy */
+    size_t full = n / 32;
     for (size_t j = 0; j < full; j++) {
-        uint64_t c0 = offset + 8 * j;
-        if ((uint32_t)c0 > 0xFFFFFFF8u) {   /* the low word wraps inside this byte: rare */
-            sg_pack_stochastic_scalar(x, dt, 8 * j, 8 * j + 8, c, key, offset, out);
+        uint64_t c0 = offset + 32 * j;
+        if ((uint32_t)c0 > 0xFFFFFFE0u) {   /* the low word wraps inside this block: rare */
+            sg_pack_stochastic_scalar(x, dt, 32 * j, 32 * j + 32, c, key, offset, out);
             continue;
         }
-        __m256i lo = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)c0), lane);
+        /* compute-bound and too long for the out-of-order window to keep enough misses in
+         * flight, so fetch ahead explicitly (prefetches past the end are harmless) */
+        const char *ahead = (const char *)p + (32 * j + SG_PREFETCH_ELEMS) * sg_elem_size(dt);
+        _mm_prefetch(ahead, _MM_HINT_T0);
+        _mm_prefetch(ahead + 64, _MM_HINT_T0);
         __m256i hi = _mm256_set1_epi32((int)((uint32_t)(c0 >> 32) ^ (uint32_t)(key >> 32)));
-        __m256i h = mix32_avx2(_mm256_xor_si256(lo, k0));
-        __m256i u = _mm256_srli_epi32(mix32_avx2(_mm256_xor_si256(h, hi)), 8);
-        /* This loop is compute-bound and too long for the out-of-order window to keep enough
-         * misses in flight, so fetch ahead explicitly (prefetches past the end are harmless). */
-        _mm_prefetch((const char *)p + (8 * j + SG_PREFETCH_ELEMS) * sg_elem_size(dt),
-                     _MM_HINT_T0);
-        __m256 v = load8_f32(p, dt, 8 * j);
-        __m256 t = _mm256_add_ps(half, _mm256_mul_ps(v, cv));
-        __m256 positive = _mm256_cmp_ps(_mm256_cvtepi32_ps(u), t, _CMP_LT_OQ);
-        out[j] = (uint8_t)~_mm256_movemask_ps(positive);
+        __m256i lo = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)c0),
+                                      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        for (unsigned q = 0; q < 4; q++, lo = _mm256_add_epi32(lo, step))
+            out[4 * j + q] = (uint8_t)stochastic_byte_avx2(load8_f32(p, dt, 32 * j + 8 * q),
+                                                           lo, k0, hi, cv);
     }
-    sg_pack_stochastic_scalar(x, dt, 8 * full, n, c, key, offset, out);
+    sg_pack_stochastic_scalar(x, dt, 32 * full, n, c, key, offset, out);
 }
 
 /* ---- unpack: move each bit to the sign position and flip the value's sign ------------- */
