@@ -344,18 +344,15 @@ static inline uint32_t ge_mask32(const float *x, __m256i bound) {
     return m;
 }
 
-static size_t scan_ge_avx2(const float *x, size_t n, uint32_t lo, uint32_t *pos, size_t cap) {
+static size_t scan_ge_avx2(const float *x, size_t n, uint32_t lo, uint32_t *pos, float *val,
+                           size_t cap) {
     const __m256i bound = _mm256_set1_epi32((int)(lo - 1u));
     size_t c = 0, i = 0;
     for (; i + 32 <= n; i += 32) {
         uint32_t m = ge_mask32(x + i, bound);
-        while (m) {
-            if (c < cap) pos[c] = (uint32_t)i + (uint32_t)__builtin_ctz(m);
-            c++;
-            m &= m - 1;
-        }
+        for (; m; m &= m - 1) sg_scan_put(x, i + (size_t)__builtin_ctz(m), pos, val, cap, c++);
     }
-    return sg_scan_ge_scalar(x, i, n, lo, pos, cap, c);
+    return sg_scan_ge_scalar(x, i, n, lo, pos, val, cap, c);
 }
 
 static size_t count_ge_avx2(const float *x, size_t n, uint32_t lo) {

@@ -59,8 +59,8 @@ static void vote_weighted_portable(const sg_rows *rows, size_t n, const float *w
 }
 
 static size_t scan_ge_portable(const float *x, size_t n, uint32_t lo, uint32_t *pos,
-                               size_t cap) {
-    return sg_scan_ge_scalar(x, 0, n, lo, pos, cap, 0);
+                               float *val, size_t cap) {
+    return sg_scan_ge_scalar(x, 0, n, lo, pos, val, cap, 0);
 }
 
 static size_t count_ge_portable(const float *x, size_t n, uint32_t lo) {

@@ -42,8 +42,10 @@ typedef struct {
                           float *out);
     /* Sparse selection by magnitude; key(v) = bits(v) & 0x7FFFFFFF (sg_key), lo <= 2^31-1.
      * scan_ge: the positions i < n (n < 2^32) with key(x[i]) >= lo, ascending; writes the
-     * first cap of them to pos and returns how many there are (possibly more than cap). */
-    size_t (*scan_ge)(const float *x, size_t n, uint32_t lo, uint32_t *pos, size_t cap);
+     * first cap of them to pos (and their values x[i] to val, unless NULL) and returns how
+     * many there are (possibly more than cap). */
+    size_t (*scan_ge)(const float *x, size_t n, uint32_t lo, uint32_t *pos, float *val,
+                      size_t cap);
     /* count_ge: the number of positions i < n with key(x[i]) >= lo. */
     size_t (*count_ge)(const float *x, size_t n, uint32_t lo);
     /* Number of elements of x[0 .. n) that are +0 or -0. */

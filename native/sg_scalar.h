@@ -79,13 +79,18 @@ static inline float sg_load_value(const void *x, sg_dtype dt, size_t i) {
 
 static inline uint32_t sg_key(float v) { return sg_bits_from_f32(v) & 0x7FFFFFFFu; }
 
+/* One position found by a scan: the c-th (val may be NULL). */
+static inline void sg_scan_put(const float *x, size_t i, uint32_t *pos, float *val, size_t cap,
+                               size_t c) {
+    if (c >= cap) return;
+    pos[c] = (uint32_t)i;
+    if (val) val[c] = x[i];
+}
+
 static inline size_t sg_scan_ge_scalar(const float *x, size_t from, size_t n, uint32_t lo,
-                                       uint32_t *pos, size_t cap, size_t c) {
+                                       uint32_t *pos, float *val, size_t cap, size_t c) {
     for (size_t i = from; i < n; i++) {
-        if (sg_key(x[i]) >= lo) {
-            if (c < cap) pos[c] = (uint32_t)i;
-            c++;
-        }
+        if (sg_key(x[i]) >= lo) sg_scan_put(x, i, pos, val, cap, c++);
     }
     return c;
 }

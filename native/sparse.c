@@ -3,16 +3,19 @@
  *
  * Top-k is a radix select on the 31-bit key (digits of 11, 10 and 10 bits), run on a
  * candidate list when one can be had cheaply:
- *  1. On large segments, a fixed pseudo-random sample of about 64 d / k keys gives a bound lo
- *     a few standard deviations below the k-th largest key; one streaming scan (AVX2: 32 keys
- *     per compare, blocks without a hit skipped) lists the positions with key >= lo. If there
+ *  1. On large segments, a fixed pseudo-random sample of about 64 d / k keys (in runs of 16
+ *     consecutive keys: one cache miss per run) gives a bound lo a few standard deviations
+ *     below the k-th largest key; one streaming scan (AVX2: 32 keys per compare, blocks
+ *     without a hit skipped) lists the positions with key >= lo. If there
  *     are at least k of them (and not too many), they contain every key the selection can
  *     take, ties included, and the whole select runs on them: one pass over the segment.
  *  2. Otherwise a histogram of the top 11 bits over the segment finds the bin of the k-th
  *     largest key, and the positions at or above that bin are listed if they are few.
  *  3. If even that bin is crowded (many equal or nearly equal magnitudes), the digits are
  *     resolved on the whole segment and the final pass scans it in chunks.
- * The sample only decides how fast the answer comes, never what it is. The candidates are in
+ * The sample only decides how fast the answer comes, never what it is. The scan copies each
+ * candidate's value next to its position, so the radix passes over the candidates read one
+ * short array in order instead of scattered elements of the segment. The candidates are in
  * ascending position order, so the last step walks them once and takes every key above the
  * k-th largest and the first `need` equal to it. */
 #include <stdlib.h>
@@ -26,17 +29,19 @@
 #define LOW_MASK ((1u << LOW_BITS) - 1u)
 #define N_HIST 4 /* sub-histograms of the first pass: repeated bins do not serialize */
 #define CHUNK 4096
+#define TAKE_AHEAD 16 /* candidates ahead whose element is prefetched for the write-back */
 
 typedef struct {
     uint32_t *hist;   /* N_HIST << TOP_BITS counters */
     uint32_t *cand;   /* candidate positions */
+    float *cval;      /* and their values */
     size_t cand_cap;
     uint32_t chunk[CHUNK];
 } workspace;
 
-static inline void take_one(sg_take *t, size_t g) {
+/* Takes position g, whose value v = t->p[g] the caller has (a scattered load less). */
+static inline void take_one(sg_take *t, size_t g, float v) {
     if (t->count >= t->cap) return;
-    float v = t->p[g];
     t->idx[t->count] = (int32_t)g;
     if (t->vt == SG_F32) {
         ((float *)t->vals)[t->count] = v;
@@ -79,41 +84,56 @@ static uint32_t pick(const uint32_t *hist, uint32_t bins, size_t *need, size_t *
     return b;
 }
 
-/* Histogram of the top bits of the keys at the listed positions (one counter set: the
- * positions are few, and scattered loads dominate). */
-static void hist_top_at(const float *x, const uint32_t *pos, size_t n, uint32_t *hist) {
+/* Histogram of the top bits of the keys of the candidates' values (one counter set: they are
+ * few). */
+static void hist_top_of(const float *val, size_t n, uint32_t *hist) {
     memset(hist, 0, ((size_t)1 << TOP_BITS) * sizeof(uint32_t));
-    for (size_t j = 0; j < n; j++) hist[sg_key(x[pos[j]]) >> TOP_SHIFT]++;
+    for (size_t j = 0; j < n; j++) hist[sg_key(val[j]) >> TOP_SHIFT]++;
 }
 
 #define SAMPLE_PER_K 64   /* sample points expected above the k-th largest key */
 #define SAMPLE_Z 4      /* the bound sits this many standard deviations lower */
 
-/* Sample position j of s over d elements: one pseudo-random point per stride (fixed, so the
- * speed does not depend on state; periodic data cannot alias with it). */
-static inline size_t sample_pos(size_t j, size_t stride) {
-    return j * stride + (size_t)sg_mix32((uint32_t)j) % stride;
+#define SAMPLE_RUN 16   /* consecutive elements per sampled point: a cache line's worth */
+
+/* Where run r of the sample starts, runs of SAMPLE_RUN elements one per stride >= 4 SAMPLE_RUN
+ * (pseudo-random inside it, fixed, so the speed does not depend on state and periodic data
+ * cannot alias with it). Runs, not single points: the sample's scattered loads, which miss
+ * the cache, cost one miss per run instead of one per element. */
+static inline size_t sample_run(size_t r, size_t stride) {
+    return r * stride +
+           (size_t)(((uint64_t)sg_mix32((uint32_t)r) * (stride - SAMPLE_RUN + 1)) >> 32);
 }
 
+static int reserve(workspace *w, size_t n);
+
 /* A key probably a little below the k-th largest of x[0 .. d) (top 21 bits of the r-th
- * largest sample key, r = s k / d + SAMPLE_Z sqrt(s k / d) + 1, rounded); 0 if a sample of
- * SAMPLE_PER_K d / k points would not be much smaller than the segment. */
-static int sample_bound(const float *x, size_t d, size_t k, uint32_t *hist, uint32_t *lo) {
+ * largest sample key, r = s k / d + SAMPLE_Z sqrt(s k / d) + 1, rounded) into *lo: 1, or 0 if
+ * a sample of SAMPLE_PER_K d / k points would not be much smaller than the segment; -1 when
+ * out of memory. The sampled keys are gathered once into the workspace (in cval's room, which
+ * the scan fills only afterwards): both histogram passes then read them in order. */
+static int sample_bound(workspace *w, const float *x, size_t d, size_t k, uint32_t *lo) {
     uint64_t s = (uint64_t)SAMPLE_PER_K * d / k;
     if (s < 1024) s = 1024;
     if (4 * s > d) return 0;
-    size_t stride = d / (size_t)s;
+    if (reserve(w, (size_t)s) < 0) return -1;
+    uint32_t *keys = (uint32_t *)(void *)w->cval, *hist = w->hist;
+    s -= s % SAMPLE_RUN;
+    size_t stride = d / ((size_t)s / SAMPLE_RUN);
+    for (size_t r = 0; r < s / SAMPLE_RUN; r++) {
+        const float *run = x + sample_run(r, stride);
+        for (size_t i = 0; i < SAMPLE_RUN; i++) keys[SAMPLE_RUN * r + i] = sg_key(run[i]);
+    }
     size_t ks = (size_t)(s * k / d), root = 0, above = 0, m;
     while ((root + 1) * (root + 1) <= ks) root++;   /* ks < 4 SAMPLE_PER_K 2^10: few steps */
     size_t need = ks + SAMPLE_Z * root + 1;
     if (need > s) need = (size_t)s;
     memset(hist, 0, ((size_t)1 << TOP_BITS) * sizeof(uint32_t));
-    for (size_t j = 0; j < s; j++) hist[sg_key(x[sample_pos(j, stride)]) >> TOP_SHIFT]++;
+    for (size_t j = 0; j < s; j++) hist[keys[j] >> TOP_SHIFT]++;
     uint32_t top = pick(hist, 1u << TOP_BITS, &need, &above, &m);
     memset(hist, 0, (LOW_MASK + 1) * sizeof(uint32_t));
     for (size_t j = 0; j < s; j++) {
-        uint32_t key = sg_key(x[sample_pos(j, stride)]);
-        if (key >> TOP_SHIFT == top) hist[(key >> (TOP_SHIFT - LOW_BITS)) & LOW_MASK]++;
+        if (keys[j] >> TOP_SHIFT == top) hist[(keys[j] >> (TOP_SHIFT - LOW_BITS)) & LOW_MASK]++;
     }
     uint32_t mid = pick(hist, LOW_MASK + 1, &need, &above, &m);
     *lo = top << TOP_SHIFT | mid << (TOP_SHIFT - LOW_BITS);
@@ -125,17 +145,21 @@ static int reserve(workspace *w, size_t n) {
     uint32_t *c = realloc(w->cand, n * sizeof(uint32_t));
     if (!c) return -1;
     w->cand = c;
+    float *v = realloc(w->cval, n * sizeof(float));
+    if (!v) return -1;
+    w->cval = v;
     w->cand_cap = n;
     return 0;
 }
 
-/* Take position g when its key is above thr, or equal to it while *need > 0. */
-static inline void take_if(sg_take *t, size_t g, uint32_t key, uint32_t thr, size_t *need) {
+/* Take position g (value v) when its key is above thr, or equal to it while *need > 0. */
+static inline void take_if(sg_take *t, size_t g, float v, uint32_t thr, size_t *need) {
+    uint32_t key = sg_key(v);
     if (key > thr) {
-        take_one(t, g);
+        take_one(t, g, v);
     } else if (key == thr && *need > 0) {
         (*need)--;
-        take_one(t, g);
+        take_one(t, g, v);
     }
 }
 
@@ -144,7 +168,7 @@ static int topk_segment(const sg_kernels *K, workspace *w, size_t off, size_t d,
     const float *x = t->p + off;
     if (k == 0 || d == 0) return 0;
     if (k >= d) {
-        for (size_t i = 0; i < d; i++) take_one(t, off + i);
+        for (size_t i = 0; i < d; i++) take_one(t, off + i, x[i]);
         return 0;
     }
     size_t need = k, above = 0, m;
@@ -152,13 +176,15 @@ static int topk_segment(const sg_kernels *K, workspace *w, size_t off, size_t d,
     const uint32_t *cand = NULL;
     size_t nc = 0;
     uint32_t lo;
-    if (sample_bound(x, d, k, w->hist, &lo)) {
+    int sampled = sample_bound(w, x, d, k, &lo);
+    if (sampled < 0) return -1;
+    if (sampled) {
         if (reserve(w, cand_limit) < 0) return -1;
-        nc = K->scan_ge(x, d, lo, w->cand, cand_limit);
+        nc = K->scan_ge(x, d, lo, w->cand, w->cval, cand_limit);
         if (nc >= k && nc <= cand_limit) cand = w->cand;   /* else: the sample misled us */
     }
     if (cand)
-        hist_top_at(x, cand, nc, w->hist);
+        hist_top_of(w->cval, nc, w->hist);
     else
         hist_top(x, d, w->hist);
     uint32_t prefix = pick(w->hist, 1u << TOP_BITS, &need, &above, &m) << TOP_SHIFT;
@@ -167,7 +193,7 @@ static int topk_segment(const sg_kernels *K, workspace *w, size_t off, size_t d,
         /* key >= prefix (lower digits 0) holds for the `above` keys and the m in the bin */
         if (!cand && shift > 0 && above + m <= cand_limit) {
             if (reserve(w, above + m) < 0) return -1;
-            nc = K->scan_ge(x, d, prefix, w->cand, above + m);
+            nc = K->scan_ge(x, d, prefix, w->cand, w->cval, above + m);
             if (nc > above + m) nc = above + m;
             cand = w->cand;
         }
@@ -177,7 +203,7 @@ static int topk_segment(const sg_kernels *K, workspace *w, size_t off, size_t d,
         memset(h, 0, (LOW_MASK + 1) * sizeof(uint32_t));
         if (cand) {
             for (size_t j = 0; j < nc; j++) {
-                uint32_t key = sg_key(x[cand[j]]);
+                uint32_t key = sg_key(w->cval[j]);
                 if ((key & mask) == prefix) h[(key >> shift) & LOW_MASK]++;
             }
         } else {
@@ -191,16 +217,19 @@ static int topk_segment(const sg_kernels *K, workspace *w, size_t off, size_t d,
     }
     /* prefix is now the k-th largest key; take all above it and the first `need` equal */
     if (cand) {
-        for (size_t j = 0; j < nc; j++)
-            take_if(t, off + cand[j], sg_key(x[cand[j]]), prefix, &need);
+        for (size_t j = 0; j < nc; j++) {
+            /* the write-back of a taken element misses the cache: ask for its line early */
+            if (j + TAKE_AHEAD < nc) __builtin_prefetch(t->p + off + cand[j + TAKE_AHEAD], 1);
+            take_if(t, off + cand[j], w->cval[j], prefix, &need);
+        }
         return 0;
     }
     for (size_t start = 0; start < d; start += CHUNK) {
         size_t len = d - start < CHUNK ? d - start : CHUNK;
-        size_t got = K->scan_ge(x + start, len, prefix, w->chunk, CHUNK);
+        size_t got = K->scan_ge(x + start, len, prefix, w->chunk, NULL, CHUNK);
         for (size_t j = 0; j < got; j++) {
             size_t i = start + w->chunk[j];
-            take_if(t, off + i, sg_key(x[i]), prefix, &need);
+            take_if(t, off + i, x[i], prefix, &need);
         }
     }
     return 0;
@@ -211,12 +240,14 @@ int sg_topk_take(const sg_kernels *K, const int64_t *segs, size_t n_segs, sg_tak
     if (!w) return -1;
     w->hist = malloc((N_HIST << TOP_BITS) * sizeof(uint32_t));
     w->cand = NULL;
+    w->cval = NULL;
     w->cand_cap = 0;
     int rc = w->hist ? 0 : -1;
     for (size_t s = 0; s < n_segs && rc == 0; s++)
         rc = topk_segment(K, w, (size_t)segs[3 * s], (size_t)segs[3 * s + 1],
                           (size_t)segs[3 * s + 2], t);
     free(w->cand);
+    free(w->cval);
     free(w->hist);
     free(w);
     return rc;
@@ -224,12 +255,12 @@ int sg_topk_take(const sg_kernels *K, const int64_t *segs, size_t n_segs, sg_tak
 
 size_t sg_threshold_take(const sg_kernels *K, size_t n, uint32_t lo, sg_take *t) {
     /* positions into idx (uint32 and int32 share a representation below 2^31) */
-    size_t found = K->scan_ge(t->p, n, lo, (uint32_t *)(void *)t->idx, t->cap);
+    size_t found = K->scan_ge(t->p, n, lo, (uint32_t *)(void *)t->idx, NULL, t->cap);
     if (found != t->cap) return found;
     for (size_t j = 0; j < found; j++) {
         size_t g = (size_t)t->idx[j];
         t->count = j;   /* take_one rewrites idx[j] with the same position */
-        take_one(t, g);
+        take_one(t, g, t->p[g]);
     }
     return found;
 }

@@ -154,19 +154,29 @@ def test_topk_take_large_segments(sizes, ratio, seed, kind):
         assert torch.equal(bits(q), bits(results[0][0]))
 
 
-def test_topk_take_exact_when_the_sample_misleads():
-    """White box: large values exactly at the sample's positions (native/sparse.c sample_pos)
-    make its bound too high (fewer than k candidates), and mostly zeros make it too low (too
-    many); both fall back to the histogram path and stay exact."""
-    d, k = 100_000, 300
+def sample_positions(d, k):
+    """The positions native/sparse.c's sample_bound reads (runs of 16 from sample_run)."""
     s = 64 * d // k
-    stride = d // s
-    j = torch.arange(s)
-    sample = j * stride + T._mix32(j) % stride
+    s -= s % 16
+    stride = d // (s // 16)
+    r = torch.arange(s // 16)
+    start = r * stride + ((T._mix32(r) * (stride - 15)) >> 32)
+    return (start[:, None] + torch.arange(16)).reshape(-1)
+
+
+def test_topk_take_exact_when_the_sample_misleads():
+    """White box: large values exactly at the sample's positions (native/sparse.c
+    sample_bound) make its bound too high (fewer than k candidates), and zeros on the whole
+    sample make it too low (too many); both fall back to the histogram path and stay exact."""
+    d, k = 100_000, 300
+    sample = sample_positions(d, k)
     p = torch.rand(d, generator=torch.Generator().manual_seed(0))
     p[sample[:200]] = 10.0                       # 200 tens, all in the sample; k = 300
     sparse_p = torch.zeros(d)
-    sparse_p[torch.arange(7, d, 331)] = 1.0      # ~302 nonzeros off the usual sample
+    off = torch.ones(d, dtype=torch.bool)
+    off[sample] = False
+    sparse_p[torch.nonzero(off).reshape(-1)[::250]] = 1.0   # ~300 nonzeros off the sample
+    assert not sparse_p[sample].any() and (p[sample] == 10.0).sum() == 200
     for vec in (p, sparse_p):
         expected = reference_positions(vec, [(0, d, k)])
         for name in BACKENDS:
