@@ -530,11 +530,13 @@ static int momentum_sign_avx2(const float *g, const float *m, float *m_out, size
     return ok;
 }
 
-/* SSDM's m_out is read again at once (the stochastic pack): plain stores. The magnitude bits
- * of non-NaN floats order as the values, so an unsigned integer max is max |m_out|, and any
- * NaN/Inf makes it >= 0x7F800000. */
-static int momentum_absmax_avx2(const float *g, const float *m, float *m_out, size_t n,
-                                float a, float b, float *absmax, size_t *zeros) {
+/* SSDM's m_out is read again by the stochastic pack, but only after every bucket's update
+ * (the pack needs the whole model's norm), long out of cache: streamed when 32-byte aligned.
+ * The magnitude bits of non-NaN floats order as the values, so an unsigned integer max is
+ * max |m_out|, and any NaN/Inf makes it >= 0x7F800000. */
+static inline __attribute__((always_inline)) int
+momentum_absmax_body(const float *g, const float *m, float *m_out, size_t n, float a, float b,
+                     float *absmax, size_t *zeros, int stream) {
     const __m256 va = _mm256_set1_ps(a), vb = _mm256_set1_ps(b);
     const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF), zero = _mm256_setzero_si256();
     __m256i w = zero, zc = zero;
@@ -546,7 +548,10 @@ static int momentum_absmax_avx2(const float *g, const float *m, float *m_out, si
         __m256i mag = _mm256_and_si256(_mm256_castps_si256(v), abs_mask);
         w = _mm256_max_epu32(w, mag);
         zc = _mm256_sub_epi32(zc, _mm256_cmpeq_epi32(mag, zero));
-        _mm256_storeu_ps(m_out + i, v);
+        if (stream)
+            _mm256_stream_ps(m_out + i, v);
+        else
+            _mm256_storeu_ps(m_out + i, v);
     }
     uint32_t lanes[8], counts[8], worst = 0;
     _mm256_storeu_si256((__m256i *)(void *)lanes, w);
@@ -560,6 +565,15 @@ static int momentum_absmax_avx2(const float *g, const float *m, float *m_out, si
     sg_momentum_absmax_scalar(g, m, m_out, i, n, a, b, &worst, zeros);
     *absmax = sg_f32_from_bits(worst);
     return worst < 0x7F800000u;
+}
+
+static int momentum_absmax_avx2(const float *g, const float *m, float *m_out, size_t n,
+                                float a, float b, float *absmax, size_t *zeros) {
+    if ((uintptr_t)m_out % 32 != 0)
+        return momentum_absmax_body(g, m, m_out, n, a, b, absmax, zeros, 0);
+    int ok = momentum_absmax_body(g, m, m_out, n, a, b, absmax, zeros, 1);
+    _mm_sfence();   /* the streamed stores are visible before the caller reads m_out */
+    return ok;
 }
 
 static int sign_scan_avx2(const float *x, size_t n, uint8_t *bits, uint8_t *zplane,

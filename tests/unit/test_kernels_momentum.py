@@ -165,8 +165,9 @@ def test_argument_errors():
 
 @pytest.mark.parametrize("shift", [0, 1, 3])
 def test_unaligned_buffers_give_the_same_result(shift):
-    """m_out at a 32-byte boundary takes signum's streaming-store path, elsewhere the plain
-    one; g and m off any boundary: every combination gives the fallback's bits."""
+    """m_out at a 32-byte boundary takes the streaming-store path of signum's and ssdm's
+    kernels, elsewhere the plain one; g and m off any boundary: every combination gives the
+    fallback's bits."""
     n = 5 * 1024 + 13
     g0, m0 = make_inputs(n, ["normal", "zeros"], 7)
     want_out = torch.empty(n)
