@@ -193,9 +193,17 @@ static void to_counts_avx2(const sg_counter *c, size_t ne, uint32_t *counts, int
     sg_to_counts_scalar(c, 32 * chunks, ne, counts, accumulate);
 }
 
+static inline void store8(float *dst, __m256 v, int stream) {
+    if (stream)
+        _mm256_stream_ps(dst, v);
+    else
+        _mm256_storeu_ps(dst, v);
+}
+
 /* Votes straight from the byte counts (n_ranks <= 255). Majority stays in bytes:
  * +1 where count <= (R-1)/2, -1 where count >= R/2 + 1, else 0 (a tie). */
-static void emit_avx2(const sg_counter *c, size_t ne, size_t n_ranks, int mode, float *out) {
+static inline __attribute__((always_inline)) void
+emit_body(const sg_counter *c, size_t ne, size_t n_ranks, int mode, float *out, int stream) {
     const __m256i plus_max = _mm256_set1_epi8((char)((n_ranks - 1) / 2));
     const __m256i minus_min = _mm256_set1_epi8((char)(n_ranks / 2 + 1));
     const __m256i ranks = _mm256_set1_epi32((int)n_ranks);
@@ -208,17 +216,29 @@ static void emit_avx2(const sg_counter *c, size_t ne, size_t n_ranks, int mode, 
             __m256i minus = _mm256_cmpeq_epi8(_mm256_max_epu8(bytes, minus_min), bytes);
             __m256i votes = _mm256_sub_epi8(minus, plus);   /* masks are -1: plus - minus */
             for (int t = 0; t < 4; t++)
-                _mm256_storeu_ps(out + 32 * q + 8 * t, _mm256_cvtepi32_ps(widen_i8(votes, t)));
+                store8(out + 32 * q + 8 * t, _mm256_cvtepi32_ps(widen_i8(votes, t)), stream);
         } else {
             for (int t = 0; t < 4; t++) {
                 __m256i d = _mm256_sub_epi32(ranks, _mm256_slli_epi32(widen_u8(bytes, t), 1));
                 __m256 s = _mm256_cvtepi32_ps(d);
                 if (mode == SG_VOTE_MEAN) s = _mm256_div_ps(s, divisor);
-                _mm256_storeu_ps(out + 32 * q + 8 * t, s);
+                store8(out + 32 * q + 8 * t, s, stream);
             }
         }
     }
     sg_emit_scalar(c, 32 * chunks, ne, n_ranks, mode, out);
+}
+
+static void emit_avx2(const sg_counter *c, size_t ne, size_t n_ranks, int mode, float *out) {
+    emit_body(c, ne, n_ranks, mode, out, 0);
+}
+
+/* The vote (a whole bucket) is read only once every bucket is done, long out of cache:
+ * streamed, without reading each line in first, when out is 32-byte aligned (every block's
+ * out then is: blocks are whole vectors). */
+static void emit_stream_avx2(const sg_counter *c, size_t ne, size_t n_ranks, int mode,
+                             float *out) {
+    emit_body(c, ne, n_ranks, mode, out, 1);
 }
 
 /* Counts one full block, 256 elements (a vector per row) at a time, with the planes in
@@ -271,7 +291,13 @@ static void count_block_avx2(const sg_rows *rows, size_t byte0, sg_counter *c) {
 }
 
 static void vote_count_avx2(const sg_rows *rows, size_t n, int mode, float *out) {
-    sg_vote_count_blocks(rows, n, mode, out, count_block_avx2, emit_avx2, to_counts_avx2);
+    if ((uintptr_t)out % 32 != 0) {
+        sg_vote_count_blocks(rows, n, mode, out, count_block_avx2, emit_avx2, to_counts_avx2);
+        return;
+    }
+    sg_vote_count_blocks(rows, n, mode, out, count_block_avx2, emit_stream_avx2,
+                         to_counts_avx2);
+    _mm_sfence();   /* the streamed stores are visible before the caller reads out */
 }
 
 static void add_signed_avx2(const uint8_t *bits, size_t ne, float w, float *acc) {

@@ -274,10 +274,15 @@ def test_vote_matches_naive(n_ranks, n, mode, weights, seed, isa_name):
         public = K.vote(rows, n, mode, w)
         out = torch.full((n + 5,), 7.0)
         into = K.vote(rows, n, mode, w, out=out)
+        # off a 32-byte boundary: the plain stores, not the streamed ones
+        off = torch.full((n + 5,), 7.0)
+        into_off = K.vote(rows, n, mode, w, out=off[1:n + 1])
     assert_identical(fallback, expected)
     assert_identical(public, expected)
     assert_identical(into, expected)
+    assert_identical(into_off, expected)
     assert torch.equal(out[n:], torch.full((5,), 7.0))
+    assert off[0] == 7.0 and torch.equal(off[n + 1:], torch.full((4,), 7.0))
 
 
 def torch_vote(rows, n, mode="majority", weights=None):
