@@ -323,8 +323,9 @@ static inline __m256 signs_of(__m256 v) {
 /* 64 elements at a time with their 8 accumulators in registers, every rank added in order:
  * per rank, the 64 bits are broadcast and each lane shifts its own bit to the sign position,
  * which then flips the sign of w. */
-static void vote_weighted_avx2(const sg_rows *rows, size_t n, const float *w, int majority,
-                               float *out) {
+static inline __attribute__((always_inline)) void
+vote_weighted_body(const sg_rows *rows, size_t n, const float *w, int majority, float *out,
+                   int stream) {
     const __m256i sign = _mm256_set1_epi32((int)0x80000000u);
     const __m256i to_sign[4] = {
         _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24),
@@ -346,12 +347,23 @@ static void vote_weighted_avx2(const sg_rows *rows, size_t n, const float *w, in
             }
         }
         for (int r = 0; r < 8; r++)
-            _mm256_storeu_ps(out + 64 * q + 8 * r, majority ? signs_of(acc[r]) : acc[r]);
+            store8(out + 64 * q + 8 * r, majority ? signs_of(acc[r]) : acc[r], stream);
     }
     if (n % 64) {  /* the last elements: a block of the generic loop on shifted rows */
         sg_rows tail = {rows->base + 8 * chunks, rows->stride, rows->n_ranks};
         sg_vote_weighted_blocks(&tail, n % 64, w, majority, out + 64 * chunks, add_signed_avx2);
     }
+}
+
+/* Streamed when out is 32-byte aligned, as the count vote (emit_stream_avx2). */
+static void vote_weighted_avx2(const sg_rows *rows, size_t n, const float *w, int majority,
+                               float *out) {
+    if ((uintptr_t)out % 32 != 0) {
+        vote_weighted_body(rows, n, w, majority, out, 0);
+        return;
+    }
+    vote_weighted_body(rows, n, w, majority, out, 1);
+    _mm_sfence();   /* the streamed stores are visible before the caller reads out */
 }
 
 /* ---- sparse selection: compare 32 keys at a time, skip blocks without a hit ----------- */
