@@ -685,43 +685,37 @@ PyDoc_STRVAR(sparse_sum_doc,
 "out[:n] = the sum, in order, of the parts: each (idx, vals) adds vals[j] (float32 or float16,\n"
 "widened exactly) at idx[j] (int32; unique within a part for an order-independent result);\n"
 "each (None, vals) adds the n float32 vals element-wise. Float32 additions from +0.0, then\n"
-"each element divided by float32(divisor) (only the touched ones when that is cheaper: an\n"
-"untouched +0.0 stays +0.0, so the bits are those of dividing all of out).\n"
+"each element divided by float32(divisor) (sparse parts with ascending indices: a block of\n"
+"out at a time, with the same bits).\n"
 "Returns -1, or, leaving out untouched, the number of the first part with an index outside\n"
 "[0, n). out: float32, aligned, C-contiguous, >= n elements, disjoint from the parts.");
 
-typedef struct {
-    const void *idx;   /* NULL: dense */
-    const void *vals;
-    sg_dtype vt;
-    size_t nnz;
-} sparse_part;
-
-/* dst[0 .. n) /= d after sparse_sum's additions. Only the touched elements when the parts
- * are all sparse and few (each once, through a bitmap of the positions done): the others are
- * +0.0, which the division leaves as it is. Returns -1 when out of memory (dst undivided). */
-static int sparse_divide(const sparse_part *parts, size_t n_parts, float *dst, size_t n,
-                         float d) {
-    size_t total = 0;
-    for (size_t r = 0; r < n_parts; r++) total += parts[r].idx ? parts[r].nnz : n;
-    if (total > n / 16) {
-        for (size_t i = 0; i < n; i++) dst[i] /= d;
-        return 0;
+/* The sum of sparse_sum's parts into dst (n elements, zeroed here), divided by d: a block of
+ * dst at a time when every part is sparse with ascending indices (sg_blocked_sum: the scattered
+ * additions and the division hit the cache), else each step over the whole of dst. */
+static void sparse_sum_into(const sg_pairs *parts, size_t n_parts, float *dst, size_t n,
+                            float d) {
+    size_t *at = malloc((n_parts + 1) * sizeof(size_t));
+    int blocked = at != NULL;
+    for (size_t r = 0; r < n_parts && blocked; r++)
+        blocked = parts[r].idx && sg_ascending(parts[r].idx, parts[r].nnz);
+    if (blocked) {
+        sg_blocked_sum(parts, n_parts, at, d, dst, n);
+        free(at);
+        return;
     }
-    uint8_t *done = calloc(sg_nbytes(n), 1);
-    if (!done) return -1;
+    free(at);
+    memset(dst, 0, n * sizeof(float));
     for (size_t r = 0; r < n_parts; r++) {
-        const uint8_t *ib = (const uint8_t *)parts[r].idx;
-        for (size_t j = 0; j < parts[r].nnz; j++) {
-            uint32_t i = sg_ld32(ib + 4 * j);
-            uint8_t bit = (uint8_t)(1u << (i % 8));
-            if (done[i / 8] & bit) continue;
-            done[i / 8] |= bit;
-            dst[i] /= d;
+        if (parts[r].idx) {
+            sg_scatter_add(dst, parts[r].idx, parts[r].vals, parts[r].vt, parts[r].nnz);
+        } else {
+            const uint8_t *src = (const uint8_t *)parts[r].vals;
+            for (size_t i = 0; i < n; i++) dst[i] += sg_f32_from_bits(sg_ld32(src + 4 * i));
         }
     }
-    free(done);
-    return 0;
+    if (d != 1.0f)
+        for (size_t i = 0; i < n; i++) dst[i] /= d;
 }
 
 static PyObject *py_sparse_sum(PyObject *self, PyObject *args, PyObject *kw) {
@@ -729,7 +723,7 @@ static PyObject *py_sparse_sum(PyObject *self, PyObject *args, PyObject *kw) {
     PyObject *partso, *oo, *seq = NULL, *result = NULL;
     Py_ssize_t n, n_parts = 0, n_views = 0;
     Py_buffer o = {0}, *views = NULL;
-    sparse_part *parts = NULL;
+    sg_pairs *parts = NULL;
     double divisor = 1.0;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OnO|d:sparse_sum", kwlist, &partso, &n, &oo,
                                      &divisor))
@@ -739,7 +733,7 @@ static PyObject *py_sparse_sum(PyObject *self, PyObject *args, PyObject *kw) {
         return NULL;
     n_parts = PySequence_Fast_GET_SIZE(seq);
     views = PyMem_Calloc((size_t)(2 * n_parts + 1), sizeof(Py_buffer));
-    parts = PyMem_Calloc((size_t)n_parts + 1, sizeof(sparse_part));
+    parts = PyMem_Calloc((size_t)n_parts + 1, sizeof(sg_pairs));
     if (!views || !parts) {
         PyErr_NoMemory();
         goto done;
@@ -788,26 +782,12 @@ static PyObject *py_sparse_sum(PyObject *self, PyObject *args, PyObject *kw) {
         parts[r].nnz = count;
     }
     Py_ssize_t bad = -1;
-    int no_memory = 0;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t r = 0; r < n_parts && bad < 0; r++)
         if (parts[r].idx && !sg_indices_in_range(parts[r].idx, parts[r].nnz, (size_t)n)) bad = r;
-    if (bad < 0) {
-        float *dst = (float *)o.buf;
-        memset(dst, 0, (size_t)n * sizeof(float));
-        for (Py_ssize_t r = 0; r < n_parts; r++) {
-            if (parts[r].idx) {
-                sg_scatter_add(dst, parts[r].idx, parts[r].vals, parts[r].vt, parts[r].nnz);
-            } else {
-                const uint8_t *src = (const uint8_t *)parts[r].vals;
-                for (Py_ssize_t i = 0; i < n; i++) dst[i] += sg_f32_from_bits(sg_ld32(src + 4 * i));
-            }
-        }
-        if (divisor != 1.0)
-            no_memory = sparse_divide(parts, (size_t)n_parts, dst, (size_t)n, (float)divisor) < 0;
-    }
+    if (bad < 0) sparse_sum_into(parts, (size_t)n_parts, (float *)o.buf, (size_t)n, (float)divisor);
     Py_END_ALLOW_THREADS
-    result = no_memory ? PyErr_NoMemory() : PyLong_FromSsize_t(bad);
+    result = PyLong_FromSsize_t(bad);
 done:
     if (views) release_all(views, (int)n_views);
     PyMem_Free(views);

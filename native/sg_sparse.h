@@ -38,4 +38,22 @@ size_t sg_threshold_take(const sg_kernels *K, size_t n, uint32_t lo, sg_take *t)
 void sg_scatter_add(float *out, const void *idx, const void *vals, sg_dtype vt, size_t nnz);
 int sg_indices_in_range(const void *idx, size_t nnz, size_t n);
 
+/* One rank's pairs (idx == NULL: a dense part of n float32 values). */
+typedef struct {
+    const void *idx;
+    const void *vals;
+    sg_dtype vt;
+    size_t nnz;
+} sg_pairs;
+
+/* 1 if idx[0 .. nnz) is ascending (Top-k's and the threshold's payloads are). */
+int sg_ascending(const void *idx, size_t nnz);
+
+/* The decode of sparse parts with ascending indices into out[0 .. n): zeros, every part's
+ * pairs added in part order, everything divided by d, one cache-sized block of out at a
+ * time (the additions and the division then hit the cache); at: n_parts cursors of scratch.
+ * The same bits as doing each step over the whole of out. */
+void sg_blocked_sum(const sg_pairs *parts, size_t n_parts, size_t *at, float d, float *out,
+                    size_t n);
+
 #endif /* SG_SPARSE_H */

@@ -275,6 +275,34 @@ void sg_scatter_add(float *out, const void *idx, const void *vals, sg_dtype vt, 
     }
 }
 
+int sg_ascending(const void *idx, size_t nnz) {
+    const uint8_t *ib = (const uint8_t *)idx;
+    uint32_t bad = 0;
+    for (size_t j = 1; j < nnz; j++) bad |= sg_ld32(ib + 4 * j) < sg_ld32(ib + 4 * (j - 1));
+    return !bad;
+}
+
+#define SUM_BLOCK 16384 /* elements of out per block of sg_blocked_sum (64 KB: stays in L2) */
+
+void sg_blocked_sum(const sg_pairs *parts, size_t n_parts, size_t *at, float d, float *out,
+                    size_t n) {
+    for (size_t r = 0; r < n_parts; r++) at[r] = 0;
+    for (size_t b0 = 0; b0 < n; b0 += SUM_BLOCK) {
+        size_t b1 = n - b0 < SUM_BLOCK ? n : b0 + SUM_BLOCK;
+        memset(out + b0, 0, (b1 - b0) * sizeof(float));
+        for (size_t r = 0; r < n_parts; r++) {
+            const uint8_t *ib = (const uint8_t *)parts[r].idx, *vb = (const uint8_t *)parts[r].vals;
+            size_t j = at[r];
+            for (uint32_t i; j < parts[r].nnz && (i = sg_ld32(ib + 4 * j)) < b1; j++)
+                out[i] += parts[r].vt == SG_F32 ? sg_f32_from_bits(sg_ld32(vb + 4 * j))
+                                                : sg_f16_to_f32(sg_ld16(vb + 2 * j));
+            at[r] = j;
+        }
+        if (d != 1.0f)
+            for (size_t i = b0; i < b1; i++) out[i] /= d;
+    }
+}
+
 int sg_indices_in_range(const void *idx, size_t nnz, size_t n) {
     const uint8_t *ib = (const uint8_t *)idx;
     uint32_t bad = 0;

@@ -292,23 +292,26 @@ def test_sparse_sum_is_the_legacy_sum_bit_for_bit(n, ranks, seed, fp16):
 
 
 @SETTINGS
-@given(n=st.integers(1, 5000), ranks=st.integers(1, 6), seed=st.integers(0, 2**32 - 1),
-       fp16=st.booleans(), sparse_only=st.booleans(), divisor=st.sampled_from([2, 3, 4, 5, 7.5]))
+@given(n=st.integers(1, 5000), ranks=st.sampled_from([1, 2, 3, 4, 6, 33]),
+       seed=st.integers(0, 2**32 - 1), fp16=st.booleans(), sparse_only=st.booleans(),
+       ascending=st.booleans(), divisor=st.sampled_from([1, 2, 3, 4, 5, 7.5]))
 def test_sparse_sum_with_a_divisor_is_the_legacy_mean_bit_for_bit(n, ranks, seed, fp16,
-                                                                   sparse_only, divisor):
-    """The mean that TopK sends to the optimizer: sum, then div_ over the whole vector. Few
-    pairs (sparse_only: at most n / 16 in all, overlapping across parts) take the native path
-    that divides only the touched elements, once each; the rest divide everything."""
+                                                                   sparse_only, ascending,
+                                                                   divisor):
+    """The mean that TopK sends to the optimizer: sum, then div_ over the whole vector. Up to
+    32 sparse parts with ascending indices (overlapping across parts) take the native merge
+    by position; unsorted indices, a dense part or more parts the scatter-adds."""
     rng = np.random.default_rng(seed)
     parts = []
     for r in range(ranks):
         if not sparse_only and rng.random() < 0.2:
             parts.append((None, values(n, seed + r, "mixed")))
             continue
-        most = n // (16 * ranks) if sparse_only else n
+        most = max(1, n // (4 * ranks))
         nnz = int(rng.integers(0, most + 1))
-        idx = torch.from_numpy(rng.choice(min(n, 3 * most + 1), nnz, replace=False)
-                               .astype(np.int32))
+        idx = rng.choice(min(n, 3 * most + 1), min(nnz, n), replace=False).astype(np.int32)
+        idx = torch.from_numpy(np.sort(idx) if ascending else idx)
+        nnz = idx.numel()
         parts.append((idx, values(nnz, seed + r, "mixed").to(torch.float16 if fp16
                                                                 else torch.float32)))
     expected = legacy_sum(parts, n).div_(divisor)
