@@ -94,9 +94,12 @@ def kernels_of(mod, ranks: int) -> dict:
         return np.empty(nb, np.uint8), np.empty(nb, np.uint8)
 
     def writes(fn):
-        """fn(b, out) -> result, out the bucket's float32 buffer; returns (out copy, result)."""
+        """fn(b, out) -> result, out the bucket's float32 buffer (this build's own, compared
+        with the other build's once both have run); returns (out, result)."""
         def run(b):
-            out = buffers.setdefault(id(b), np.empty(b["n"], np.float32))
+            if id(b) not in buffers:
+                buffers[id(b)] = np.empty(b["n"], np.float32)
+            out = buffers[id(b)]
             return out, fn(b, out)
         return run
 
@@ -180,7 +183,9 @@ def main(argv=None):
     ap.add_argument("--only", default="", help="comma-separated substrings of kernel names")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    current = args.current or str(next(HERE.glob("_native*.so")))
+    current = args.current or str(next(HERE / f"_native{suffix}"
+                                       for suffix in importlib.machinery.EXTENSION_SUFFIXES
+                                       if (HERE / f"_native{suffix}").exists()))
     builds = {v: load(p, f"hsg_ab_{v}") for v, p in (("baseline", args.baseline),
                                                         ("current", current))}
     assert builds["baseline"] is not builds["current"]

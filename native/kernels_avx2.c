@@ -193,7 +193,9 @@ static void to_counts_avx2(const sg_counter *c, size_t ne, uint32_t *counts, int
     sg_to_counts_scalar(c, 32 * chunks, ne, counts, accumulate);
 }
 
-static inline void store8(float *dst, __m256 v, int stream) {
+/* stream: a non-temporal store (dst 32-byte aligned; the caller fences), for outputs far
+ * larger than the cache that are not read again soon. */
+static inline __attribute__((always_inline)) void store8(float *dst, __m256 v, int stream) {
     if (stream)
         _mm256_stream_ps(dst, v);
     else
@@ -472,10 +474,7 @@ ef_pass2_body(const sg_ef_io *io, size_t from, size_t to, float scale, int strea
             _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(p), abs_mask), zero));
         __m256 r = _mm256_blendv_ps(_mm256_sub_ps(p, _mm256_or_ps(sc, _mm256_and_ps(p, sign))),
                                     p, z);
-        if (stream)
-            _mm256_stream_ps(io->e_out + i, r);
-        else
-            _mm256_storeu_ps(io->e_out + i, r);
+        store8(io->e_out + i, r, stream);
         io->bits[i / 8] = (uint8_t)_mm256_movemask_ps(p);
         io->zplane[i / 8] = (uint8_t)_mm256_movemask_ps(z);
     }
@@ -546,10 +545,7 @@ momentum_sign_body(const float *g, const float *m, float *m_out, size_t n, float
         __m256i mag = _mm256_and_si256(_mm256_castps_si256(v), abs_mask);
         bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(mag, max_finite));
         unsigned zb = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, zero)));
-        if (stream)
-            _mm256_stream_ps(m_out + i, v);
-        else
-            _mm256_storeu_ps(m_out + i, v);
+        store8(m_out + i, v, stream);
         bits[i / 8] = (uint8_t)_mm256_movemask_ps(v);
         zplane[i / 8] = (uint8_t)zb;
         z += (size_t)__builtin_popcount(zb);
@@ -586,10 +582,7 @@ momentum_absmax_body(const float *g, const float *m, float *m_out, size_t n, flo
         __m256i mag = _mm256_and_si256(_mm256_castps_si256(v), abs_mask);
         w = _mm256_max_epu32(w, mag);
         zc = _mm256_sub_epi32(zc, _mm256_cmpeq_epi32(mag, zero));
-        if (stream)
-            _mm256_stream_ps(m_out + i, v);
-        else
-            _mm256_storeu_ps(m_out + i, v);
+        store8(m_out + i, v, stream);
     }
     uint32_t lanes[8], counts[8], worst = 0;
     _mm256_storeu_si256((__m256i *)(void *)lanes, w);
@@ -648,13 +641,8 @@ add_finite_body(const float *a, const float *b, float *out, size_t n, int stream
         _mm_prefetch((const char *)(b + i + SG_PREFETCH_ELEMS), _MM_HINT_T0);
         __m256 s0 = _mm256_add_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i));
         __m256 s1 = _mm256_add_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8));
-        if (stream) {
-            _mm256_stream_ps(out + i, s0);
-            _mm256_stream_ps(out + i + 8, s1);
-        } else {
-            _mm256_storeu_ps(out + i, s0);
-            _mm256_storeu_ps(out + i + 8, s1);
-        }
+        store8(out + i, s0, stream);
+        store8(out + i + 8, s1, stream);
         w = _mm256_max_epu32(w, _mm256_and_si256(_mm256_castps_si256(s0), abs_mask));
         w = _mm256_max_epu32(w, _mm256_and_si256(_mm256_castps_si256(s1), abs_mask));
     }

@@ -692,19 +692,17 @@ PyDoc_STRVAR(sparse_sum_doc,
 
 /* The sum of sparse_sum's parts into dst (n elements, zeroed here), divided by d: a block of
  * dst at a time when every part is sparse with ascending indices (sg_blocked_sum: the scattered
- * additions and the division hit the cache), else each step over the whole of dst. */
-static void sparse_sum_into(const sg_pairs *parts, size_t n_parts, float *dst, size_t n,
-                            float d) {
-    size_t *at = malloc((n_parts + 1) * sizeof(size_t));
-    int blocked = at != NULL;
+ * additions and the division hit the cache; at: n_parts cursors), else each step over the
+ * whole of dst. */
+static void sparse_sum_into(const sg_pairs *parts, size_t n_parts, size_t *at, float *dst,
+                            size_t n, float d) {
+    int blocked = 1;
     for (size_t r = 0; r < n_parts && blocked; r++)
         blocked = parts[r].idx && sg_ascending(parts[r].idx, parts[r].nnz);
     if (blocked) {
         sg_blocked_sum(parts, n_parts, at, d, dst, n);
-        free(at);
         return;
     }
-    free(at);
     memset(dst, 0, n * sizeof(float));
     for (size_t r = 0; r < n_parts; r++) {
         if (parts[r].idx) {
@@ -724,6 +722,7 @@ static PyObject *py_sparse_sum(PyObject *self, PyObject *args, PyObject *kw) {
     Py_ssize_t n, n_parts = 0, n_views = 0;
     Py_buffer o = {0}, *views = NULL;
     sg_pairs *parts = NULL;
+    size_t *at = NULL;
     double divisor = 1.0;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OnO|d:sparse_sum", kwlist, &partso, &n, &oo,
                                      &divisor))
@@ -734,7 +733,8 @@ static PyObject *py_sparse_sum(PyObject *self, PyObject *args, PyObject *kw) {
     n_parts = PySequence_Fast_GET_SIZE(seq);
     views = PyMem_Calloc((size_t)(2 * n_parts + 1), sizeof(Py_buffer));
     parts = PyMem_Calloc((size_t)n_parts + 1, sizeof(sg_pairs));
-    if (!views || !parts) {
+    at = PyMem_Calloc((size_t)n_parts + 1, sizeof(size_t));
+    if (!views || !parts || !at) {
         PyErr_NoMemory();
         goto done;
     }
@@ -785,13 +785,15 @@ static PyObject *py_sparse_sum(PyObject *self, PyObject *args, PyObject *kw) {
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t r = 0; r < n_parts && bad < 0; r++)
         if (parts[r].idx && !sg_indices_in_range(parts[r].idx, parts[r].nnz, (size_t)n)) bad = r;
-    if (bad < 0) sparse_sum_into(parts, (size_t)n_parts, (float *)o.buf, (size_t)n, (float)divisor);
+    if (bad < 0)
+        sparse_sum_into(parts, (size_t)n_parts, at, (float *)o.buf, (size_t)n, (float)divisor);
     Py_END_ALLOW_THREADS
     result = PyLong_FromSsize_t(bad);
 done:
     if (views) release_all(views, (int)n_views);
     PyMem_Free(views);
     PyMem_Free(parts);
+    PyMem_Free(at);
     if (o.obj) PyBuffer_Release(&o);
     Py_XDECREF(seq);
     return result;

@@ -25,7 +25,8 @@ typedef struct {
 
 /* Top-k per segment: segs holds n_segs triples (offset, size, k) of non-overlapping ascending
  * ranges of p; for each, the min(k, size) largest keys (ties to the lowest position), taken in
- * ascending position order. Returns 0, or -1 when out of memory (then nothing is taken). */
+ * ascending position order. Returns 0, or -1 when out of memory (the segments before may
+ * have been taken: the caller discards p and the pairs). */
 int sg_topk_take(const sg_kernels *K, const int64_t *segs, size_t n_segs, sg_take *t);
 
 /* Hard threshold over p[0 .. n): positions with key(p[i]) >= lo. Scans the positions into

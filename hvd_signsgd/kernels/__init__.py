@@ -149,8 +149,9 @@ float16(clamp(v, -65504, 65504)) rounded to nearest even, and sets p[g] = v - (v
                                           element-wise. Float32 additions from +0.0, each
                                           coordinate in part order: bit-identical to zeros +
                                           index_add_ / add_ part by part, then div_(divisor)
-                                          (> 0; native: only the touched elements when the
-                                          parts are few pairs). An index outside [0, n) raises
+                                          (a number, positive and finite in float32; native:
+                                          a block of out at a time when every part is sparse
+                                          and ascending). An index outside [0, n) raises
                                           SparseIndexError (its .part says which) before
                                           anything is written. out: as for vote.
 
@@ -633,12 +634,25 @@ def threshold_take(p, lam, idx, vals):
         _torch.threshold_take(p, lam, idx, vals)
 
 
+def _check_divisor(divisor) -> float:
+    """divisor as the float32 value both backends divide by: positive and finite."""
+    if isinstance(divisor, bool) or not isinstance(divisor, (int, float)):
+        raise TypeError(f"divisor must be a number, not {type(divisor).__name__}")
+    try:
+        with np.errstate(over="ignore"):
+            d32 = float(np.float32(divisor))
+    except OverflowError:
+        d32 = math.inf
+    if not 0 < d32 < math.inf:
+        raise ValueError(f"divisor must be positive and finite in float32, not {divisor!r}")
+    return d32
+
+
 def sparse_sum(parts, n, out=None, divisor=1):
     """Sum in part order of sparse (idx, vals) and dense (None, vals) parts, divided by
     divisor (see module doc)."""
     n = _check_n(n)
-    if not (isinstance(divisor, (int, float)) and 0 < divisor < math.inf):
-        raise ValueError(f"divisor must be a positive finite number, not {divisor!r}")
+    divisor = _check_divisor(divisor)
     parts = list(parts)
     result = _output(out, n, torch.float32, torch.device("cpu") if not parts else
                      parts[0][1].device, (torch.float32,))

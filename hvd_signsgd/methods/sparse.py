@@ -146,7 +146,7 @@ class _SparseEF(Perturbation, ErrorFeedbackMethod):
 
     def aggregate(self, gathered, state, ctx):
         payloads = self._payloads(gathered, ctx, self.codec)
-        # the mean in the same call: few pairs are divided, not the whole bucket (as_mean)
+        # the mean in the same call (as_mean's division, block by block with the sums)
         return self.codec.aggregate(payloads, ctx.layout.numel, ctx.bucket, out=ctx.out,
                                     divisor=ctx.size if ctx.average else 1)
 

@@ -298,9 +298,10 @@ def test_sparse_sum_is_the_legacy_sum_bit_for_bit(n, ranks, seed, fp16):
 def test_sparse_sum_with_a_divisor_is_the_legacy_mean_bit_for_bit(n, ranks, seed, fp16,
                                                                    sparse_only, ascending,
                                                                    divisor):
-    """The mean that TopK sends to the optimizer: sum, then div_ over the whole vector. Up to
-    32 sparse parts with ascending indices (overlapping across parts) take the native merge
-    by position; unsorted indices, a dense part or more parts the scatter-adds."""
+    """The mean that TopK sends to the optimizer: sum, then div_ over the whole vector. Sparse
+    parts with ascending indices (overlapping across parts) take the native block-by-block
+    sum (native/sparse.c sg_blocked_sum); unsorted indices or a dense part the scatter-adds
+    over the whole vector."""
     rng = np.random.default_rng(seed)
     parts = []
     for r in range(ranks):
@@ -321,9 +322,38 @@ def test_sparse_sum_with_a_divisor_is_the_legacy_mean_bit_for_bit(n, ranks, seed
         assert torch.equal(bits(got), bits(expected)), name
 
 
-@pytest.mark.parametrize("divisor", [0, -2, math.inf, math.nan, "4"])
+@pytest.mark.parametrize("fp16", [False, True])
+@pytest.mark.parametrize("divisor", [1, 3, 7.5])
+def test_sparse_sum_across_block_edges(fp16, divisor):
+    """Long vectors: the blocked sum's cursors cross many 16384-element blocks, with pairs
+    on both sides of every edge and one part that ends early and one that starts late."""
+    block, n = 16384, 3 * 16384 + 5
+    edges = [e + d for e in range(block, n, block) for d in (-1, 0, 1)]
+    rng = np.random.default_rng(3)
+    dtype = torch.float16 if fp16 else torch.float32
+    parts = []
+    for r, idx in enumerate([edges + [0, n - 1],
+                             sorted(set(edges) | set(rng.choice(n, 500, replace=False))),
+                             [5, 17, block - 1],
+                             [n - 3, n - 2, n - 1]]):
+        idx = torch.tensor(sorted(set(int(i) for i in idx)), dtype=torch.int32)
+        parts.append((idx, values(idx.numel(), 40 + r, "mixed").to(dtype)))
+    expected = legacy_sum(parts, n).div_(divisor)
+    for name in BACKENDS:
+        with backend(name):
+            got = K.sparse_sum(parts, n, out=torch.full((n,), 7.0), divisor=divisor)
+        assert torch.equal(bits(got), bits(expected)), name
+
+
+@pytest.mark.parametrize("divisor", [0, -2, math.inf, math.nan, 1e39, 1e-46, 10**400])
 def test_sparse_sum_rejects_a_bad_divisor(divisor):
     with pytest.raises(ValueError, match="divisor"):
+        K.sparse_sum([(None, torch.ones(3))], 3, divisor=divisor)
+
+
+@pytest.mark.parametrize("divisor", ["4", None, torch.tensor(4.0)])
+def test_sparse_sum_refuses_a_divisor_that_is_not_a_number(divisor):
+    with pytest.raises(TypeError, match="divisor"):
         K.sparse_sum([(None, torch.ones(3))], 3, divisor=divisor)
 
 
