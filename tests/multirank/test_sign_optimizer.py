@@ -76,6 +76,11 @@ def test_received_bytes_are_the_other_ranks_payloads(mpi_job):
 
 
 DIGITS = ["none", "signum", "ef_signsgd", "ssdm"]
+# Signum at 4 ranks, 30 epochs, test accuracy against SGD's (seeds 0 / 1 / 2, scikit-learn
+# 1.9.1): lr 0.003 (the example's default) 0.939 / 0.975 / 0.983 against 0.978 / 0.956 /
+# 0.989, lr 0.0025 0.972 / 0.956 / 0.972. One seed's final accuracy swings by a few points;
+# 0.0025 stays within 2 points on all three, so the test, which runs seed 0 alone, uses it.
+DIGITS_LR = {"signum": ["--lr", "0.0025"]}
 
 
 def test_digits_accuracy_close_to_sgd_at_a_fraction_of_the_bytes(mpi_job, tmp_path):
@@ -84,7 +89,7 @@ def test_digits_accuracy_close_to_sgd_at_a_fraction_of_the_bytes(mpi_job, tmp_pa
         out = tmp_path / f"{method}.json"
         job = mpi_job(script=ROOT / "examples" / "train_digits.py", np=4, timeout=400,
                       args=["--method", method, "--epochs", "30", "--no-progress",
-                            "--out", str(out)])
+                            "--out", str(out), *DIGITS_LR.get(method, [])])
         assert job.returncode == 0, job.diagnostics()
         runs[method] = json.loads(out.read_text())
     base = runs["none"]
