@@ -88,12 +88,22 @@ def count_zeros(x: torch.Tensor, layout: Layout | None = None, total: int | None
     return z
 
 
+def _plane_positions(plane: torch.Tensor, n: int) -> torch.Tensor:
+    """The positions < n of a bitplane's set bits, ascending, as int32. Only the non-zero
+    bytes are expanded: a few marks cost one pass over n/8 bytes, not n bools."""
+    at = torch.nonzero(plane).reshape(-1)
+    lanes = torch.arange(8)
+    set_bits = ((plane[at].unsqueeze(1) >> lanes.to(torch.uint8)) & 1).bool()
+    pos = (at.unsqueeze(1) * 8 + lanes).masked_select(set_bits)
+    return pos[pos < n].to(torch.int32)
+
+
 def _marks_from_plane(plane: torch.Tensor, bits: torch.Tensor, z: int, n: int):
     """As _mark_zeros, from the bitplane of x == 0 (the fused kernels write it)."""
     if z == n:
         return None, None
     if 4 * z < (n + 7) // 8:
-        marks = torch.nonzero(kernels.unpack_bits(plane, n)).reshape(-1).to(torch.int32)
+        marks = _plane_positions(plane, n)
     else:
         marks = plane
     return bits.bitwise_and_(plane.bitwise_not()), marks
@@ -179,20 +189,20 @@ def _count_vote_with_zeros(payloads, n: int, majority: bool, out: torch.Tensor) 
     return out if majority else out.mul_(0.5)
 
 
-def _weighted_with_zeros(payloads, n: int, fill, out: torch.Tensor) -> torch.Tensor:
-    """out <- ((0.0 + c_0) + c_1) + ... in float32, rank order, with c_m = w_m s_m (written
-    by fill(m, payload, tmp)) and c_m = +0.0 where rank m marks a zero: the same additions
-    as the fused weighted vote, which cannot leave a coordinate out. One rank at a time;
-    ranks whose every coordinate is 0 add nothing (adding +0.0 changes no sum here)."""
-    out.zero_()
-    tmp = torch.zeros(n, dtype=torch.float32)
-    for m, p in enumerate(payloads):
-        if p.header.zero_form() == "all":
-            continue
-        fill(m, p, tmp)
-        _apply_zeros(p, tmp)
-        out.add_(tmp)
-    return out
+def _voters_with_zeros(payloads, n: int):
+    """(indices of the ranks that vote, their sign rows, their zero planes) for a weighted
+    vote with marks (kernels.scaled_vote's zeros): a rank whose every coordinate is 0 is left
+    out, since its terms would all be +0.0 (which changes no sum that starts from +0.0), and a
+    rank without marks gets an empty plane. None for the rows when no rank votes."""
+    keep = [m for m, p in enumerate(payloads) if p.header.zero_form() != "all"]
+    if not keep:
+        return keep, None, None
+    voters = [payloads[m] for m in keep]
+    planes = torch.zeros(len(voters), (n + 7) // 8, dtype=torch.uint8)
+    for row, p in zip(planes, voters):
+        if p.header.zero_form() is not None:
+            row.copy_(_zero_plane(p, n))
+    return keep, _gathered_rows(voters), planes
 
 
 class Sign:
@@ -263,9 +273,10 @@ class Sign:
             _count_vote_with_zeros(payloads, n, mode == "majority", out)
             return out.div_(len(payloads)) if mode == "mean" else out
         w = kernels._weights(weights, len(payloads), torch.device("cpu"))
-        _weighted_with_zeros(
-            payloads, n, lambda m, p, tmp: kernels.unpack_signs(p.body, n, scale=w[m], out=tmp),
-            out)
+        keep, rows, planes = _voters_with_zeros(payloads, n)
+        if rows is None:
+            return out.zero_()
+        kernels.scaled_vote(rows, [(0, n)], w[keep].unsqueeze(0), out, zeros=planes)
         if mode == "majority":
             return out.sign_()
         return out.div_(len(payloads)) if mode == "mean" else out
@@ -416,14 +427,11 @@ class ScaledSign:
             out = torch.zeros(layout.numel, dtype=torch.float32)
         n_ranks = len(payloads)
         if _has_zeros(payloads):
-            w = scales / n_ranks
-
-            def fill(m, p, tmp):
-                for t, (o, s) in enumerate(layout.segments()):
-                    if s:
-                        kernels.unpack_signs(p.body[o // 8:(o + s + 7) // 8], s,
-                                             scale=w[m, t], out=tmp[o:o + s])
-            return _weighted_with_zeros(payloads, layout.numel, fill, out)
+            keep, rows, planes = _voters_with_zeros(payloads, layout.numel)
+            if rows is None:
+                return out.zero_()
+            return kernels.scaled_vote(rows, segment_pairs(layout), (scales[keep] / n_ranks).T,
+                                       out, zeros=planes)
         return kernels.scaled_vote(_gathered_rows(payloads), segment_pairs(layout),
                                    (scales / n_ranks).T, out)
 

@@ -302,7 +302,14 @@ static void vote_count_avx2(const sg_rows *rows, size_t n, int mode, float *out)
     _mm_sfence();   /* the streamed stores are visible before the caller reads out */
 }
 
-static void add_signed_avx2(const uint8_t *bits, size_t ne, float w, float *acc) {
+/* The 8 lanes' masks of one byte of bits: lane i all ones where bit i is set. */
+static inline __m256i byte_lanes_avx2(uint8_t byte) {
+    const __m256i to_top = _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24);
+    return _mm256_srai_epi32(_mm256_sllv_epi32(_mm256_set1_epi32(byte), to_top), 31);
+}
+
+static void add_signed_avx2(const uint8_t *bits, const uint8_t *zbits, size_t ne, float w,
+                            float *acc) {
     const __m256i to_sign = _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24);
     const __m256i sign = _mm256_set1_epi32((int)0x80000000u);
     const __m256 wv = _mm256_set1_ps(w);
@@ -310,9 +317,10 @@ static void add_signed_avx2(const uint8_t *bits, size_t ne, float w, float *acc)
     for (size_t j = 0; j < full; j++) {
         __m256i s = _mm256_and_si256(_mm256_sllv_epi32(_mm256_set1_epi32(bits[j]), to_sign), sign);
         __m256 v = _mm256_xor_ps(wv, _mm256_castsi256_ps(s));
+        if (zbits) v = _mm256_andnot_ps(_mm256_castsi256_ps(byte_lanes_avx2(zbits[j])), v);
         _mm256_storeu_ps(acc + 8 * j, _mm256_add_ps(_mm256_loadu_ps(acc + 8 * j), v));
     }
-    sg_add_signed_scalar(bits, 8 * full, ne, w, acc);
+    sg_add_signed_scalar(bits, zbits, 8 * full, ne, w, acc);
 }
 
 static inline __m256 signs_of(__m256 v) {
@@ -324,10 +332,11 @@ static inline __m256 signs_of(__m256 v) {
 
 /* 64 elements at a time with their 8 accumulators in registers, every rank added in order:
  * per rank, the 64 bits are broadcast and each lane shifts its own bit to the sign position,
- * which then flips the sign of w. */
+ * which then flips the sign of w; a marked zero (zeros, when not NULL) clears the term to
+ * +0.0. Inlined with zeros NULL or not, so the unmarked loop carries no zero test. */
 static inline __attribute__((always_inline)) void
-vote_weighted_body(const sg_rows *rows, size_t n, const float *w, int majority, float *out,
-                   int stream) {
+vote_weighted_body(const sg_rows *rows, const sg_rows *zeros, size_t n, const float *w,
+                   int majority, float *out, int stream) {
     const __m256i sign = _mm256_set1_epi32((int)0x80000000u);
     const __m256i to_sign[4] = {
         _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24),
@@ -342,10 +351,22 @@ vote_weighted_body(const sg_rows *rows, size_t n, const float *w, int majority, 
             const uint8_t *bits = sg_row(rows, m, 8 * q);
             __m256i half[2] = {_mm256_set1_epi32((int)sg_ld32(bits)),
                                _mm256_set1_epi32((int)sg_ld32(bits + 4))};
+            __m256i zhalf[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
+            if (zeros) {
+                const uint8_t *z = sg_row(zeros, m, 8 * q);
+                zhalf[0] = _mm256_set1_epi32((int)sg_ld32(z));
+                zhalf[1] = _mm256_set1_epi32((int)sg_ld32(z + 4));
+            }
             __m256 wv = _mm256_set1_ps(w[m]);
             for (int r = 0; r < 8; r++) {
                 __m256i s = _mm256_and_si256(_mm256_sllv_epi32(half[r / 4], to_sign[r % 4]), sign);
-                acc[r] = _mm256_add_ps(acc[r], _mm256_xor_ps(wv, _mm256_castsi256_ps(s)));
+                __m256 v = _mm256_xor_ps(wv, _mm256_castsi256_ps(s));
+                if (zeros) {
+                    __m256i zm = _mm256_srai_epi32(_mm256_sllv_epi32(zhalf[r / 4], to_sign[r % 4]),
+                                                   31);
+                    v = _mm256_andnot_ps(_mm256_castsi256_ps(zm), v);
+                }
+                acc[r] = _mm256_add_ps(acc[r], v);
             }
         }
         for (int r = 0; r < 8; r++)
@@ -353,19 +374,22 @@ vote_weighted_body(const sg_rows *rows, size_t n, const float *w, int majority, 
     }
     if (n % 64) {  /* the last elements: a block of the generic loop on shifted rows */
         sg_rows tail = {rows->base + 8 * chunks, rows->stride, rows->n_ranks};
-        sg_vote_weighted_blocks(&tail, n % 64, w, majority, out + 64 * chunks, add_signed_avx2);
+        sg_rows ztail = {zeros ? zeros->base + 8 * chunks : NULL, zeros ? zeros->stride : 0,
+                         rows->n_ranks};
+        sg_vote_weighted_blocks(&tail, zeros ? &ztail : NULL, n % 64, w, majority,
+                                out + 64 * chunks, add_signed_avx2);
     }
 }
 
 /* Streamed when out is 32-byte aligned, as the count vote (emit_stream_avx2). */
-static void vote_weighted_avx2(const sg_rows *rows, size_t n, const float *w, int majority,
-                               float *out) {
-    if ((uintptr_t)out % 32 != 0) {
-        vote_weighted_body(rows, n, w, majority, out, 0);
-        return;
-    }
-    vote_weighted_body(rows, n, w, majority, out, 1);
-    _mm_sfence();   /* the streamed stores are visible before the caller reads out */
+static void vote_weighted_avx2(const sg_rows *rows, const sg_rows *zeros, size_t n,
+                               const float *w, int majority, float *out) {
+    int stream = (uintptr_t)out % 32 == 0;
+    if (zeros)
+        vote_weighted_body(rows, zeros, n, w, majority, out, stream);
+    else
+        vote_weighted_body(rows, NULL, n, w, majority, out, stream);
+    if (stream) _mm_sfence();   /* the streamed stores are visible before the caller reads out */
 }
 
 /* ---- sparse selection: compare 32 keys at a time, skip blocks without a hit ----------- */

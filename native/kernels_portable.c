@@ -49,13 +49,14 @@ static void vote_count_portable(const sg_rows *rows, size_t n, int mode, float *
     sg_vote_count_blocks(rows, n, mode, out, NULL, emit_portable, to_counts_portable);
 }
 
-static void add_signed_portable(const uint8_t *bits, size_t ne, float w, float *acc) {
-    sg_add_signed_scalar(bits, 0, ne, w, acc);
+static void add_signed_portable(const uint8_t *bits, const uint8_t *zbits, size_t ne, float w,
+                                float *acc) {
+    sg_add_signed_scalar(bits, zbits, 0, ne, w, acc);
 }
 
-static void vote_weighted_portable(const sg_rows *rows, size_t n, const float *w, int majority,
-                                   float *out) {
-    sg_vote_weighted_blocks(rows, n, w, majority, out, add_signed_portable);
+static void vote_weighted_portable(const sg_rows *rows, const sg_rows *zeros, size_t n,
+                                   const float *w, int majority, float *out) {
+    sg_vote_weighted_blocks(rows, zeros, n, w, majority, out, add_signed_portable);
 }
 
 static size_t scan_ge_portable(const float *x, size_t n, uint32_t lo, uint32_t *pos,

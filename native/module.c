@@ -458,7 +458,7 @@ static PyObject *py_vote(PyObject *self, PyObject *args, PyObject *kw) {
         float *dst = (float *)o.buf;
         Py_BEGIN_ALLOW_THREADS
         if (w)
-            active->vote_weighted(&rows, (size_t)n, w, how == SG_VOTE_MAJORITY, dst);
+            active->vote_weighted(&rows, NULL, (size_t)n, w, how == SG_VOTE_MAJORITY, dst);
         else
             active->vote_count(&rows, (size_t)n, how, dst);
         Py_END_ALLOW_THREADS
@@ -1115,14 +1115,15 @@ done:
 }
 
 PyDoc_STRVAR(scaled_vote_doc,
-"scaled_vote(gathered, segments, weights, out) -> None\n\n"
+"scaled_vote(gathered, segments, weights, out, zeros=None) -> None\n\n"
 "vote(mode='sum') segment by segment in one call: for segment t, (offset, size) pair t of\n"
 "the int64 buffer segments (offsets multiples of 8, ascending, non-overlapping, inside out),\n"
 "out[offset + i] = sum_m weights[t, m] s_m, float32 additions from +0.0 in rank order, s_m\n"
 "from bit offset + i of rank m's row. gathered: uint8 2-D (n_ranks, >= ceil(end / 8)) with\n"
 "unit stride in a row; weights: float32, aligned, C-contiguous, S * n_ranks values; out:\n"
 "float32, aligned, C-contiguous, disjoint from the inputs. Elements outside the segments are\n"
-"not written.");
+"not written. zeros: None, or the ranks' zero planes, uint8 2-D shaped as gathered's rows\n"
+"(n_ranks, >= ceil(end / 8)): where rank m's plane has bit offset + i set, its term is +0.0.");
 
 /* The segments as (offset, size) pairs checked against out's length and the rows' bytes. */
 static int64_t *scaled_vote_segments(const Py_buffer *sv, size_t n_out, Py_ssize_t row_len,
@@ -1154,14 +1155,15 @@ static int64_t *scaled_vote_segments(const Py_buffer *sv, size_t n_out, Py_ssize
 }
 
 static PyObject *py_scaled_vote(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"gathered", "segments", "weights", "out", NULL};
-    PyObject *go, *so, *wo, *oo, *result = NULL;
-    Py_buffer g = {0}, sv = {0}, wv = {0}, o = {0};
+    static char *kwlist[] = {"gathered", "segments", "weights", "out", "zeros", NULL};
+    PyObject *go, *so, *wo, *oo, *zo = Py_None, *result = NULL;
+    Py_buffer g = {0}, sv = {0}, wv = {0}, o = {0}, zv = {0};
     int64_t *segs = NULL;
-    sg_rows rows;
-    Py_ssize_t row_len;
+    sg_rows rows, zrows;
+    Py_ssize_t row_len, zrow_len = 0;
     size_t n_segs = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO:scaled_vote", kwlist, &go, &so, &wo, &oo))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|O:scaled_vote", kwlist, &go, &so, &wo, &oo,
+                                     &zo))
         return NULL;
     if (get_buffer(go, "gathered", ARG_IN, &g) < 0) return NULL;
     if (check_bytes_format(&g, "gathered") < 0 || gathered_rows(&g, -1, &rows, &row_len) < 0 ||
@@ -1170,7 +1172,14 @@ static PyObject *py_scaled_vote(PyObject *self, PyObject *args, PyObject *kw) {
         get_f32_vector(oo, "out", ARG_OUT, &o) < 0)
         goto done;
     size_t n_out = (size_t)(o.len / 4);
-    if ((segs = scaled_vote_segments(&sv, n_out, row_len, &n_segs)) == NULL) goto done;
+    if (zo != Py_None &&
+        (get_buffer(zo, "zeros", ARG_IN, &zv) < 0 || check_bytes_format(&zv, "zeros") < 0 ||
+         gathered_rows(&zv, (Py_ssize_t)rows.n_ranks, &zrows, &zrow_len) < 0))
+        goto done;
+    /* the segments must lie inside both the rows and the planes */
+    if ((segs = scaled_vote_segments(&sv, n_out, zv.obj && zrow_len < row_len ? zrow_len : row_len,
+                                     &n_segs)) == NULL)
+        goto done;
     if ((size_t)(wv.len / 4) != n_segs * rows.n_ranks) {
         PyErr_Format(PyExc_ValueError, "weights has %zd values, need segments x n_ranks = %zu",
                      wv.len / 4, n_segs * rows.n_ranks);
@@ -1183,6 +1192,11 @@ static PyObject *py_scaled_vote(PyObject *self, PyObject *args, PyObject *kw) {
         check_disjoint(wv.buf, (size_t)wv.len, o.buf, (size_t)o.len) < 0 ||
         check_disjoint(sv.buf, (size_t)sv.len, o.buf, (size_t)o.len) < 0)
         goto done;
+    if (zv.obj) {
+        rows_extent(&zrows, (size_t)zrow_len, &lo, &extent);
+        if (check_disjoint((const void *)lo, zrow_len ? extent : 0, o.buf, (size_t)o.len) < 0)
+            goto done;
+    }
     const float *w = (const float *)wv.buf;
     float *dst = (float *)o.buf;
     Py_BEGIN_ALLOW_THREADS
@@ -1190,13 +1204,17 @@ static PyObject *py_scaled_vote(PyObject *self, PyObject *args, PyObject *kw) {
         size_t off = (size_t)segs[2 * t], sz = (size_t)segs[2 * t + 1];
         if (sz == 0) continue;
         sg_rows seg = {rows.base + off / 8, rows.stride, rows.n_ranks};
-        active->vote_weighted(&seg, sz, w + t * rows.n_ranks, 0, dst + off);
+        sg_rows zseg = {zv.obj ? zrows.base + off / 8 : NULL, zv.obj ? zrows.stride : 0,
+                        rows.n_ranks};
+        active->vote_weighted(&seg, zv.obj ? &zseg : NULL, sz, w + t * rows.n_ranks, 0,
+                              dst + off);
     }
     Py_END_ALLOW_THREADS
     Py_INCREF(Py_None);
     result = Py_None;
 done:
     PyMem_Free(segs);
+    if (zv.obj) PyBuffer_Release(&zv);
     if (o.obj) PyBuffer_Release(&o);
     if (wv.obj) PyBuffer_Release(&wv);
     if (sv.obj) PyBuffer_Release(&sv);

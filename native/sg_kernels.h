@@ -37,9 +37,11 @@ typedef struct {
     /* Unweighted vote: out[i] <- s = n_ranks - 2 * (number of set bits), its sign, or
      * float32(s) / float32(n_ranks) (mode: SG_VOTE_SUM, _MAJORITY, _MEAN). */
     void (*vote_count)(const sg_rows *rows, size_t n, int mode, float *out);
-    /* Weighted vote: out[i] <- ((0 + s_0 w_0) + s_1 w_1) + ... in float32, or its sign. */
-    void (*vote_weighted)(const sg_rows *rows, size_t n, const float *w, int majority,
-                          float *out);
+    /* Weighted vote: out[i] <- ((0 + s_0 w_0) + s_1 w_1) + ... in float32, or its sign; a
+     * term is +0.0 where the rank's zero plane (zeros: rows as in `rows`; NULL: none) marks
+     * the element. */
+    void (*vote_weighted)(const sg_rows *rows, const sg_rows *zeros, size_t n, const float *w,
+                          int majority, float *out);
     /* Sparse selection by magnitude; key(v) = bits(v) & 0x7FFFFFFF (sg_key), lo <= 2^31-1.
      * scan_ge: the positions i < n (n < 2^32) with key(x[i]) >= lo, ascending; writes the
      * first cap of them to pos (and their values x[i] to val, unless NULL) and returns how

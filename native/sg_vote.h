@@ -175,33 +175,39 @@ sg_vote_count_blocks(const sg_rows *rows, size_t n, int mode, float *out,
 
 /* ---- weighted votes: float32 accumulation, ranks in index order, from +0.0 -------------- */
 
-typedef void (*sg_add_signed_fn)(const uint8_t *bits, size_t ne, float w, float *acc);
+/* acc[i] += c_i, c_i = (bit i set ? -w : w), or +0.0 where bit i of zbits is set (a marked
+ * zero; zbits NULL: none). Adding +0.0 keeps the additions those of the torch fallback. */
+typedef void (*sg_add_signed_fn)(const uint8_t *bits, const uint8_t *zbits, size_t ne, float w,
+                                 float *acc);
 
 static inline void sg_signs_of(float *acc, size_t ne) {
     for (size_t i = 0; i < ne; i++) acc[i] = (float)((acc[i] > 0.0f) - (acc[i] < 0.0f));
 }
 
-/* The block stays in L1 while every rank adds into it, so out is written once. */
+/* The block stays in L1 while every rank adds into it, so out is written once. zeros: the
+ * ranks' zero planes, rows as in `rows` (NULL: no marks). */
 static inline __attribute__((always_inline)) void
-sg_vote_weighted_blocks(const sg_rows *rows, size_t n, const float *w, int majority, float *out,
-                        sg_add_signed_fn add_signed) {
+sg_vote_weighted_blocks(const sg_rows *rows, const sg_rows *zeros, size_t n, const float *w,
+                        int majority, float *out, sg_add_signed_fn add_signed) {
     for (size_t e0 = 0; e0 < n; e0 += SG_BLOCK_ELEMS) {
         size_t ne = sg_min(SG_BLOCK_ELEMS, n - e0);
         float *acc = out + e0;
         for (size_t i = 0; i < ne; i++) acc[i] = 0.0f;
         for (size_t m = 0; m < rows->n_ranks; m++)
-            add_signed(sg_row(rows, m, e0 / 8), ne, w[m], acc);
+            add_signed(sg_row(rows, m, e0 / 8), zeros ? sg_row(zeros, m, e0 / 8) : NULL, ne,
+                       w[m], acc);
         if (majority) sg_signs_of(acc, ne);
     }
 }
 
-/* acc[i] += (bit i set ? -w : w); the sign flip is a bit flip, as torch's negation. */
-static inline void sg_add_signed_scalar(const uint8_t *bits, size_t from, size_t ne, float w,
-                                        float *acc) {
+/* The sign flip is a bit flip, as torch's negation. */
+static inline void sg_add_signed_scalar(const uint8_t *bits, const uint8_t *zbits, size_t from,
+                                        size_t ne, float w, float *acc) {
     uint32_t wb = sg_bits_from_f32(w);
     for (size_t i = from; i < ne; i++) {
         uint32_t bit = (bits[i / 8] >> (i % 8)) & 1u;
-        acc[i] += sg_f32_from_bits(wb ^ (bit << 31));
+        uint32_t zero = zbits ? (zbits[i / 8] >> (i % 8)) & 1u : 0u;
+        acc[i] += sg_f32_from_bits(zero ? 0u : wb ^ (bit << 31));
     }
 }
 

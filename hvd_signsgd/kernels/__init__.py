@@ -55,10 +55,12 @@ NaN, only its NaN-ness is specified, not its sign or payload):
                                           bits (bit-sliced counters), never unpacking n_ranks
                                           float vectors.
                                           out: as for unpack_signs, but float32.
-    scaled_vote(bits2d, segments, weights, out) -> out
+    scaled_vote(bits2d, segments, weights, out, zeros=None) -> out
                                           vote(mode="sum") per (offset, size) segment t with
                                           weights[t] (float32 (S, n_ranks)), one call: the
                                           scaled mean of ef_signsgd / ecx (weights scale / n).
+                                          zeros: the ranks' zero planes (uint8, shaped as
+                                          bits2d); a marked element's term is +0.0.
     count_zeros(x) -> int                 number of elements of x equal to +0 or -0 (one pass,
                                           no temporary in the native kernel). x: as pack_signs.
     ef_sign(g, e, e_out, segments) -> (bits, zplane, scales, zeros) or None
@@ -325,15 +327,22 @@ def vote(bits2d, n, mode="majority", weights=None, out=None):
     return result
 
 
-def scaled_vote(bits2d, segments, weights, out):
+def scaled_vote(bits2d, segments, weights, out, zeros=None):
     """vote(mode="sum") over each (offset, size) segment with its own weights, in one call:
     out[o:o + s] = sum_m weights[t, m] * s_m (float32 from +0.0, rank order) for segment t,
     the bits of one vote() per segment. segments: (offset, size) pairs (a sequence or an int64
     tensor (S, 2)), offsets multiples of 8, ascending, inside out; weights: float32 (S,
-    n_ranks); out: float32, 1-D, contiguous (elements outside the segments are left)."""
+    n_ranks); out: float32, 1-D, contiguous (elements outside the segments are left).
+    zeros: None, or uint8 (n_ranks, >= the rows' bytes) zero planes: where rank m's plane
+    has bit i set, its term at i is +0.0 (a marked zero that does not vote)."""
     _check_bits(bits2d, "bits2d")
     if bits2d.dim() != 2 or not 1 <= bits2d.shape[0] <= 1 << 24:
         raise ValueError(f"bits2d must be 2-D with 1 to 2^24 rows, got {tuple(bits2d.shape)}")
+    if zeros is not None:
+        _check_bits(zeros, "zeros")
+        if zeros.dim() != 2 or zeros.shape[0] != bits2d.shape[0]:
+            raise ValueError(f"zeros must be 2-D with one row per rank of bits2d "
+                             f"({bits2d.shape[0]}), got {tuple(zeros.shape)}")
     _check_tensor(out, "out")
     if out.dtype != torch.float32 or out.dim() != 1 or not out.is_contiguous():
         raise ValueError("out must be a 1-D contiguous float32 tensor")
@@ -346,15 +355,18 @@ def scaled_vote(bits2d, segments, weights, out):
         raise ValueError(f"weights must be (segments, n_ranks) = "
                          f"{(segs.shape[0], bits2d.shape[0])}, got {tuple(w.shape)}")
     if native:
-        _cpu.scaled_vote(_native, bits2d, segs, w, out)
+        _cpu.scaled_vote(_native, bits2d, segs, w, out, zeros)
     else:
         end = int(segs[-1].sum()) if segs.numel() else 0
-        if bits2d.shape[1] < _torch.nbytes(end):
-            raise ValueError(f"bits2d rows have {bits2d.shape[1]} bytes, need "
-                             f"{_torch.nbytes(end)}")
+        for rows, name in ((bits2d, "bits2d"), (zeros, "zeros")):
+            if rows is not None and rows.shape[1] < _torch.nbytes(end):
+                raise ValueError(f"{name} rows have {rows.shape[1]} bytes, need "
+                                 f"{_torch.nbytes(end)}")
         for t, (o, s) in enumerate(segs.tolist()):
             if s:
-                _torch.vote(bits2d[:, o // 8:(o + s + 7) // 8], s, "sum", w[t], out[o:o + s])
+                b0, b1 = o // 8, (o + s + 7) // 8
+                _torch.vote(bits2d[:, b0:b1], s, "sum", w[t], out[o:o + s],
+                            zeros=None if zeros is None else zeros[:, b0:b1])
     return out
 
 

@@ -47,12 +47,15 @@ def vote(native, rows, n, mode, weights, out):
     native.vote(buffer(rows), n, buffer(out), mode, w)
 
 
-def scaled_vote(native, rows, segments, weights, out):
-    """rows: uint8 (n_ranks, bytes) CPU tensor; segments int64 (S, 2), weights float32."""
+def scaled_vote(native, rows, segments, weights, out, zeros=None):
+    """rows, zeros (or None): uint8 (n_ranks, bytes) CPU tensors; segments int64 (S, 2),
+    weights float32."""
     if rows.shape[1] > 1 and rows.stride(1) != 1:
         rows = rows.contiguous()
+    if zeros is not None and zeros.shape[1] > 1 and zeros.stride(1) != 1:
+        zeros = zeros.contiguous()
     native.scaled_vote(buffer(rows), buffer(_contiguous(segments)), buffer(_contiguous(weights)),
-                       buffer(out))
+                       buffer(out), None if zeros is None else buffer(zeros))
 
 
 def topk_take(native, p, segments, idx, vals):

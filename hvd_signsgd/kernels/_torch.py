@@ -139,9 +139,10 @@ def unpack_signs(bits, n, scale, out):
     torch.where(unpack_bools(bits, n), -value, value, out=out)
 
 
-def vote(rows, n, mode, weights, out):
+def vote(rows, n, mode, weights, out, zeros=None):
     """rows: uint8 (n_ranks, >= ceil(n/8)); weights: None or float32 (n_ranks,) on rows' device;
-    mode: "majority", "sum" or "mean" (unweighted).
+    mode: "majority", "sum" or "mean" (unweighted); zeros (weighted only): None or the ranks'
+    zero planes, shaped as rows, whose set bits make that rank's term +0.0.
 
     Unweighted: exact integer counts. Weighted: float32 additions from +0.0 in rank order."""
     majority = mode == "majority"
@@ -158,7 +159,10 @@ def vote(rows, n, mode, weights, out):
     out.zero_()
     for m in range(n_ranks):
         w = weights[m]
-        out.add_(torch.where(unpack_bools(rows[m], n), -w, w))
+        term = torch.where(unpack_bools(rows[m], n), -w, w)
+        if zeros is not None:
+            term.masked_fill_(unpack_bools(zeros[m], n), 0.0)
+        out.add_(term)
     if majority:
         out.copy_((out > 0).to(torch.float32) - (out < 0).to(torch.float32))
 

@@ -80,6 +80,12 @@ def check_ranks(failed: list, bad: list, ctx: StepContext, route: str = "") -> N
             f"clip gradients, or check the data.")
 
 
+def mean_divisor(ctx: StepContext) -> int:
+    """What a sum over the voting ranks is divided by as Horovod's op asks: the number of
+    ranks (op=Average) or 1 (op=Sum)."""
+    return ctx.size if ctx.average else 1
+
+
 def as_mean(total: torch.Tensor, ctx: StepContext) -> torch.Tensor:
     """A sum over the voting ranks as Horovod's op asks: the mean (op=Average) or the sum."""
     return total.div_(ctx.size) if ctx.average else total

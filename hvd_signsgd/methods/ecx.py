@@ -60,7 +60,7 @@ import torch
 
 from .. import wire
 from ..codecs import ScaledSign, Sparse, count_zeros
-from .base import ErrorFeedback, ErrorFeedbackMethod, as_sum
+from .base import ErrorFeedback, ErrorFeedbackMethod, as_sum, mean_divisor
 from .sparse import topk_indices
 
 _COMPRESSORS = ("scaled_sign",)
@@ -168,4 +168,4 @@ class ErrorCompensatedX(ErrorFeedbackMethod):
         if self.compressor == "scaled_sign":
             return as_sum(self.codec.aggregate(payloads, ctx.layout, out=ctx.out), ctx)
         return self.codec.aggregate(payloads, ctx.layout.numel, ctx.bucket, out=ctx.out,
-                                    divisor=ctx.size if ctx.average else 1)
+                                    divisor=mean_divisor(ctx))

@@ -31,7 +31,7 @@ import torch
 
 from .. import kernels
 from ..codecs import Sparse
-from .base import ErrorFeedbackMethod, NonFiniteGradientError, as_mean, mix_seed
+from .base import ErrorFeedbackMethod, NonFiniteGradientError, as_mean, mean_divisor, mix_seed
 from .perturb import Perturbation
 
 # --- Top-k selection ------------------------------------------------------------------------------
@@ -148,7 +148,7 @@ class _SparseEF(Perturbation, ErrorFeedbackMethod):
         payloads = self._payloads(gathered, ctx, self.codec)
         # the mean in the same call (as_mean's division, block by block with the sums)
         return self.codec.aggregate(payloads, ctx.layout.numel, ctx.bucket, out=ctx.out,
-                                    divisor=ctx.size if ctx.average else 1)
+                                    divisor=mean_divisor(ctx))
 
 
 def _budget(ratio, k):

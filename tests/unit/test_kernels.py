@@ -597,6 +597,51 @@ def test_scaled_vote_is_one_weighted_vote_per_segment(n_ranks, sizes, seed):
         K._USE_NATIVE = saved
 
 
+@SETTINGS
+@given(n_ranks=RANKS, sizes=st.lists(st.one_of(st.sampled_from([1, 7, 8, 9, 63, 64, 65, 4097]),
+                                               st.integers(0, 700)), min_size=1, max_size=4),
+       density=st.sampled_from([0.0, 0.01, 0.5, 1.0]), seed=st.integers(0, 2**32 - 1))
+@example(n_ranks=5, sizes=[BIG, 3, 64], density=0.5, seed=3)
+def test_scaled_vote_with_zero_planes_gives_marked_terms_plus_zero(n_ranks, sizes, density, seed):
+    """With zero planes, every ISA and the torch fallback give the float32 additions from +0.0
+    in rank order of w * (+-1), with +0.0 as the term of a marked element (numpy reference);
+    the planes may be strided views, and a plane of 0s gives the unmarked vote's bits."""
+    segs, o = [], 0
+    for s in sizes:
+        segs.append((o, s))
+        o = (o + s + 7) // 8 * 8 + 8 * (s % 2)
+    n = o + 3
+    rows = gathered(n_ranks, n, seed)
+    rng = np.random.default_rng(seed + 1)
+    marks = rng.random((n_ranks, n)) < density
+    planes = torch.from_numpy(np.packbits(marks, axis=1, bitorder="little"))
+    planes = torch.cat([planes, planes], 1)[:, :planes.shape[1]]       # a strided view
+    w = rng.choice(np.array([0.5, 0.25, 1.5, 3e-3, 0.0], np.float32), (len(segs), n_ranks))
+    signs = np.unpackbits(rows.contiguous().numpy(), axis=1, bitorder="little")[:, :n]
+    want = np.full(n, 7.0, np.float32)
+    for t, (o, s) in enumerate(segs):
+        acc = np.zeros(s, np.float32)
+        for m in range(n_ranks):
+            term = np.where(signs[m, o:o + s] == 1, -w[t, m], w[t, m]).astype(np.float32)
+            acc = acc + np.where(marks[m, o:o + s], np.float32(0.0), term)
+        want[o:o + s] = acc
+    want = torch.from_numpy(want)
+    wt = torch.from_numpy(w)
+    for name in ISAS:
+        with isa(name):
+            assert_identical(K.scaled_vote(rows, segs, wt, torch.full((n,), 7.0), zeros=planes),
+                             want)
+            assert_identical(K.scaled_vote(rows, segs, wt, torch.full((n,), 7.0),
+                                           zeros=torch.zeros_like(planes)),
+                             K.scaled_vote(rows, segs, wt, torch.full((n,), 7.0)))
+    saved = K._USE_NATIVE
+    K._USE_NATIVE = False
+    try:
+        assert_identical(K.scaled_vote(rows, segs, wt, torch.full((n,), 7.0), zeros=planes), want)
+    finally:
+        K._USE_NATIVE = saved
+
+
 def test_scaled_vote_argument_errors():
     rows = torch.zeros(2, 8, dtype=torch.uint8)
     w = torch.ones(1, 2)
@@ -613,6 +658,11 @@ def test_scaled_vote_argument_errors():
     short = torch.zeros(2, 4, dtype=torch.uint8)
     with pytest.raises(ValueError):
         K.scaled_vote(short, [(0, 40)], w, out)                        # rows too short
+    for zeros, exc in [(torch.zeros(2, 4, dtype=torch.uint8), ValueError),   # planes too short
+                       (torch.zeros(3, 8, dtype=torch.uint8), ValueError),   # a plane per rank
+                       (torch.zeros(2, 8), TypeError)]:                      # not uint8
+        with pytest.raises(exc):
+            K.scaled_vote(rows, [(0, 40)], w, out, zeros=zeros)
     raw = np.zeros(64, np.float32)
     with pytest.raises(ValueError):                                    # out overlaps the rows
         NATIVE.scaled_vote(raw.view(np.uint8).reshape(2, -1), np.array([[0, 8]], np.int64),
