@@ -163,9 +163,10 @@ def _zero_plane(payload: wire.Payload, n: int) -> torch.Tensor:
     return _positions_to_plane(payload.zeros.long(), n)
 
 
-def _positions_to_plane(pos: torch.Tensor, n: int) -> torch.Tensor:
-    """Unique int64 positions in [0, n) -> bitplane (distinct bits: the sum is an OR)."""
-    plane = torch.zeros((n + 7) // 8, dtype=torch.uint8)
+def _positions_to_plane(pos: torch.Tensor, n: int, out: torch.Tensor | None = None):
+    """Unique int64 positions in [0, n) -> bitplane (distinct bits: the sum is an OR), in
+    out (ceil(n/8) zero bytes) if given."""
+    plane = torch.zeros((n + 7) // 8, dtype=torch.uint8) if out is None else out
     plane.index_put_((pos >> 3,), (1 << (pos & 7)).to(torch.uint8), accumulate=True)
     return plane
 
@@ -200,8 +201,11 @@ def _voters_with_zeros(payloads, n: int):
     voters = [payloads[m] for m in keep]
     planes = torch.zeros(len(voters), (n + 7) // 8, dtype=torch.uint8)
     for row, p in zip(planes, voters):
-        if p.header.zero_form() is not None:
-            row.copy_(_zero_plane(p, n))
+        form = p.header.zero_form()
+        if form == "plane":
+            row.copy_(p.zeros)
+        elif form == "list":
+            _positions_to_plane(p.zeros.long(), n, out=row)
     return keep, _gathered_rows(voters), planes
 
 

@@ -1122,8 +1122,8 @@ PyDoc_STRVAR(scaled_vote_doc,
 "from bit offset + i of rank m's row. gathered: uint8 2-D (n_ranks, >= ceil(end / 8)) with\n"
 "unit stride in a row; weights: float32, aligned, C-contiguous, S * n_ranks values; out:\n"
 "float32, aligned, C-contiguous, disjoint from the inputs. Elements outside the segments are\n"
-"not written. zeros: None, or the ranks' zero planes, uint8 2-D shaped as gathered's rows\n"
-"(n_ranks, >= ceil(end / 8)): where rank m's plane has bit offset + i set, its term is +0.0.");
+"not written. zeros: None, or the ranks' zero planes, uint8 2-D (n_ranks, >= ceil(end / 8))\n"
+"with unit stride in a row: where rank m's plane has bit offset + i set, its term is +0.0.");
 
 /* The segments as (offset, size) pairs checked against out's length and the rows' bytes. */
 static int64_t *scaled_vote_segments(const Py_buffer *sv, size_t n_out, Py_ssize_t row_len,
@@ -1154,12 +1154,29 @@ static int64_t *scaled_vote_segments(const Py_buffer *sv, size_t n_out, Py_ssize
     return segs;
 }
 
+/* scaled_vote's zeros: a uint8 2-D buffer with one row per rank and unit stride in a row. */
+static int zero_planes(const Py_buffer *z, size_t n_ranks, sg_rows *planes, Py_ssize_t *row_len) {
+    if (z->ndim != 2 || (size_t)z->shape[0] != n_ranks) {
+        PyErr_Format(PyExc_ValueError, "zeros must be 2-D with one row per rank (%zu)", n_ranks);
+        return -1;
+    }
+    if (z->shape[1] > 1 && z->strides[1] != 1) {
+        PyErr_SetString(PyExc_ValueError, "zeros rows must have unit stride");
+        return -1;
+    }
+    planes->base = (const uint8_t *)z->buf;
+    planes->stride = z->strides[0];
+    planes->n_ranks = n_ranks;
+    *row_len = z->shape[1];
+    return 0;
+}
+
 static PyObject *py_scaled_vote(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"gathered", "segments", "weights", "out", "zeros", NULL};
     PyObject *go, *so, *wo, *oo, *zo = Py_None, *result = NULL;
     Py_buffer g = {0}, sv = {0}, wv = {0}, o = {0}, zv = {0};
     int64_t *segs = NULL;
-    sg_rows rows, zrows;
+    sg_rows rows, zrows = {NULL, 0, 0};
     Py_ssize_t row_len, zrow_len = 0;
     size_t n_segs = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|O:scaled_vote", kwlist, &go, &so, &wo, &oo,
@@ -1172,14 +1189,18 @@ static PyObject *py_scaled_vote(PyObject *self, PyObject *args, PyObject *kw) {
         get_f32_vector(oo, "out", ARG_OUT, &o) < 0)
         goto done;
     size_t n_out = (size_t)(o.len / 4);
-    if (zo != Py_None &&
+    const int have_zeros = zo != Py_None;
+    if (have_zeros &&
         (get_buffer(zo, "zeros", ARG_IN, &zv) < 0 || check_bytes_format(&zv, "zeros") < 0 ||
-         gathered_rows(&zv, (Py_ssize_t)rows.n_ranks, &zrows, &zrow_len) < 0))
+         zero_planes(&zv, rows.n_ranks, &zrows, &zrow_len) < 0))
         goto done;
-    /* the segments must lie inside both the rows and the planes */
-    if ((segs = scaled_vote_segments(&sv, n_out, zv.obj && zrow_len < row_len ? zrow_len : row_len,
-                                     &n_segs)) == NULL)
+    if ((segs = scaled_vote_segments(&sv, n_out, row_len, &n_segs)) == NULL) goto done;
+    if (have_zeros && n_segs &&   /* the last segment ends last */
+        sg_nbytes((size_t)(segs[2 * n_segs - 2] + segs[2 * n_segs - 1])) > (size_t)zrow_len) {
+        PyErr_Format(PyExc_ValueError, "zeros rows have %zd bytes, need %zu", zrow_len,
+                     sg_nbytes((size_t)(segs[2 * n_segs - 2] + segs[2 * n_segs - 1])));
         goto done;
+    }
     if ((size_t)(wv.len / 4) != n_segs * rows.n_ranks) {
         PyErr_Format(PyExc_ValueError, "weights has %zd values, need segments x n_ranks = %zu",
                      wv.len / 4, n_segs * rows.n_ranks);
@@ -1192,7 +1213,7 @@ static PyObject *py_scaled_vote(PyObject *self, PyObject *args, PyObject *kw) {
         check_disjoint(wv.buf, (size_t)wv.len, o.buf, (size_t)o.len) < 0 ||
         check_disjoint(sv.buf, (size_t)sv.len, o.buf, (size_t)o.len) < 0)
         goto done;
-    if (zv.obj) {
+    if (have_zeros) {
         rows_extent(&zrows, (size_t)zrow_len, &lo, &extent);
         if (check_disjoint((const void *)lo, zrow_len ? extent : 0, o.buf, (size_t)o.len) < 0)
             goto done;
@@ -1204,9 +1225,9 @@ static PyObject *py_scaled_vote(PyObject *self, PyObject *args, PyObject *kw) {
         size_t off = (size_t)segs[2 * t], sz = (size_t)segs[2 * t + 1];
         if (sz == 0) continue;
         sg_rows seg = {rows.base + off / 8, rows.stride, rows.n_ranks};
-        sg_rows zseg = {zv.obj ? zrows.base + off / 8 : NULL, zv.obj ? zrows.stride : 0,
+        sg_rows zseg = {have_zeros ? zrows.base + off / 8 : NULL, have_zeros ? zrows.stride : 0,
                         rows.n_ranks};
-        active->vote_weighted(&seg, zv.obj ? &zseg : NULL, sz, w + t * rows.n_ranks, 0,
+        active->vote_weighted(&seg, have_zeros ? &zseg : NULL, sz, w + t * rows.n_ranks, 0,
                               dst + off);
     }
     Py_END_ALLOW_THREADS

@@ -59,8 +59,8 @@ NaN, only its NaN-ness is specified, not its sign or payload):
                                           vote(mode="sum") per (offset, size) segment t with
                                           weights[t] (float32 (S, n_ranks)), one call: the
                                           scaled mean of ef_signsgd / ecx (weights scale / n).
-                                          zeros: the ranks' zero planes (uint8, shaped as
-                                          bits2d); a marked element's term is +0.0.
+                                          zeros: the ranks' zero planes (uint8 (n_ranks,
+                                          >= ceil(end / 8))); a marked element's term is +0.0.
     count_zeros(x) -> int                 number of elements of x equal to +0 or -0 (one pass,
                                           no temporary in the native kernel). x: as pack_signs.
     ef_sign(g, e, e_out, segments) -> (bits, zplane, scales, zeros) or None
@@ -333,8 +333,8 @@ def scaled_vote(bits2d, segments, weights, out, zeros=None):
     the bits of one vote() per segment. segments: (offset, size) pairs (a sequence or an int64
     tensor (S, 2)), offsets multiples of 8, ascending, inside out; weights: float32 (S,
     n_ranks); out: float32, 1-D, contiguous (elements outside the segments are left).
-    zeros: None, or uint8 (n_ranks, >= the rows' bytes) zero planes: where rank m's plane
-    has bit i set, its term at i is +0.0 (a marked zero that does not vote)."""
+    zeros: None, or uint8 (n_ranks, >= ceil(end / 8)) zero planes on bits2d's device: where
+    rank m's plane has bit i set, its term at i is +0.0 (a marked zero that does not vote)."""
     _check_bits(bits2d, "bits2d")
     if bits2d.dim() != 2 or not 1 <= bits2d.shape[0] <= 1 << 24:
         raise ValueError(f"bits2d must be 2-D with 1 to 2^24 rows, got {tuple(bits2d.shape)}")
@@ -343,6 +343,8 @@ def scaled_vote(bits2d, segments, weights, out, zeros=None):
         if zeros.dim() != 2 or zeros.shape[0] != bits2d.shape[0]:
             raise ValueError(f"zeros must be 2-D with one row per rank of bits2d "
                              f"({bits2d.shape[0]}), got {tuple(zeros.shape)}")
+        if zeros.device != bits2d.device:
+            raise ValueError(f"zeros is on {zeros.device}, bits2d on {bits2d.device}")
     _check_tensor(out, "out")
     if out.dtype != torch.float32 or out.dim() != 1 or not out.is_contiguous():
         raise ValueError("out must be a 1-D contiguous float32 tensor")

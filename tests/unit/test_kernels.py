@@ -658,12 +658,26 @@ def test_scaled_vote_argument_errors():
     short = torch.zeros(2, 4, dtype=torch.uint8)
     with pytest.raises(ValueError):
         K.scaled_vote(short, [(0, 40)], w, out)                        # rows too short
-    for zeros, exc in [(torch.zeros(2, 4, dtype=torch.uint8), ValueError),   # planes too short
-                       (torch.zeros(3, 8, dtype=torch.uint8), ValueError),   # a plane per rank
-                       (torch.zeros(2, 8), TypeError)]:                      # not uint8
-        with pytest.raises(exc):
-            K.scaled_vote(rows, [(0, 40)], w, out, zeros=zeros)
     raw = np.zeros(64, np.float32)
     with pytest.raises(ValueError):                                    # out overlaps the rows
         NATIVE.scaled_vote(raw.view(np.uint8).reshape(2, -1), np.array([[0, 8]], np.int64),
                            np.ones(2, np.float32), raw[:16])
+    saved = K._USE_NATIVE
+    try:
+        for K._USE_NATIVE in (True, False):
+            for zeros, exc in [(torch.zeros(2, 4, dtype=torch.uint8), ValueError),  # too short
+                               (torch.zeros(3, 8, dtype=torch.uint8), ValueError),  # 1 per rank
+                               (torch.zeros(16, dtype=torch.uint8), ValueError),    # not 2-D
+                               (torch.zeros(2, 8), TypeError)]:                     # not uint8
+                with pytest.raises(exc):
+                    K.scaled_vote(rows, [(0, 40)], w, out, zeros=zeros)
+    finally:
+        K._USE_NATIVE = saved
+    segs, ones = np.array([[0, 40]], np.int64), np.ones(2, np.float32)
+    for zeros, what in [(np.zeros((2, 4), np.uint8), "zeros rows have 4 bytes, need 5"),
+                        (np.zeros((3, 8), np.uint8), "one row per rank"),
+                        (np.zeros(16, np.uint8), "one row per rank"),
+                        (np.zeros((2, 16), np.uint8)[:, ::2], "unit stride"),
+                        (raw.view(np.uint8)[64:80].reshape(2, 8), "overlap")]:  # inside out
+        with pytest.raises(ValueError, match=what):                    # the extension's own
+            NATIVE.scaled_vote(rows.numpy(), segs, ones, raw[:48], zeros)
