@@ -156,11 +156,12 @@ def _apply_zeros(payload: wire.Payload, values: torch.Tensor) -> None:
         values.zero_()
 
 
-def _zero_plane(payload: wire.Payload, n: int) -> torch.Tensor:
-    """The payload's marks as a bitplane of ceil(n/8) bytes (built from a list if need be)."""
+def _zero_plane(payload: wire.Payload, n: int, out: torch.Tensor | None = None):
+    """The payload's marks as a bitplane of ceil(n/8) bytes (built from a list if need be),
+    written into out (ceil(n/8) zero bytes) if given."""
     if payload.header.zero_form() == "plane":
-        return payload.zeros
-    return _positions_to_plane(payload.zeros.long(), n)
+        return payload.zeros if out is None else out.copy_(payload.zeros)
+    return _positions_to_plane(payload.zeros.long(), n, out=out)
 
 
 def _positions_to_plane(pos: torch.Tensor, n: int, out: torch.Tensor | None = None):
@@ -201,11 +202,8 @@ def _voters_with_zeros(payloads, n: int):
     voters = [payloads[m] for m in keep]
     planes = torch.zeros(len(voters), (n + 7) // 8, dtype=torch.uint8)
     for row, p in zip(planes, voters):
-        form = p.header.zero_form()
-        if form == "plane":
-            row.copy_(p.zeros)
-        elif form == "list":
-            _positions_to_plane(p.zeros.long(), n, out=row)
+        if p.header.zero_form() is not None:
+            _zero_plane(p, n, out=row)
     return keep, _gathered_rows(voters), planes
 
 

@@ -384,12 +384,18 @@ vote_weighted_body(const sg_rows *rows, const sg_rows *zeros, size_t n, const fl
 /* Streamed when out is 32-byte aligned, as the count vote (emit_stream_avx2). */
 static void vote_weighted_avx2(const sg_rows *rows, const sg_rows *zeros, size_t n,
                                const float *w, int majority, float *out) {
-    int stream = (uintptr_t)out % 32 == 0;
+    if ((uintptr_t)out % 32 != 0) {
+        if (zeros)
+            vote_weighted_body(rows, zeros, n, w, majority, out, 0);
+        else
+            vote_weighted_body(rows, NULL, n, w, majority, out, 0);
+        return;
+    }
     if (zeros)
-        vote_weighted_body(rows, zeros, n, w, majority, out, stream);
+        vote_weighted_body(rows, zeros, n, w, majority, out, 1);
     else
-        vote_weighted_body(rows, NULL, n, w, majority, out, stream);
-    if (stream) _mm_sfence();   /* the streamed stores are visible before the caller reads out */
+        vote_weighted_body(rows, NULL, n, w, majority, out, 1);
+    _mm_sfence();   /* the streamed stores are visible before the caller reads out */
 }
 
 /* ---- sparse selection: compare 32 keys at a time, skip blocks without a hit ----------- */

@@ -1195,10 +1195,10 @@ static PyObject *py_scaled_vote(PyObject *self, PyObject *args, PyObject *kw) {
          zero_planes(&zv, rows.n_ranks, &zrows, &zrow_len) < 0))
         goto done;
     if ((segs = scaled_vote_segments(&sv, n_out, row_len, &n_segs)) == NULL) goto done;
-    if (have_zeros && n_segs &&   /* the last segment ends last */
-        sg_nbytes((size_t)(segs[2 * n_segs - 2] + segs[2 * n_segs - 1])) > (size_t)zrow_len) {
-        PyErr_Format(PyExc_ValueError, "zeros rows have %zd bytes, need %zu", zrow_len,
-                     sg_nbytes((size_t)(segs[2 * n_segs - 2] + segs[2 * n_segs - 1])));
+    /* the last segment ends last */
+    size_t z_need = n_segs ? sg_nbytes((size_t)(segs[2 * n_segs - 2] + segs[2 * n_segs - 1])) : 0;
+    if (have_zeros && z_need > (size_t)zrow_len) {
+        PyErr_Format(PyExc_ValueError, "zeros rows have %zd bytes, need %zu", zrow_len, z_need);
         goto done;
     }
     if ((size_t)(wv.len / 4) != n_segs * rows.n_ranks) {
