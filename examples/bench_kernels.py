@@ -85,8 +85,10 @@ def unfused_ef_sign(g, e, layout):
 
 
 def fused_encodes(t, n, rep, bw, rng):
-    """ef_sign over one n-element tensor and over tensors of 2^16 and 2^20 elements; streams:
-    g, e read, e_out written (4 bytes each), sign bits and zero plane written (n/8 each)."""
+    """ef_sign and ef_sign_deferred (ef_signsgd's one-pass encode) over one n-element tensor
+    and over tensors of 2^16 and 2^20 elements; streams: g, e read, e_out written (4 bytes
+    each), sign bits and zero plane written (n/8 each). ef_sign reads g and e a second time
+    (from the cache when a tensor fits), ef_sign_deferred once."""
     from hvd_signsgd.codecs import Layout, ScaledSign, segment_pairs
     g = torch.from_numpy(rng.standard_normal(n, dtype=np.float32))
     e = torch.from_numpy(rng.standard_normal(n, dtype=np.float32) * 0.1)
@@ -101,6 +103,13 @@ def fused_encodes(t, n, rep, bw, rng):
         s = best_time(lambda segs=segs: kernels.ef_sign(g, e, e_out, segs), rep)
         t.add(f"native ef_sign kernel, tensors of 2^{seg.bit_length() - 1}", s, 8 * n,
               f"bound {bound * 1e3:.2f} ms: {bound / s:.2f} of bound")
+        # the same streams in one pass: e is the last p, its residual formed in the kernel
+        prev = torch.full((segs.shape[0],), 0.1)
+        s_d = best_time(lambda segs=segs, prev=prev:
+                        kernels.ef_sign_deferred(g, e, prev, e_out, segs), rep)
+        t.add(f"native ef_sign_deferred, tensors of 2^{seg.bit_length() - 1}", s_d, 8 * n,
+              f"bound {bound * 1e3:.2f} ms: {bound / s_d:.2f} of bound; "
+              f"{s / s_d:.2f}x ef_sign's speed")
     layout = Layout.for_sizes([1 << 20] * (n >> 20)) if n >= 1 << 20 else Layout.for_sizes([n])
     codec = ScaledSign()
     s = best_time(lambda: codec.encode_fused(g, e, e_out, layout), rep)

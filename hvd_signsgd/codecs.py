@@ -377,6 +377,17 @@ class ScaledSign:
         from torch's sum)."""
         return self._fused_payload(kernels.ef_sign(g, e, e_out, segment_pairs(layout)), layout)
 
+    def encode_deferred(self, g: torch.Tensor, p: torch.Tensor, prev_scales: torch.Tensor,
+                        p_out: torch.Tensor, layout: Layout):
+        """encode_fused with the memory kept as the last x and its scales
+        (kernels.ef_sign_deferred, one pass): the payload of x = g + e, e the residual of p
+        with prev_scales, and p_out <- x. Returns (payload, x's scales), or None (p_out
+        unspecified) when x or a scale is NaN/Inf. The payload's bytes are encode_fused's."""
+        result = kernels.ef_sign_deferred(g, p, prev_scales, p_out, segment_pairs(layout))
+        if result is None:
+            return None
+        return self._fused_payload(result, layout), result[2]
+
     def encode_ecx(self, u: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor,
                    d_out: torch.Tensor, layout: Layout, alpha: float) -> torch.Tensor | None:
         """As encode_fused for ErrorCompensatedX (kernels.ecx_sign): the payload of

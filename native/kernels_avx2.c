@@ -552,6 +552,71 @@ static int ecx_sign_avx2(const float *u, const float *d1, const float *d2, float
     return ok;
 }
 
+/* ef_sign_deferred's whole 64-element blocks (sg_fused.h): the residual of p_prev, p = g + e
+ * written to p_out (streamed when aligned: it is next read a step later), the bits, and the
+ * block's |p| sum for the tree. */
+static inline __attribute__((always_inline)) size_t
+efd_blocks_body(const sg_ef_io *io, size_t from, size_t to, float prev_scale, sg_tree *t,
+                size_t *zeros, int stream) {
+    const __m256 sign = _mm256_set1_ps(-0.0f), sc = _mm256_set1_ps(prev_scale);
+    const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF), max_finite = _mm256_set1_epi32(0x7F7FFFFF);
+    const __m256i zero = _mm256_setzero_si256();
+    __m256i bad = zero, zc = zero;
+    size_t i = from;
+    for (; i + SG_TREE_FAN <= to; i += SG_TREE_FAN) {
+        _mm_prefetch((const char *)(io->src.g + i + SG_PREFETCH_ELEMS), _MM_HINT_T0);
+        _mm_prefetch((const char *)(io->src.e + i + SG_PREFETCH_ELEMS), _MM_HINT_T0);
+        __m256 v = _mm256_setzero_ps();
+        for (int r = 0; r < 8; r++) {
+            size_t k = i + 8 * r;
+            __m256 pp = _mm256_loadu_ps(io->src.e + k);
+            __m256 pz = _mm256_castsi256_ps(
+                _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(pp), abs_mask), zero));
+            __m256 e = _mm256_blendv_ps(
+                _mm256_sub_ps(pp, _mm256_or_ps(sc, _mm256_and_ps(pp, sign))), pp, pz);
+            __m256 p = _mm256_add_ps(_mm256_loadu_ps(io->src.g + k), e);
+            store8(io->e_out + k, p, stream);
+            __m256i a = _mm256_and_si256(_mm256_castps_si256(p), abs_mask);
+            __m256i z = _mm256_cmpeq_epi32(a, zero);
+            bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(a, max_finite));
+            zc = _mm256_sub_epi32(zc, z);
+            io->bits[k / 8] = (uint8_t)_mm256_movemask_ps(p);
+            io->zplane[k / 8] = (uint8_t)_mm256_movemask_ps(_mm256_castsi256_ps(z));
+            v = r ? _mm256_add_ps(v, _mm256_castsi256_ps(a)) : _mm256_castsi256_ps(a);
+        }
+        __m128 a4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        __m128 b2 = _mm_add_ps(a4, _mm_movehl_ps(a4, a4));
+        sg_tree_push(t, 1, _mm_cvtss_f32(_mm_add_ss(b2, _mm_shuffle_ps(b2, b2, 1))));
+    }
+    uint32_t lanes[8];
+    _mm256_storeu_si256((__m256i *)(void *)lanes, zc);
+    for (int k = 0; k < 8; k++) *zeros += lanes[k];
+    return _mm256_testz_si256(bad, bad) ? i : (size_t)-1;
+}
+
+static size_t efd_blocks_avx2(const sg_ef_io *io, size_t from, size_t to, float prev_scale,
+                              sg_tree *t, size_t *zeros) {
+    return efd_blocks_body(io, from, to, prev_scale, t, zeros, 0);
+}
+
+static size_t efd_blocks_stream_avx2(const sg_ef_io *io, size_t from, size_t to,
+                                     float prev_scale, sg_tree *t, size_t *zeros) {
+    return efd_blocks_body(io, from, to, prev_scale, t, zeros, 1);
+}
+
+static int ef_sign_deferred_avx2(const float *g, const float *p_prev, const float *prev_scales,
+                                 float *p_out, size_t n, const int64_t *segs, size_t n_segs,
+                                 uint8_t *bits, uint8_t *zplane, float *scales,
+                                 uint64_t *zeros) {
+    if ((uintptr_t)p_out % 32 != 0)
+        return sg_ef_deferred_run(g, p_prev, prev_scales, p_out, n, segs, n_segs, bits, zplane,
+                                  scales, zeros, efd_blocks_avx2);
+    int ok = sg_ef_deferred_run(g, p_prev, prev_scales, p_out, n, segs, n_segs, bits, zplane,
+                                scales, zeros, efd_blocks_stream_avx2);
+    _mm_sfence();
+    return ok;
+}
+
 /* ---- fused momentum (sg_momentum.h) ---------------------------------------------------- */
 
 static inline __m256 momentum8(const float *g, const float *m, size_t i, __m256 a, __m256 b) {
@@ -694,7 +759,7 @@ const sg_kernels sg_kernels_avx2 = {
     vote_count_avx2, vote_weighted_avx2, scan_ge_avx2,         count_ge_avx2,
     count_zeros_avx2, ef_sign_avx2,
     momentum_sign_avx2, momentum_absmax_avx2,
-    ecx_sign_avx2, add_finite_avx2, sign_scan_avx2,
+    ecx_sign_avx2, add_finite_avx2, sign_scan_avx2, ef_sign_deferred_avx2,
 };
 
 #if defined(__clang__)

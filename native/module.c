@@ -815,26 +815,34 @@ static int get_f32_vector(PyObject *obj, const char *name, int mode, Py_buffer *
     return check_float32_aligned(v, name) < 0 || check_contiguous(v, name) < 0 ? -1 : 0;
 }
 
-/* ef_sign (n_in = 2: g, e) and ecx_sign (n_in = 3: u, d1, d2, and alpha): the arguments are
- * v[0 .. n_in) the inputs, then the new memory, segments, bits, zplane, scales, zeros. */
-static PyObject *fused_sign(PyObject *args, PyObject *kw, int n_in) {
+/* ef_sign (n_in = 2: g, e), ef_sign_deferred (n_in = 2: g, p, and prev_scales, deferred) and
+ * ecx_sign (n_in = 3: u, d1, d2, and alpha): the arguments are v[0 .. n_in) the inputs, then
+ * the new memory, segments, bits, zplane, scales, zeros, and prev_scales last. */
+static PyObject *fused_sign(PyObject *args, PyObject *kw, int n_in, int deferred) {
     static char *ef_kwlist[] = {"g", "e", "e_out", "segments", "bits", "zplane", "scales",
                                 "zeros", NULL};
+    static char *efd_kwlist[] = {"g", "p", "p_out", "segments", "bits", "zplane", "scales",
+                                 "zeros", "prev_scales", NULL};
     static char *ecx_kwlist[] = {"u", "d1", "d2", "d_out", "segments", "bits", "zplane",
                                  "scales", "zeros", "alpha", NULL};
-    char **kwlist = n_in == 2 ? ef_kwlist : ecx_kwlist;
-    const int OUT = n_in, SEG = n_in + 1, N = n_in + 6;
+    char **kwlist = n_in == 3 ? ecx_kwlist : deferred ? efd_kwlist : ef_kwlist;
+    /* prev_scales, at index N - 1, is checked as the outputs are: disjoint from every buffer */
+    const int OUT = n_in, SEG = n_in + 1, N = n_in + 6 + deferred;
     PyObject *o[9], *result = NULL;
     Py_buffer v[9] = {{0}};
     double alpha = 1.0;
     int64_t *segs = NULL;
-    if (n_in == 2 ? !PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOO:ef_sign", kwlist, &o[0],
-                                                 &o[1], &o[2], &o[3], &o[4], &o[5], &o[6],
-                                                 &o[7])
-                  : !PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOOd:ecx_sign", kwlist,
+    if (n_in == 3 ? !PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOOd:ecx_sign", kwlist,
                                                  &o[0], &o[1], &o[2], &o[3], &o[4], &o[5],
-                                                 &o[6], &o[7], &o[8], &alpha))
+                                                 &o[6], &o[7], &o[8], &alpha)
+        : deferred ? !PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOO:ef_sign_deferred", kwlist,
+                                                  &o[0], &o[1], &o[2], &o[3], &o[4], &o[5],
+                                                  &o[6], &o[7], &o[8])
+                   : !PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOO:ef_sign", kwlist, &o[0],
+                                                  &o[1], &o[2], &o[3], &o[4], &o[5], &o[6],
+                                                  &o[7]))
         return NULL;
+    if (deferred && get_f32_vector(o[8], "prev_scales", ARG_IN, &v[8]) < 0) goto done;
     if (!(alpha > 0.0 && alpha <= 1.0)) {
         PyErr_SetString(PyExc_ValueError, "alpha must be in (0, 1]");
         return NULL;
@@ -869,7 +877,8 @@ static PyObject *fused_sign(PyObject *args, PyObject *kw, int n_in) {
     if (check_room(v[SEG + 1].len, sg_nbytes(n), "bits", "bytes") < 0 ||
         check_room(v[SEG + 2].len, sg_nbytes(n), "zplane", "bytes") < 0 ||
         check_room(v[SEG + 3].len / 4, n_segs, "scales", "elements") < 0 ||
-        check_room(v[SEG + 4].len / 8, n_segs + 1, "zeros", "elements") < 0)
+        check_room(v[SEG + 4].len / 8, n_segs + 1, "zeros", "elements") < 0 ||
+        (deferred && check_room(v[8].len / 4, n_segs, "prev_scales", "elements") < 0))
         goto done;
     /* every output disjoint from everything else (the inputs may alias each other) */
     for (int a = 0; a < N; a++)
@@ -903,7 +912,11 @@ static PyObject *fused_sign(PyObject *args, PyObject *kw, int n_in) {
     /* the coefficients rounded once to float32 (the torch fallback does the same) */
     float ca = (float)(2.0 - alpha), cb = (float)(1.0 - alpha);
     Py_BEGIN_ALLOW_THREADS
-    if (n_in == 2)
+    if (deferred)
+        ok = active->ef_sign_deferred((const float *)v[0].buf, (const float *)v[1].buf,
+                                      (const float *)v[8].buf, out, n, segs, n_segs, bits,
+                                      zplane, scales, zeros);
+    else if (n_in == 2)
         ok = active->ef_sign((const float *)v[0].buf, (const float *)v[1].buf, out, n, segs,
                              n_segs, bits, zplane, scales, zeros);
     else
@@ -919,7 +932,20 @@ done:
 }
 
 static PyObject *py_ef_sign(PyObject *self, PyObject *args, PyObject *kw) {
-    return fused_sign(args, kw, 2);
+    return fused_sign(args, kw, 2, 0);
+}
+
+PyDoc_STRVAR(ef_sign_deferred_doc,
+"ef_sign_deferred(g, p, p_out, segments, bits, zplane, scales, zeros, prev_scales) -> bool\n\n"
+"ef_sign in one pass, with the memory kept as the last step's p and its scales\n"
+"(native/sg_fused.h): e = p - copysign(prev_scales[t], p) where p is not +-0 in segment t,\n"
+"e = p elsewhere; p_out <- g + e, and the other outputs are ef_sign's over g + e. g, p, p_out\n"
+"and segments as ef_sign's g, e, e_out and segments; prev_scales: float32, one per segment,\n"
+"disjoint from the outputs. Returns False, the outputs unspecified, if any p or scale is\n"
+"NaN/Inf.");
+
+static PyObject *py_ef_sign_deferred(PyObject *self, PyObject *args, PyObject *kw) {
+    return fused_sign(args, kw, 2, 1);
 }
 
 /* ---- ecx_sign: fused ErrorCompensatedX scaled sign ---------------------------------------- */
@@ -933,7 +959,7 @@ PyDoc_STRVAR(ecx_sign_doc,
 "the outputs unspecified, if any p or scale is NaN/Inf (any NaN/Inf input makes p so).");
 
 static PyObject *py_ecx_sign(PyObject *self, PyObject *args, PyObject *kw) {
-    return fused_sign(args, kw, 3);
+    return fused_sign(args, kw, 3, 0);
 }
 
 /* ---- momentum_sign / momentum_absmax: fused Signum / SSDM momentum ------------------------ */
@@ -1265,6 +1291,8 @@ static PyMethodDef methods[] = {
      sparse_sum_doc},
     {"ef_sign", (PyCFunction)(void (*)(void))py_ef_sign, METH_VARARGS | METH_KEYWORDS,
      ef_sign_doc},
+    {"ef_sign_deferred", (PyCFunction)(void (*)(void))py_ef_sign_deferred,
+     METH_VARARGS | METH_KEYWORDS, ef_sign_deferred_doc},
     {"ecx_sign", (PyCFunction)(void (*)(void))py_ecx_sign, METH_VARARGS | METH_KEYWORDS,
      ecx_sign_doc},
     {"momentum_sign", (PyCFunction)(void (*)(void))py_momentum_sign,

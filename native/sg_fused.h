@@ -195,4 +195,84 @@ sg_ef_sign_run(sg_src src, float *e_out, size_t n, const int64_t *segs, size_t n
     return 1;
 }
 
+/* ---- deferred residual (ef_sign_deferred): error feedback in one pass -------------------------
+ * The memory is kept as the last step's p and its scales; its residual is formed where the next
+ * step reads it:
+ *   e_i = sg_ef_residual(p_prev_i, prev_scale_t)   in segment t
+ *       = p_prev_i                                  in the gaps
+ *   p_i = g_i + e_i, written to p_out
+ * and the outputs are ef_sign's for that p (bits, zplane, scales, zeros). Since the sign bits
+ * do not depend on the scale, one pass per segment reads g and p_prev and writes p_out and the
+ * bits, where ef_sign needs two. e_i has the bits ef_sign's e_out would have held, so the two
+ * give the same p, payload and (once formed) memory. Outputs may be written before a NaN/Inf
+ * is found (then 0 is returned and they are unspecified; the inputs are only read). */
+
+/* Elements [from, to), from a multiple of 8: those below seg_end belong to the segment (|p|
+ * into the tree, zeros into *zeros), the rest are gaps (zeros into *gap_zeros). Returns 1 if
+ * every p is finite. Padding bits of the last byte are 0. */
+static inline int sg_efd_scalar(const sg_ef_io *io, size_t from, size_t to, size_t seg_end,
+                                float prev_scale, sg_tree *t, size_t *zeros, size_t *gap_zeros) {
+    int bad = 0;
+    for (size_t j = from / 8; 8 * j < to; j++) {
+        unsigned sb = 0, zb = 0;
+        for (size_t i = 8 * j; i < to && i < 8 * j + 8; i++) {
+            int in_seg = i < seg_end;
+            float e = in_seg ? sg_ef_residual(io->src.e[i], prev_scale) : io->src.e[i];
+            float p = io->src.g[i] + e;
+            float a = sg_absf(p);
+            unsigned zero = a == 0.0f;
+            io->e_out[i] = p;
+            bad |= sg_nonfinite(a);
+            sb |= (sg_bits_from_f32(p) >> 31) << (i % 8);
+            zb |= zero << (i % 8);
+            if (in_seg) {
+                *zeros += zero;
+                sg_tree_push(t, 0, a);
+            } else {
+                *gap_zeros += zero;
+            }
+        }
+        io->bits[j] = (uint8_t)sb;
+        io->zplane[j] = (uint8_t)zb;
+    }
+    return !bad;
+}
+
+/* blocks(io, from, to, prev_scale, tree, zeros): the whole 64-element blocks of a segment
+ * from its start (the tree's level 1, one sum per block, as sg_efd_scalar's 64 pushes would
+ * give); returns where it stopped, or (size_t)-1 on NaN/Inf. */
+typedef size_t (*sg_efd_blocks_fn)(const sg_ef_io *io, size_t from, size_t to, float prev_scale,
+                                   sg_tree *t, size_t *zeros);
+
+static inline __attribute__((always_inline)) int
+sg_ef_deferred_run(const float *g, const float *p_prev, const float *prev_scales, float *p_out,
+                   size_t n, const int64_t *segs, size_t n_segs, uint8_t *bits, uint8_t *zplane,
+                   float *scales, uint64_t *zeros, sg_efd_blocks_fn blocks) {
+    sg_ef_io io = {{g, p_prev, NULL, 0.0f, 0.0f}, p_out, bits, zplane};
+    sg_tree tree;
+    size_t pos = 0, gap_zeros = 0, unused = 0;
+    for (size_t t = 0; t < n_segs; t++) {
+        size_t o = (size_t)segs[2 * t], s = (size_t)segs[2 * t + 1], z = 0;
+        float prev = prev_scales[t];
+        if (pos < o && !sg_efd_scalar(&io, pos, o, 0, 0.0f, &tree, &unused, &gap_zeros))
+            return 0;
+        sg_tree_init(&tree);
+        size_t i = blocks(&io, o, o + s, prev, &tree, &z);
+        if (i == (size_t)-1) return 0;
+        size_t end = (o + s + 7) / 8 * 8;
+        if (end > n) end = n;
+        if (!sg_efd_scalar(&io, i, end, o + s, prev, &tree, &z, &gap_zeros)) return 0;
+        float scale = sg_tree_finish(&tree) / (float)(s > z ? s - z : 1);
+        if (sg_nonfinite(scale)) return 0;
+        uint64_t zz = z;
+        scales[t] = scale;
+        memcpy(zeros + t, &zz, 8);
+        pos = end;
+    }
+    if (pos < n && !sg_efd_scalar(&io, pos, n, 0, 0.0f, &tree, &unused, &gap_zeros)) return 0;
+    uint64_t gz = gap_zeros;
+    memcpy(zeros + n_segs, &gz, 8);
+    return 1;
+}
+
 #endif /* SG_FUSED_H */

@@ -76,6 +76,11 @@ typedef struct {
     /* 14: signSGD's encode in one pass (sg_momentum.h): the sign bits and zero plane of x
      * (ceil(n/8) bytes each) and the +-0 count into *zeros; 0 if any x is NaN/Inf. */
     int (*sign_scan)(const float *x, size_t n, uint8_t *bits, uint8_t *zplane, size_t *zeros);
+    /* 15: ef_sign with the memory kept as the last p and its scales (sg_fused.h): one pass,
+     * p_out <- p = g + residual(p_prev); the other outputs as ef_sign's. */
+    int (*ef_sign_deferred)(const float *g, const float *p_prev, const float *prev_scales,
+                            float *p_out, size_t n, const int64_t *segs, size_t n_segs,
+                            uint8_t *bits, uint8_t *zplane, float *scales, uint64_t *zeros);
 } sg_kernels;
 
 extern const sg_kernels sg_kernels_portable;

@@ -80,6 +80,17 @@ NaN, only its NaN-ness is specified, not its sign or payload):
                                           each segment, then of the gaps. None (e_out
                                           unspecified, g and e untouched) when any p or scale
                                           is NaN/Inf.
+    ef_sign_deferred(g, p, prev_scales, p_out, segments) -> as ef_sign, or None
+                                          ef_sign with the memory kept as the last step's p
+                                          and its scales: e = ef_residual(p, prev_scales),
+                                          then ef_sign's outputs over g + e, except that p_out
+                                          gets g + e itself (its residual is formed by the
+                                          next call, or by ef_residual). One pass where
+                                          ef_sign needs two; the same payload bits. p,
+                                          prev_scales (float32 (S,)): only read.
+    ef_residual(p, scales, segments) -> p p <- p - copysign(scale_t, p) where p != +-0 in
+                                          segment t, in place: the memory ef_sign would have
+                                          written (torch ops, the kernels' rounding).
     ecx_sign(u, d1, d2, d_out, segments, alpha) -> as ef_sign, or None
                                           fused ErrorCompensatedX scaled sign: ef_sign over
                                           p = u + (a*d1 - b*d2), a = float32(2 - alpha),
@@ -176,7 +187,8 @@ from . import _cpu, _torch
 from ._loader import load_native
 
 __all__ = ["SparseIndexError", "add_finite", "all_finite", "backend", "count_zeros",
-           "ecx_coefficients", "ecx_sign", "ef_sign", "momentum_absmax", "momentum_sign",
+           "ecx_coefficients", "ecx_sign", "ef_residual", "ef_sign", "ef_sign_deferred",
+           "momentum_absmax", "momentum_sign",
            "pack_bits", "pack_signs", "pack_stochastic_signs", "scaled_vote", "sign_scan",
            "sparse_sum", "threshold_count", "threshold_take", "topk_take", "tree_abs_sum",
            "unpack_bits", "unpack_signs", "vote"]
@@ -438,6 +450,34 @@ def ef_sign(g, e, e_out, segments):
     if _native_for(g):
         return _cpu.ef_sign(_native, g, e, e_out, _native_segments(segments, n))
     return _torch.ef_sign(g.detach(), e.detach(), e_out, _segment_pairs(segments, n).tolist())
+
+
+def ef_sign_deferred(g, p, prev_scales, p_out, segments):
+    """ef_sign over g + ef_residual(p, prev_scales) in one pass, p_out <- that sum (see the
+    module doc)."""
+    n = _check_streams("p_out", p_out, g=g, p=p)
+    pairs = _native_segments(segments, n) if _native_for(g) else _segment_pairs(segments, n)
+    _check_tensor(prev_scales, "prev_scales")
+    if (prev_scales.dtype != torch.float32 or prev_scales.dim() != 1
+            or prev_scales.numel() != pairs.shape[0] or prev_scales.device != g.device):
+        raise ValueError(f"prev_scales must be float32, 1-D, one per segment "
+                         f"({pairs.shape[0]}), on {g.device}")
+    if _native_for(g):
+        return _cpu.ef_sign_deferred(_native, g, p, prev_scales.detach().contiguous(), p_out,
+                                     pairs)
+    return _torch.ef_sign_deferred(g.detach(), p.detach(), prev_scales.detach(), p_out,
+                                   pairs.tolist())
+
+
+def ef_residual(p, scales, segments):
+    """p <- p - copysign(scale_t, p) where p != +-0 in segment t, in place; returns p."""
+    _check_tensor(p, "p")
+    if p.dtype != torch.float32 or p.dim() != 1 or not p.is_contiguous():
+        raise ValueError("p must be float32, 1-D, contiguous")
+    pairs = _segment_pairs(segments, p.numel()).tolist()
+    if scales.numel() != len(pairs):
+        raise ValueError(f"scales must have one element per segment ({len(pairs)})")
+    return _torch.ef_residual(p, scales.to(p.device, torch.float32), pairs)
 
 
 def ecx_sign(u, d1, d2, d_out, segments, alpha):

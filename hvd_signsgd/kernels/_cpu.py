@@ -99,6 +99,15 @@ def ef_sign(native, g, e, e_out, segments):
     return out
 
 
+def ef_sign_deferred(native, g, p, prev_scales, p_out, segments):
+    """segments: int64 (S, 2) CPU tensor. None when something is not finite."""
+    out = _scaled_sign_outputs(g.numel(), segments)
+    if not native.ef_sign_deferred(buffer(g), buffer(p), buffer(p_out), buffer(segments),
+                                   *map(buffer, out), buffer(prev_scales)):
+        return None
+    return out
+
+
 def ecx_sign(native, u, d1, d2, d_out, segments, alpha):
     """segments: int64 (S, 2) CPU tensor. None when something is not finite."""
     out = _scaled_sign_outputs(u.numel(), segments)

@@ -200,6 +200,21 @@ def ef_sign(g, e, e_out, segments):
     return scaled_sign_residual(g + e, e_out, segments)
 
 
+def ef_residual(p, scales, segments):
+    """p <- p - copysign(scale_t, p) where p != +-0 in segment t (gaps unchanged); returns p."""
+    for t, (o, s) in enumerate(segments):
+        seg = p[o:o + s]
+        seg.sub_(torch.copysign(scales[t], seg).masked_fill_(seg == 0, 0.0))   # +-0 - 0 = +-0
+    return p
+
+
+def ef_sign_deferred(g, p, prev_scales, p_out, segments):
+    """ef_sign over g + ef_residual(p, prev_scales) (see kernels.ef_sign_deferred); p_out gets
+    that sum. None when a p or a scale is not finite."""
+    torch.add(g, ef_residual(p.clone(), prev_scales, segments), out=p_out)
+    return scaled_sign_residual(p_out, torch.empty_like(p_out), segments)
+
+
 def ecx_coefficients(alpha):
     """(a, b) = (float32(2 - alpha), float32(1 - alpha)) as Python floats (exact in float32),
     the rounding native/module.c makes."""

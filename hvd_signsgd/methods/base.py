@@ -20,12 +20,13 @@ For a constant learning rate this is the same as p = e + lr * g.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from .. import wire
-from ..codecs import Layout
-from ..kernels import ecx_coefficients
+from ..codecs import Layout, segment_pairs
+from ..kernels import ecx_coefficients, ef_residual
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -187,15 +188,52 @@ class Method:
         return payloads
 
 
+class Deferred(NamedTuple):
+    """A residual not yet formed (ErrorFeedback.fused_deferred): state[key] holds the last
+    step's p, and the memory is kernels.ef_residual(p, scales, segments)."""
+    key: str
+    scales: torch.Tensor
+    segments: torch.Tensor
+
+
 class MemoryState(dict):
     """A method's state (the dict checkpoints save) plus what they do not save: the spare
-    buffer its OutOfPlace key (the error memory, the momentum) is written into, and whether
-    the last step swapped it in (and may still be rolled back)."""
-    __slots__ = ("spare", "pending")
+    buffer its OutOfPlace key (the error memory, the momentum) is written into, whether the
+    last step swapped it in (and may still be rolled back), and the Deferred residual of the
+    newest buffer and of the spare, if any. Reading the deferred key (state[k], get, items,
+    values) forms its residual first, in place, so that what is read is always the memory;
+    the one-pass kernel reads the raw buffer instead (`raw`)."""
+    __slots__ = ("spare", "pending", "deferred", "spare_deferred")
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.spare, self.pending = None, False
+        self.deferred = self.spare_deferred = None
+
+    def __getitem__(self, k):
+        if self.deferred is not None and self.deferred.key == k:
+            self.settle()
+        return dict.__getitem__(self, k)
+
+    def get(self, k, default=None):
+        return self[k] if k in self else default
+
+    def items(self):
+        return [(k, self[k]) for k in self]
+
+    def values(self):
+        return [self[k] for k in self]
+
+    def raw(self, k):
+        """state[k] as stored: for the deferred key, the last p (its residual not formed)."""
+        return dict.__getitem__(self, k)
+
+    def settle(self) -> None:
+        """Form the deferred residual in place (a checkpoint, a test or an unfused step reads
+        the memory)."""
+        d, self.deferred = self.deferred, None
+        if d is not None:
+            ef_residual(dict.__getitem__(self, d.key), d.scales, d.segments)
 
 
 class OutOfPlace:
@@ -211,11 +249,12 @@ class OutOfPlace:
     def __init__(self, *keys: str):
         self.keys = keys
 
-    def run(self, state: dict, kernel):
+    def run(self, state: dict, kernel, raw: bool = False):
         """kernel(olds, out) -> result, or None (NaN/Inf; out unspecified, olds untouched);
-        olds: the buffers in keys order. Returns the kernel's result; on success out is the
-        new state[keys[0]]."""
-        olds = tuple(state[k] for k in self.keys)
+        olds: the buffers in keys order (raw: a MemoryState's as stored, a Deferred residual
+        not formed). Returns the kernel's result; on success out is the new state[keys[0]],
+        whose Deferred record the caller sets (None until then)."""
+        olds = tuple(state.raw(k) if raw else state[k] for k in self.keys)
         if not isinstance(state, MemoryState):     # no room for a spare: copy back
             out = torch.empty_like(olds[0])
             result = kernel(olds, out)
@@ -231,6 +270,7 @@ class OutOfPlace:
         result = kernel(olds, out)
         if result is not None:
             self._rotate(state, (out,) + olds[:-1], olds[-1])
+            state.deferred, state.spare_deferred = None, state.deferred
             state.pending = True
         else:
             state.spare = out
@@ -244,8 +284,9 @@ class OutOfPlace:
     def rollback(self, state: dict) -> None:
         """Undo the last run's rotation (the step failed on some rank)."""
         if isinstance(state, MemoryState) and state.pending:
-            bufs = tuple(state[k] for k in self.keys)
+            bufs = tuple(state.raw(k) for k in self.keys)
             self._rotate(state, bufs[1:] + (state.spare,), bufs[0])
+            state.deferred, state.spare_deferred = state.spare_deferred, state.deferred
             state.pending = False
 
     @staticmethod
@@ -332,6 +373,24 @@ class ErrorFeedback:
         Returns the kernel's result; on success out is the newest memory (OutOfPlace)."""
         return self._buffers.run(state, lambda mems, out: kernel(g, mems, out))
 
+    def fused_deferred(self, g: torch.Tensor, state: MemoryState, segments: torch.Tensor,
+                       kernel):
+        """The one-pass form of `fused` ("single" only): the memory stays p until the next
+        step forms its residual inside the kernel, so the residual costs no pass of its own.
+        kernel(g, p_prev, prev_scales, out) -> (payload, scales) or None, with ef_residual's
+        meaning of prev_scales (zeros: the buffer is the memory itself). On success out holds
+        p and becomes the newest buffer, Deferred with the returned scales; rollback and
+        NaN/Inf as `fused`. Returns the payload or None."""
+        d = state.deferred
+        prev = d.scales if d is not None else torch.zeros(segments.shape[0])
+        result = self._buffers.run(state, lambda mems, out: kernel(g, mems[0], prev, out),
+                                   raw=True)
+        if result is None:
+            return None
+        payload, scales = result
+        state.deferred = Deferred(self.keys[0], scales, segments)
+        return payload
+
     def rollback(self, state: dict) -> None:
         """Undo the last fused step's rotation (the step failed on some rank)."""
         self._buffers.rollback(state)
@@ -350,9 +409,13 @@ class ErrorFeedbackMethod(Method):
     out, ctx)` (payload of p = g + c, out <- p - q; None on NaN/Inf; memories: the buffers of
     memory.keys, newest first); it then has neither perturb nor send_whole, checks NaN/Inf
     itself and writes its memory out of place (ErrorFeedback). A subclass with another
-    compensation (ECX) sets its own `memory`."""
+    compensation (ECX) sets its own `memory`. One whose kernel can also form the residual
+    lazily sets `deferred = True` and gives `compress_deferred(g, p_prev, prev_scales, out,
+    ctx)` ((payload, scales) or None; ErrorFeedback.fused_deferred), used where the state is
+    a MemoryState."""
     memory = ErrorFeedback()
     fused = False
+    deferred = False
 
     def init_state(self, layout):
         return self.memory.init_state(layout)
@@ -375,8 +438,7 @@ class ErrorFeedbackMethod(Method):
         if ctx.nonfinite:          # memory untouched; every rank raises (or skips)
             return self.encode_nonfinite(ctx)
         if self.fused:
-            msg = self.memory.fused(g, state,
-                                    lambda g, mems, out: self.compress_fused(g, mems, out, ctx))
+            msg = self._encode_fused(g, state, ctx)
             if msg is None:
                 ctx.nonfinite = True
                 return self.encode_nonfinite(ctx)
@@ -390,6 +452,14 @@ class ErrorFeedbackMethod(Method):
             p.zero_()
             return msg
         return self.compress(p, ctx)
+
+    def _encode_fused(self, g, state, ctx):
+        if self.deferred and isinstance(state, MemoryState):
+            return self.memory.fused_deferred(
+                g, state, segment_pairs(ctx.layout),
+                lambda g, p, prev, out: self.compress_deferred(g, p, prev, out, ctx))
+        return self.memory.fused(g, state,
+                                 lambda g, mems, out: self.compress_fused(g, mems, out, ctx))
 
     def perturb(self, p, ctx) -> None:
         pass

@@ -363,8 +363,13 @@ class EFSignSGD(ErrorFeedbackMethod):
 
     fused = True
 
+    deferred = True
+
     def compress_fused(self, g, memories, e_out, ctx):
         return self.codec.encode_fused(g, memories[0], e_out, ctx.layout)
+
+    def compress_deferred(self, g, p_prev, prev_scales, p_out, ctx):
+        return self.codec.encode_deferred(g, p_prev, prev_scales, p_out, ctx.layout)
 
     def compress(self, p, ctx):      # the unfused reference (tests compare the two)
         z = count_zeros(p, ctx.layout)

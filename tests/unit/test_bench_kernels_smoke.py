@@ -15,3 +15,5 @@ def test_fused_section_reports_every_kernel():
                    "add_finite"):
         line = next((x for x in out.splitlines() if f"| native {kernel} kernel" in x), None)
         assert line is not None and "of bound" in line, (kernel, out)
+    line = next((x for x in out.splitlines() if "| native ef_sign_deferred" in x), None)
+    assert line is not None and "of bound" in line and "ef_sign's speed" in line, out

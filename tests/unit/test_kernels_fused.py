@@ -303,6 +303,184 @@ def test_unaligned_buffers_give_the_same_result(shift):
         assert torch.equal(bits_of(out), bits_of(want_out)), name
 
 
+# ---- the deferred residual: kernels.ef_sign_deferred, ErrorFeedback.fused_deferred ----------
+
+def np_residual(p, scales, layout):
+    """The memory a deferred buffer stands for: p - copysign(scale_t, p) where p != +-0 in
+    segment t, p elsewhere (numpy float32, independent of the kernels)."""
+    p = p.numpy().copy()
+    for t, (o, s) in enumerate(layout.segments()):
+        seg = p[o:o + s]
+        q = np.where(seg == 0, np.float32(0), np.copysign(np.float32(scales[t]), seg))
+        p[o:o + s] = (seg - q).astype(np.float32)
+    return torch.from_numpy(p)
+
+
+def deferred_inputs(layout, kinds, seed):
+    """g (special values of kinds), the last p (finite: +-0, subnormals) and its scales
+    (0, subnormal and normal ones)."""
+    g, _ = make_inputs(layout, kinds, seed)
+    _, p = make_inputs(layout, [k for k in kinds if k not in ("nan", "inf", "huge")] + ["normal"],
+                       seed + 1)
+    rng = np.random.default_rng(seed + 2)
+    scales = rng.choice(np.array([0.0, 1e-40, 0.05, 0.3, 2.0], dtype=np.float32),
+                        size=len(layout.sizes))
+    return g, p * 10, torch.from_numpy(scales)
+
+
+def run_deferred(name, g, p, prev, layout):
+    out = torch.full_like(p, 12345.0)
+    if name == "torch":
+        return T.ef_sign_deferred(g, p, prev, out, list(layout.segments())), out
+    previous = NATIVE.set_isa(name)
+    try:
+        return K.ef_sign_deferred(g, p, prev, out, segment_pairs(layout)), out
+    finally:
+        NATIVE.set_isa(previous)
+
+
+@SETTINGS
+@given(sizes=SIZES, kinds=KINDS, seed=st.integers(0, 2**31))
+@example(sizes=[(1 << 20) + 3, 5], kinds=["normal", "zeros"], seed=1)
+@example(sizes=[64, 1, 65], kinds=["cancel", "subnormal"], seed=3)
+@example(sizes=[0], kinds=["normal"], seed=0)
+def test_deferred_is_ef_sign_over_the_formed_residual(sizes, kinds, seed):
+    """Every ISA and the torch fallback: the outputs of ef_sign(g, residual(p)) bit for bit,
+    p_out = g + residual(p), and ef_residual of p_out with the new scales is ef_sign's e_out;
+    p and the scales are only read."""
+    layout = Layout.for_sizes(sizes)
+    g, p, prev = deferred_inputs(layout, kinds, seed)
+    p_before, prev_before = p.clone(), prev.clone()
+    e = np_residual(p, prev.numpy(), layout)
+    assert torch.equal(bits_of(K.ef_residual(p.clone(), prev, segment_pairs(layout))),
+                       bits_of(e))
+    want_e = torch.empty_like(e)
+    want = T.ef_sign(g, e, want_e, list(layout.segments()))
+    for name in [*ISAS, "torch"]:
+        got, out = run_deferred(name, g, p, prev, layout)
+        assert torch.equal(bits_of(p), bits_of(p_before)) and torch.equal(prev, prev_before)
+        assert (got is None) == (want is None), name
+        if want is None:
+            continue
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and torch.equal(bits_of(a), bits_of(b)), name
+        assert torch.equal(bits_of(out), bits_of(g + e)), name
+        formed = K.ef_residual(out.clone(), got[2], segment_pairs(layout))
+        assert torch.equal(bits_of(formed), bits_of(want_e)), name
+    if want is not None:
+        numpy_reference(g, e, layout, want)
+
+
+@pytest.mark.parametrize("shift", [0, 1, 3])
+def test_deferred_unaligned_buffers_give_the_same_result(shift):
+    """p_out at a 32-byte boundary takes the streaming-store path, elsewhere the plain one."""
+    layout = Layout.for_sizes([1000, 77, 4097])
+    g0, p0, prev = deferred_inputs(layout, ["normal", "zeros"], 7)
+    n = layout.numel
+    want, want_out = run_deferred("torch", g0, p0, prev, layout)
+    base = torch.zeros(2 * (n + 8))
+    g, p = base[shift:shift + n], base[n + 8 + shift:2 * n + 8 + shift]
+    g.copy_(g0)
+    p.copy_(p0)
+    out = torch.full((n + 8,), 7.0)[shift:shift + n]
+    for name in ISAS:
+        previous = NATIVE.set_isa(name)
+        try:
+            got = K.ef_sign_deferred(g, p, prev, out, segment_pairs(layout))
+        finally:
+            NATIVE.set_isa(previous)
+        for a, b in zip(got, want):
+            assert torch.equal(bits_of(a), bits_of(b)), name
+        assert torch.equal(bits_of(out), bits_of(want_out)), name
+
+
+def test_deferred_argument_errors():
+    g, prev = torch.zeros(16), torch.zeros(2)
+    segs = [(0, 8), (8, 8)]
+    with pytest.raises(ValueError, match="one per segment"):
+        K.ef_sign_deferred(g, g.clone(), torch.zeros(3), torch.empty(16), segs)
+    with pytest.raises(ValueError, match="one per segment"):
+        K.ef_sign_deferred(g, g.clone(), prev.double(), torch.empty(16), segs)
+    with pytest.raises(ValueError, match="must not be"):
+        K.ef_sign_deferred(g, g.clone(), prev, g, segs)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        K.ef_sign_deferred(g, g.clone(), prev[:1], torch.empty(16), [(4, 4)])
+    # the extension itself: too few scales, and scales inside an output
+    out = K._cpu._scaled_sign_outputs(16, segment_pairs(Layout.for_sizes([8, 8])))
+    pairs = torch.tensor(segs, dtype=torch.int64)
+    with pytest.raises(ValueError, match="prev_scales"):
+        NATIVE.ef_sign_deferred(g.numpy(), g.numpy().copy(), torch.empty(16).numpy(),
+                                pairs.numpy(), *(t.numpy() for t in out), prev[:1].numpy())
+    p_out = torch.empty(18)
+    with pytest.raises(ValueError, match="overlap|disjoint"):
+        NATIVE.ef_sign_deferred(g.numpy(), g.numpy().copy(), p_out[:16].numpy(),
+                                pairs.numpy(), *(t.numpy() for t in out), p_out[15:].numpy())
+
+
+def _encode(method, g, state, step, layout):
+    ctx = _ctx(layout, step)
+    return method.encode(g, state, ctx), ctx
+
+
+def test_deferred_memory_matches_the_two_pass_memory_step_by_step():
+    """A MemoryState takes the one-pass path, a plain dict the two-pass one: the same payload
+    bits every step, the buffer stays unformed between steps (no pass of its own), and
+    reading it (state[k], items(): what checkpoints save) gives the two-pass memory."""
+    method = make_method("ef_signsgd")
+    layout = Layout.for_sizes([300, 7, 64])
+    fast, slow = method.init_state(layout), {"error": torch.zeros(layout.numel)}
+    rng = np.random.default_rng(5)
+    for step in range(6):
+        g = torch.from_numpy(rng.standard_normal(layout.numel).astype(np.float32))
+        g[:40] = 0.0                      # exact zeros: dead units
+        a, _ = _encode(method, g, fast, step, layout)
+        b, _ = _encode(method, g, slow, step, layout)
+        assert torch.equal(a, b), step
+        assert fast.deferred is not None and fast.deferred.key == "error"
+        if step in (2, 4):                # a checkpoint in between changes nothing after it
+            saved = dict(fast.items())["error"].clone()
+            assert fast.deferred is None
+            assert torch.equal(bits_of(saved), bits_of(slow["error"])), step
+    assert torch.equal(bits_of(fast["error"]), bits_of(slow["error"]))
+
+
+@pytest.mark.parametrize("read_between", [False, True])
+def test_deferred_rollback_restores_the_memory(read_between):
+    """A step that failed on another rank rotates the buffers back with their own scales,
+    also when the newest memory was read (formed in place) before the rollback."""
+    method = make_method("ef_signsgd")
+    layout = Layout.for_sizes([100, 9])
+    state = method.init_state(layout)
+    for step in range(2):
+        _encode(method, torch.randn(layout.numel), state, step, layout)
+    method.commit(state)
+    before = state["error"].clone()
+    _encode(method, torch.randn(layout.numel) * 3, state, 2, layout)
+    if read_between:
+        assert not torch.equal(state["error"], before)
+    method.rollback(state)
+    assert torch.equal(bits_of(state["error"]), bits_of(before))
+    # and the next step continues from it as the two-pass path does
+    plain = {"error": before.clone()}
+    g = torch.randn(layout.numel)
+    assert torch.equal(_encode(method, g, state, 2, layout)[0],
+                       _encode(method, g, plain, 2, layout)[0])
+    assert torch.equal(bits_of(state["error"]), bits_of(plain["error"]))
+
+
+def test_deferred_nan_keeps_the_deferred_memory():
+    method = make_method("ef_signsgd")
+    layout = Layout.for_sizes([100, 9])
+    state = method.init_state(layout)
+    _encode(method, torch.randn(layout.numel), state, 0, layout)
+    method.commit(state)
+    record, buf = state.deferred, state.raw("error")
+    bad = torch.randn(layout.numel)
+    bad[-1] = math.inf
+    _, ctx = _encode(method, bad, state, 1, layout)
+    assert ctx.nonfinite and state.deferred is record and state.raw("error") is buf
+
+
 # ---- ErrorCompensatedX: kernels.ecx_sign, p = u + (a*d1 - b*d2) --------------------------------
 
 ALPHAS = st.one_of(st.sampled_from([1.0, 0.1, 0.05, 0.5, 0.9999999, 1e-7]),
