@@ -564,11 +564,11 @@ efd_blocks_body(const sg_ef_io *io, size_t from, size_t to, float prev_scale, sg
     __m256i bad = zero, zc = zero;
     size_t i = from;
     for (; i + SG_TREE_FAN <= to; i += SG_TREE_FAN) {
-        _mm_prefetch((const char *)(io->src.g + i + SG_PREFETCH_ELEMS), _MM_HINT_T0);
-        _mm_prefetch((const char *)(io->src.e + i + SG_PREFETCH_ELEMS), _MM_HINT_T0);
         __m256 v = _mm256_setzero_ps();
         for (int r = 0; r < 8; r++) {
             size_t k = i + 8 * r;
+            _mm_prefetch((const char *)(io->src.g + k + SG_PREFETCH_ELEMS), _MM_HINT_T0);
+            _mm_prefetch((const char *)(io->src.e + k + SG_PREFETCH_ELEMS), _MM_HINT_T0);
             __m256 pp = _mm256_loadu_ps(io->src.e + k);
             __m256 pz = _mm256_castsi256_ps(
                 _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(pp), abs_mask), zero));
