@@ -87,7 +87,7 @@ NaN, only its NaN-ness is specified, not its sign or payload):
                                           gets g + e itself (its residual is formed by the
                                           next call, or by ef_residual). One pass where
                                           ef_sign needs two; the same payload bits. p,
-                                          prev_scales (float32 (S,)): only read.
+                                          prev_scales (float32 (S,), >= 0): only read.
     ef_residual(p, scales, segments) -> p p <- p - copysign(scale_t, p) where p != +-0 in
                                           segment t, in place: the memory ef_sign would have
                                           written (torch ops, the kernels' rounding).
@@ -462,6 +462,8 @@ def ef_sign_deferred(g, p, prev_scales, p_out, segments):
             or prev_scales.numel() != pairs.shape[0] or prev_scales.device != g.device):
         raise ValueError(f"prev_scales must be float32, 1-D, one per segment "
                          f"({pairs.shape[0]}), on {g.device}")
+    if prev_scales.numel() and not bool((prev_scales >= 0).all()):
+        raise ValueError("prev_scales must be >= 0 (the scales ef_sign returns)")
     if _native_for(g):
         return _cpu.ef_sign_deferred(_native, g, p, prev_scales.detach().contiguous(), p_out,
                                      pairs)
@@ -477,6 +479,8 @@ def ef_residual(p, scales, segments):
     pairs = _segment_pairs(segments, p.numel()).tolist()
     if scales.numel() != len(pairs):
         raise ValueError(f"scales must have one element per segment ({len(pairs)})")
+    if scales.numel() and not bool((scales >= 0).all()):
+        raise ValueError("scales must be >= 0 (the scales ef_sign returns)")
     return _torch.ef_residual(p, scales.to(p.device, torch.float32), pairs)
 
 

@@ -211,9 +211,19 @@ class MemoryState(dict):
         self.deferred = self.spare_deferred = None
 
     def __getitem__(self, k):
-        if self.deferred is not None and self.deferred.key == k:
+        d = self.deferred
+        if d is not None and d.key == k:
             self.settle()
         return dict.__getitem__(self, k)
+
+    def __setitem__(self, k, v):
+        d = self.deferred
+        if d is not None and d.key == k:      # the new value is the memory itself
+            self.deferred = None
+        dict.__setitem__(self, k, v)
+
+    def __iter__(self):       # makes dict(state) and {**state} read through __getitem__
+        return dict.__iter__(self)
 
     def get(self, k, default=None):
         return self[k] if k in self else default
@@ -223,6 +233,12 @@ class MemoryState(dict):
 
     def values(self):
         return [self[k] for k in self]
+
+    def copy(self) -> dict:
+        return dict(self.items())
+
+    def __reduce__(self):     # copy, deepcopy, pickle, torch.save: a plain dict of the memory
+        return dict, (dict(self.items()),)
 
     def raw(self, k):
         """state[k] as stored: for the deferred key, the last p (its residual not formed)."""
@@ -277,8 +293,8 @@ class OutOfPlace:
         return result
 
     def _rotate(self, state, buffers, spare):
-        for k, v in zip(self.keys, buffers):
-            state[k] = v
+        for k, v in zip(self.keys, buffers):      # the callers move the Deferred records
+            dict.__setitem__(state, k, v)
         state.spare = spare
 
     def rollback(self, state: dict) -> None:
@@ -326,6 +342,10 @@ class ErrorFeedback:
     oldest the next spare) without a copy. A NaN/Inf found by the kernel leaves the memories
     as they were, and a step that fails on another rank rotates them back (`rollback`), so
     the engine needs no backup copy of them.
+
+    "single" also has a one-pass form (`fused_deferred`): the buffer keeps p and the scales
+    of q, and the next step's kernel forms e = p - q as it reads it, so the residual costs no
+    pass of its own. The MemoryState forms it in place whenever the memory is read.
     """
 
     def __init__(self, compensation: str = "single", alpha: float = 1.0, keys=None):
@@ -382,7 +402,7 @@ class ErrorFeedback:
         p and becomes the newest buffer, Deferred with the returned scales; rollback and
         NaN/Inf as `fused`. Returns the payload or None."""
         d = state.deferred
-        prev = d.scales if d is not None else torch.zeros(segments.shape[0])
+        prev = d.scales if d is not None else torch.zeros(segments.shape[0], device=g.device)
         result = self._buffers.run(state, lambda mems, out: kernel(g, mems[0], prev, out),
                                    raw=True)
         if result is None:

@@ -327,7 +327,10 @@ class EFSignSGD(ErrorFeedbackMethod):
     sum_t q_t + e_T = sum_t g_t still holds. Encoding is one fused kernel (kernels.ef_sign,
     through ErrorFeedback.fused): ||p_t||_1 is summed in its fixed order (the last bit may
     differ from torch's sum), NaN/Inf is found in the same pass, and the new memory is written
-    out of place (no backup copy in the engine).
+    out of place (no backup copy in the engine). With the engine's MemoryState the kernel is
+    kernels.ef_sign_deferred, one pass over g and the memory: the buffer keeps p and its
+    scales, and the next step forms e = p - q as it reads it (ErrorFeedback.fused_deferred);
+    reading state["error"] forms it in place, so what is read, saved or loaded is e.
 
     double_squeeze=True: the named variant with a second error memory on the owner of each
     shard of the sharded exchange (ALGORITHMS.md section 11, DoubleSqueeze): the mean of q is

@@ -468,6 +468,75 @@ def test_deferred_rollback_restores_the_memory(read_between):
     assert torch.equal(bits_of(state["error"]), bits_of(plain["error"]))
 
 
+def _two_states_after_steps(steps=3):
+    """(MemoryState with a deferred memory, the plain dict of the two-pass path), same steps."""
+    method = make_method("ef_signsgd")
+    layout = Layout.for_sizes([100, 9])
+    fast, slow = method.init_state(layout), {"error": torch.zeros(layout.numel)}
+    for step in range(steps):
+        g = torch.randn(layout.numel)
+        _encode(method, g, fast, step, layout)
+        _encode(method, g, slow, step, layout)
+    method.commit(fast)
+    assert fast.deferred is not None
+    return method, layout, fast, slow
+
+
+@pytest.mark.parametrize("how", ["dict", "unpack", "copy_method", "copy.copy", "deepcopy",
+                                 "pickle", "torch.save", "values", "get"])
+def test_deferred_memory_copies_hold_the_memory(how):
+    """Every way of copying or reading a MemoryState gives the memory, never the raw p, and
+    leaves the original right (a copy that shared a deferred buffer would form it twice)."""
+    import copy
+    import io
+    import pickle
+    _, _, fast, slow = _two_states_after_steps()
+    read = {
+        "dict": lambda s: dict(s)["error"],
+        "unpack": lambda s: {**s}["error"],
+        "copy_method": lambda s: s.copy()["error"],
+        "copy.copy": lambda s: copy.copy(s)["error"],
+        "deepcopy": lambda s: copy.deepcopy(s)["error"],
+        "pickle": lambda s: pickle.loads(pickle.dumps(s))["error"],
+        "torch.save": lambda s: torch.load(_saved(s, io), weights_only=False)["error"],
+        "values": lambda s: s.values()[0],
+        "get": lambda s: s.get("error"),
+    }[how]
+    got = read(fast).clone()
+    assert torch.equal(bits_of(got), bits_of(slow["error"]))
+    assert torch.equal(bits_of(fast["error"]), bits_of(slow["error"]))
+
+
+def _saved(state, io):
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_deferred_memory_assignment_replaces_the_memory():
+    """state["error"] = v makes v the memory (the deferred scales are dropped), and the next
+    step continues from v as the two-pass path does."""
+    method, layout, fast, _ = _two_states_after_steps()
+    v = torch.ones(layout.numel)
+    fast["error"] = v
+    assert fast.deferred is None and torch.equal(fast["error"], torch.ones(layout.numel))
+    plain = {"error": torch.ones(layout.numel)}
+    g = torch.randn(layout.numel)
+    assert torch.equal(_encode(method, g, fast, 3, layout)[0],
+                       _encode(method, g, plain, 3, layout)[0])
+    assert torch.equal(bits_of(fast["error"]), bits_of(plain["error"]))
+
+
+def test_deferred_negative_scales_are_refused():
+    g = torch.zeros(16)
+    with pytest.raises(ValueError, match=">= 0"):
+        K.ef_sign_deferred(g, g.clone(), torch.tensor([0.5, -1.0]), torch.empty(16),
+                           [(0, 8), (8, 8)])
+    with pytest.raises(ValueError, match=">= 0"):
+        K.ef_residual(g.clone(), torch.tensor([-0.5]), [(0, 16)])
+
+
 def test_deferred_nan_keeps_the_deferred_memory():
     method = make_method("ef_signsgd")
     layout = Layout.for_sizes([100, 9])
