@@ -12,7 +12,8 @@ kernel the two builds share is timed on identical inputs, the outputs are checke
 and the table gives the best of --repeat steps (CPU time of this thread) and the ratio.
 
 Kernels: the sign encodes (sign_scan, momentum_sign, momentum_absmax, pack_stochastic_signs,
-ef_sign), the decodes of --ranks ranks (vote majority and mean, scaled_vote, sparse_sum of
+ef_sign, and ef_signsgd's encode as each build runs it: ef_sign_deferred where it has it), the
+decodes of --ranks ranks (vote majority and mean, scaled_vote, sparse_sum of
 Top-k 1% pairs with the mean), and Top-k's compensation and selection (add_finite,
 topk_take). A build without some kernel skips it; sparse_sum without a divisor argument is
 followed by torch's div_ (what the method did before).
@@ -119,6 +120,24 @@ def kernels_of(mod, ranks: int) -> dict:
                          zeros)
         return ok, bits, scales, zeros
 
+    def ef_encode(b):
+        """ef_signsgd's encode as this build runs it: ef_sign_deferred where the build has it
+        (scales 0: the memory e itself, so p = g + e as for ef_sign), else ef_sign. The new
+        memory differs in form (p, or the residual) and is not compared; the payload is."""
+        key = ("ef", id(b))
+        if key not in buffers:
+            buffers[key] = np.empty(b["n"], np.float32)
+        bits, plane = planes(b)
+        scales = np.empty(len(b["segs"]), np.float32)
+        zeros = np.empty(len(b["segs"]) + 1, np.int64)
+        args = (b["g"].numpy(), b["e"].numpy(), buffers[key], b["segs"], bits, plane, scales,
+                zeros)
+        if hasattr(mod, "ef_sign_deferred"):
+            ok = mod.ef_sign_deferred(*args, np.zeros(len(b["segs"]), np.float32))
+        else:
+            ok = mod.ef_sign(*args)
+        return ok, bits, plane, scales, zeros
+
     def sparse_mean(b, out):
         if "divisor" in (mod.sparse_sum.__doc__ or ""):
             return mod.sparse_sum(b["pairs"], b["n"], out, float(ranks))
@@ -136,7 +155,8 @@ def kernels_of(mod, ranks: int) -> dict:
             lambda b, out: mod.momentum_absmax(b["g"].numpy(), b["e"].numpy(), out, 0.9)),
         "pack_stochastic_signs (ssdm)": lambda b: mod.pack_stochastic_signs(
             b["g"].numpy(), 3.0, 7, 0, planes(b)[0]),
-        "ef_sign (ef_signsgd)": writes(ef_sign),
+        "ef_sign (ecx, plain-dict states)": writes(ef_sign),
+        "ef_signsgd encode (one pass if built)": ef_encode,
         f"vote majority, {ranks} ranks": vote("majority"),
         f"vote mean, {ranks} ranks (ssdm)":
             vote("mean") if "'mean'" in (mod.vote.__doc__ or "") else None,
