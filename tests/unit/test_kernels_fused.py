@@ -537,6 +537,28 @@ def test_deferred_negative_scales_are_refused():
         K.ef_residual(g.clone(), torch.tensor([-0.5]), [(0, 16)])
 
 
+def test_engine_steps_leave_the_memory_deferred():
+    """The engine's step reads no memory of ef_signsgd's: the buffer stays in its one-pass
+    form from step to step (a read would form it, costing the pass the kernel saves), and a
+    checkpoint gives the formed memory."""
+    from hvd_signsgd.communicator import Communicator
+    from hvd_signsgd.engine import Engine
+    eng = Engine(Communicator(), make_method("ef_signsgd"))
+    eng.build([(["a", "b"], [40, 13], None)])
+    (b,) = eng.buckets
+    slow = {"error": torch.zeros(b.layout.numel)}
+    for step in range(3):
+        g = torch.randn(b.layout.numel)
+        eng.begin_step()
+        b.flat.copy_(g)
+        eng.launch([b])
+        assert eng.finish().error is None
+        assert b.state.deferred is not None, step
+        _encode(make_method("ef_signsgd"), g, slow, step, b.layout)
+    saved = eng.state_section()["buckets"][0]["error"]
+    assert torch.equal(bits_of(saved), bits_of(slow["error"]))
+
+
 def test_deferred_nan_keeps_the_deferred_memory():
     method = make_method("ef_signsgd")
     layout = Layout.for_sizes([100, 9])
