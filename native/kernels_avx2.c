@@ -451,6 +451,21 @@ static inline __attribute__((always_inline)) __m256 load_p_avx2(const sg_src *s,
     return _mm256_add_ps(g, c);
 }
 
+/* The horizontal sum of a 64-element block's lane sums (sg_sum64's final tree) into the
+ * tree's level 1. */
+static inline __attribute__((always_inline)) void push_block_avx2(sg_tree *t, __m256 v) {
+    __m128 a4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    __m128 b2 = _mm_add_ps(a4, _mm_movehl_ps(a4, a4));
+    sg_tree_push(t, 1, _mm_cvtss_f32(_mm_add_ss(b2, _mm_shuffle_ps(b2, b2, 1))));
+}
+
+/* Adds the 8 lane counts of zc to *zeros (a lane counts < 2^32 / 8 blocks: n <= 2^31). */
+static inline void add_lanes_avx2(size_t *zeros, __m256i zc) {
+    uint32_t lanes[8];
+    _mm256_storeu_si256((__m256i *)(void *)lanes, zc);
+    for (int k = 0; k < 8; k++) *zeros += lanes[k];
+}
+
 /* A 64-element block is 8 vectors: the vector adds are sg_sum64's lane sums, the horizontal
  * sum its final tree. */
 static inline __attribute__((always_inline)) int
@@ -468,13 +483,9 @@ pass1_avx2_body(const sg_src *src, size_t from, size_t to, sg_tree *t, size_t *z
             zc = _mm256_sub_epi32(zc, _mm256_cmpeq_epi32(a, zero));
             v = r ? _mm256_add_ps(v, _mm256_castsi256_ps(a)) : _mm256_castsi256_ps(a);
         }
-        __m128 a4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        __m128 b2 = _mm_add_ps(a4, _mm_movehl_ps(a4, a4));
-        sg_tree_push(t, 1, _mm_cvtss_f32(_mm_add_ss(b2, _mm_shuffle_ps(b2, b2, 1))));
+        push_block_avx2(t, v);
     }
-    uint32_t lanes[8];
-    _mm256_storeu_si256((__m256i *)(void *)lanes, zc);
-    for (int k = 0; k < 8; k++) *zeros += lanes[k];   /* < 2^32 / 8 blocks per lane: n <= 2^31 */
+    add_lanes_avx2(zeros, zc);
     return _mm256_testz_si256(bad, bad) && sg_ef_pass1_scalar(src, i, to, t, zeros);
 }
 
@@ -584,13 +595,9 @@ efd_blocks_body(const sg_ef_io *io, size_t from, size_t to, float prev_scale, sg
             io->zplane[k / 8] = (uint8_t)_mm256_movemask_ps(_mm256_castsi256_ps(z));
             v = r ? _mm256_add_ps(v, _mm256_castsi256_ps(a)) : _mm256_castsi256_ps(a);
         }
-        __m128 a4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        __m128 b2 = _mm_add_ps(a4, _mm_movehl_ps(a4, a4));
-        sg_tree_push(t, 1, _mm_cvtss_f32(_mm_add_ss(b2, _mm_shuffle_ps(b2, b2, 1))));
+        push_block_avx2(t, v);
     }
-    uint32_t lanes[8];
-    _mm256_storeu_si256((__m256i *)(void *)lanes, zc);
-    for (int k = 0; k < 8; k++) *zeros += lanes[k];
+    add_lanes_avx2(zeros, zc);
     return _mm256_testz_si256(bad, bad) ? i : (size_t)-1;
 }
 

@@ -68,13 +68,18 @@ def make_inputs(layout, kinds, seed):
     return g, e
 
 
-def run_isa(name, g, e, layout):
+def with_isa(name, fn):
+    """fn() with the native kernel set `name` active."""
     previous = NATIVE.set_isa(name)
     try:
-        out = torch.full_like(e, 12345.0)
-        return K.ef_sign(g, e, out, segment_pairs(layout)), out
+        return fn()
     finally:
         NATIVE.set_isa(previous)
+
+
+def run_isa(name, g, e, layout):
+    out = torch.full_like(e, 12345.0)
+    return with_isa(name, lambda: K.ef_sign(g, e, out, segment_pairs(layout))), out
 
 
 def numpy_reference(g, e, layout, result, p=None):
@@ -293,11 +298,7 @@ def test_unaligned_buffers_give_the_same_result(shift):
     g.copy_(g0)
     e.copy_(e0)
     for name in ISAS:
-        previous = NATIVE.set_isa(name)
-        try:
-            got = K.ef_sign(g, e, out, segment_pairs(layout))
-        finally:
-            NATIVE.set_isa(previous)
+        got = with_isa(name, lambda: K.ef_sign(g, e, out, segment_pairs(layout)))
         for a, b in zip(got, want):
             assert torch.equal(bits_of(a), bits_of(b)), name
         assert torch.equal(bits_of(out), bits_of(want_out)), name
@@ -332,11 +333,8 @@ def run_deferred(name, g, p, prev, layout):
     out = torch.full_like(p, 12345.0)
     if name == "torch":
         return T.ef_sign_deferred(g, p, prev, out, list(layout.segments())), out
-    previous = NATIVE.set_isa(name)
-    try:
-        return K.ef_sign_deferred(g, p, prev, out, segment_pairs(layout)), out
-    finally:
-        NATIVE.set_isa(previous)
+    return with_isa(name, lambda: K.ef_sign_deferred(g, p, prev, out,
+                                                     segment_pairs(layout))), out
 
 
 @SETTINGS
@@ -384,11 +382,7 @@ def test_deferred_unaligned_buffers_give_the_same_result(shift):
     p.copy_(p0)
     out = torch.full((n + 8,), 7.0)[shift:shift + n]
     for name in ISAS:
-        previous = NATIVE.set_isa(name)
-        try:
-            got = K.ef_sign_deferred(g, p, prev, out, segment_pairs(layout))
-        finally:
-            NATIVE.set_isa(previous)
+        got = with_isa(name, lambda: K.ef_sign_deferred(g, p, prev, out, segment_pairs(layout)))
         for a, b in zip(got, want):
             assert torch.equal(bits_of(a), bits_of(b)), name
         assert torch.equal(bits_of(out), bits_of(want_out)), name
@@ -635,12 +629,9 @@ def make_ecx_inputs(layout, kinds, seed, alpha, poison):
 
 
 def run_ecx_isa(name, u, d1, d2, layout, alpha):
-    previous = NATIVE.set_isa(name)
-    try:
-        out = torch.full_like(u, 12345.0)
-        return K.ecx_sign(u, d1, d2, out, segment_pairs(layout), alpha), out
-    finally:
-        NATIVE.set_isa(previous)
+    out = torch.full_like(u, 12345.0)
+    return with_isa(name, lambda: K.ecx_sign(u, d1, d2, out, segment_pairs(layout),
+                                             alpha)), out
 
 
 @SETTINGS
@@ -715,11 +706,7 @@ def test_ecx_unaligned_buffers_give_the_same_result(shift):
     for t, v in zip((u, d1, d2), (u0, d10, d20)):
         t.copy_(v)
     for name in ISAS:
-        previous = NATIVE.set_isa(name)
-        try:
-            got = K.ecx_sign(u, d1, d2, out, segment_pairs(layout), 0.1)
-        finally:
-            NATIVE.set_isa(previous)
+        got = with_isa(name, lambda: K.ecx_sign(u, d1, d2, out, segment_pairs(layout), 0.1))
         for a, b in zip(got, want):
             assert torch.equal(bits_of(a), bits_of(b)), name
         assert torch.equal(bits_of(out), bits_of(want_out)), name
