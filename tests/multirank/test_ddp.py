@@ -316,30 +316,32 @@ def test_byte_counts_are_exact(np):
 @pytest.mark.parametrize("np", [2, 3, 4])
 def test_digits_accuracy_within_two_points_of_ddp_fp32(tmp_path, np):
     """examples/train_digits_ddp.py under torchrun: plain DDP (float32, no hook) against the
-    hook, as test_sign_optimizer's digits test does for the Horovod front end."""
+    hook, as test_sign_optimizer's digits test does for the Horovod front end, on the mean
+    test accuracy over its seeds (one seed's swings by a few points; see DIGITS_SEEDS)."""
     from harness import ROOT
-    runs = {}
+    runs, acc = {}, {}
     # Signum's lr by the number of voters: a vote of 2 or 3 ranks is a noisier direction than
     # one of 4; chosen by a sweep of 0.001-0.003 (4 ranks: 0.0025, see test_sign_optimizer's
     # DIGITS_LR; the example's default, 0.003, fell 3.9 points short on seed 0)
     lr = {"signum": ["--lr", {2: "0.0015", 3: "0.002"}.get(np, "0.0025")]}
     for method in ("fp32", "signum", "ef_signsgd"):
-        out = tmp_path / f"{method}.json"
-        job = run_job(script=ROOT / "examples" / "train_digits_ddp.py", np=np, timeout=400,
-                      launcher="torchrun", args=["--method", method, "--epochs", "30",
-                                                 "--no-progress", "--out", str(out),
-                                                 *lr.get(method, [])])
-        assert job.returncode == 0, job.diagnostics()
-        assert "RESULT method=" + method in job.stdout
-        runs[method] = json.loads(out.read_text())
-    base = runs["fp32"]
+        for seed in (0, 1, 2):
+            out = tmp_path / f"{method}-{seed}.json"
+            job = run_job(script=ROOT / "examples" / "train_digits_ddp.py", np=np, timeout=400,
+                          launcher="torchrun",
+                          args=["--method", method, "--epochs", "30", "--no-progress",
+                                "--seed", str(seed), "--out", str(out), *lr.get(method, [])])
+            assert job.returncode == 0, job.diagnostics()
+            assert "RESULT method=" + method in job.stdout
+            runs[method] = r = json.loads(out.read_text())
+            assert r["ranks_identical"] and r["ranks"] == np, (method, seed)
+            acc.setdefault(method, []).append(r["test_acc"])
+    mean = {m: sum(a) / len(a) for m, a in acc.items()}
     for method in ("signum", "ef_signsgd"):
-        r = runs[method]
-        assert r["ranks_identical"] and r["ranks"] == np
-        assert r["test_acc"] >= base["test_acc"] - 0.02, (method, r["test_acc"], base["test_acc"])
+        assert mean[method] >= mean["fp32"] - 0.02, acc
         # x12, not x25: the digits' always-blank pixels leave exact zeros in the first layer's
         # momentum / error memory, which are marked (sign(0) = 0; see test_sign_optimizer)
-        assert r["bytes_sent_per_rank"] * 12 <= base["bytes_sent_per_rank"], method
+        assert runs[method]["bytes_sent_per_rank"] * 12 <= runs["fp32"]["bytes_sent_per_rank"]
 
 
 def test_bench_ddp_smoke():

@@ -76,22 +76,30 @@ def test_received_bytes_are_the_other_ranks_payloads(mpi_job):
 
 
 DIGITS = ["none", "signum", "ef_signsgd", "ssdm"]
-# Signum at 4 ranks, 30 epochs, test accuracy against SGD's (seeds 0 / 1 / 2, scikit-learn
-# 1.9.1): lr 0.003 (the example's default) 0.939 / 0.975 / 0.983 against 0.978 / 0.956 /
-# 0.989, lr 0.0025 0.972 / 0.956 / 0.972. One seed's final accuracy swings by a few points;
-# 0.0025 stays within 2 points on all three, so the test, which runs seed 0 alone, uses it.
+# One seed's final accuracy swings by a few points, and differently from one CPU to another
+# (the float results of the same code differ): Signum at lr 0.0025, seed 0 reached 0.972
+# against SGD's 0.978 on one machine and 0.947 against the same 0.978 on another, and over
+# seeds 0 / 1 / 2 it was 0.947 / 0.964 / 0.981 there against 0.978 / 0.956 / 0.989. So the
+# test compares the mean over DIGITS_SEEDS. lr 0.003 (the example's default) gave 0.939 /
+# 0.975 / 0.983 on the first machine; 0.0025 is used.
 DIGITS_LR = {"signum": ["--lr", "0.0025"]}
+DIGITS_SEEDS = (0, 1, 2)
 
 
 def test_digits_accuracy_close_to_sgd_at_a_fraction_of_the_bytes(mpi_job, tmp_path):
-    runs = {}
+    runs, acc = {}, {}
     for method in DIGITS:
-        out = tmp_path / f"{method}.json"
-        job = mpi_job(script=ROOT / "examples" / "train_digits.py", np=4, timeout=400,
-                      args=["--method", method, "--epochs", "30", "--no-progress",
-                            "--out", str(out), *DIGITS_LR.get(method, [])])
-        assert job.returncode == 0, job.diagnostics()
-        runs[method] = json.loads(out.read_text())
+        for seed in DIGITS_SEEDS:
+            out = tmp_path / f"{method}-{seed}.json"
+            job = mpi_job(script=ROOT / "examples" / "train_digits.py", np=4, timeout=400,
+                          args=["--method", method, "--epochs", "30", "--no-progress",
+                                "--seed", str(seed), "--out", str(out),
+                                *DIGITS_LR.get(method, [])])
+            assert job.returncode == 0, job.diagnostics()
+            runs[method] = r = json.loads(out.read_text())
+            assert r["ranks_identical"] and r["ranks"] == 4, (method, seed)
+            acc.setdefault(method, []).append(r["test_acc"])
+    mean = {m: sum(a) / len(a) for m, a in acc.items()}
     base = runs["none"]
     # 1 bit per coordinate is 32x less than fp32, but this MLP's input pixels that are 0 in
     # every sample of a rank's shard (4 to 6 of 64) leave 500-800 exact zeros in the momentum
@@ -100,9 +108,7 @@ def test_digits_accuracy_close_to_sgd_at_a_fraction_of_the_bytes(mpi_job, tmp_pa
     ratios = {m: base["bytes_sent_per_rank"] / runs[m]["bytes_sent_per_rank"]
               for m in ("signum", "ef_signsgd", "ssdm")}
     for method in ("signum", "ef_signsgd", "ssdm"):
-        r = runs[method]
-        assert r["ranks_identical"] and r["ranks"] == 4
-        assert r["test_acc"] >= base["test_acc"] - 0.02, (method, r["test_acc"], base["test_acc"])
+        assert mean[method] >= mean["none"] - 0.02, acc
         assert ratios[method] >= 12, ratios
 
 
