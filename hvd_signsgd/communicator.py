@@ -31,10 +31,12 @@ ring allreduce moves 2(n-1)/n of the tensor each way): see `wire_bytes_sent` for
 """
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import queue
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -390,6 +392,7 @@ class HorovodCommunicator(Communicator):
                 ps = hvd.add_process_set(list(w))
                 existing[w] = ps.process_set_id
             out.append(HorovodCommunicator(ps) if hvd.rank() in w else None)
+        _register_exit_barrier(hvd)
         return out
 
     def _start_allgather(self, payload, name):
@@ -413,6 +416,39 @@ class HorovodCommunicator(Communicator):
 
     def _allgather_bytes(self, tensor, name):
         return self._hvd.allgather(tensor, name=name, process_set=self.process_set)
+
+
+EXIT_BARRIER_S = 10.0
+_exit_barrier_registered = False
+
+
+def _register_exit_barrier(hvd) -> None:
+    """Once per process: _exit_barrier at exit, before Horovod's own shutdown (atexit runs
+    the later registration first; hvd.init registered Horovod's)."""
+    global _exit_barrier_registered
+    if not _exit_barrier_registered:
+        _exit_barrier_registered = True
+        atexit.register(_exit_barrier, hvd)
+
+
+def _exit_barrier(hvd, timeout: float = EXIT_BARRIER_S) -> None:
+    """Wait, at most timeout seconds, until every rank reaches exit. Horovod's shutdown at
+    exit fails every rank's pending collectives, those of process sets included, and a
+    hierarchical step ends in each host's own allgather: a host that finished it first would
+    otherwise fail the other hosts' last step by exiting. Skipped when this rank exits on an
+    uncaught exception (the others must hear of it at once, not after the timeout)."""
+    if getattr(sys, "last_exc", None) is not None or getattr(sys, "last_value", None) is not None:
+        return
+    try:
+        h = hvd.allreduce_async(torch.zeros(1), name="hvd_signsgd.exit", op=hvd.Sum)
+        deadline = time.monotonic() + timeout
+        while not hvd.poll(h):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.002)
+        hvd.synchronize(h)
+    except Exception:  # noqa: BLE001 - Horovod already shut down (another rank failed)
+        pass
 
 
 def _horovod_process_sets() -> dict:

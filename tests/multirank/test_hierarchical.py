@@ -244,3 +244,40 @@ def test_torch_distributed_split(mpi_job):
         assert r["cross_got"] == [rank % 2, rank % 2 + 2]
         assert r["bytes"] == [1, 1]          # the cross byte in the fields, the local one apart
         assert r["one_host"] == [4, 1]
+
+
+LAST_HOST_LATE = """
+import time, torch, horovod.torch as hvd, hvd_signsgd
+from hvd_signsgd.exchange import HierarchicalExchange
+from rankcommon import batch, digest, small_model
+hvd.init()
+rank = hvd.rank()
+m = small_model()
+opt = hvd_signsgd.DistributedOptimizer(
+    torch.optim.SGD(m.parameters(), lr=0.1), named_parameters=m.named_parameters(),
+    method="signsgd", exchange="hierarchical", min_compress_numel=100)
+STEPS, last = 3, [False]
+if rank >= 2:       # the second host: its last step's host allgathers start 2 s late
+    aggregate = HierarchicalExchange.aggregate
+    def late(self, b, result):
+        if last[0]:
+            time.sleep(2.0)
+        return aggregate(self, b, result)
+    HierarchicalExchange.aggregate = late
+for k in range(STEPS):
+    last[0] = k == STEPS - 1
+    x, y = batch(k, rank)
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(m(x), y).backward()
+    opt.step()
+report({"digest": digest(m)})
+"""
+
+
+def test_a_host_that_finishes_first_does_not_fail_the_others_by_exiting(mpi_job):
+    """Horovod's shutdown at exit fails the collectives still pending on other ranks, those of
+    process sets included. A hierarchical step ends in each host's own allgather, so the first
+    host could exit while the second's is in flight; the exit barrier (communicator) waits."""
+    job = mpi_job(LAST_HOST_LATE, np=4, launcher="mpirun", timeout=120, env=ENV)
+    results = job.ok()
+    assert len({r["digest"] for r in results}) == 1
