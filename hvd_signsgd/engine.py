@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import kernels, wire
+from . import kernels
 from .codecs import Layout
 from .communicator import Counters
 from .exchange import make_exchange
@@ -373,10 +373,10 @@ class Engine:
 
     def _fail(self, b: Bucket, error: Exception) -> None:
         """b's method raised on this rank. Raising here would leave the other ranks waiting in
-        the bucket's collective, so a method with a wire payload sends a FLAG_FAILED header
-        instead: they raise SenderFailedError, and this rank raises the error itself once the
-        step's collectives are done (finish). Dense methods (allreduce) raise at once."""
-        if b.active.collective != "allgather":
+        the bucket's collective, so the method's encode_failed payload goes instead: they
+        raise SenderFailedError, and this rank raises the error itself once the step's
+        collectives are done (finish). The dense baselines (none, fp16) raise at once."""
+        if not b.active.reports_failures:
             raise error
         b.failed = error
         if self._failure is None:
@@ -389,8 +389,7 @@ class Engine:
         else:
             msg = self._guarded(b, b.active.encode, w.flat, b.state, w.ctx)
             if b.failed is not None:
-                msg = wire.build(wire.Header(b.active.codec.codec, w.layout.numel,
-                                             flags=wire.FLAG_NONFINITE | wire.FLAG_FAILED))
+                msg = b.active.encode_failed(w.ctx)
         extra = self.comm.counters.extra
         for k, v in w.ctx.stats.items():      # method counts (nnz_sent, dense_fallbacks, ...)
             extra[k] = extra.get(k, 0) + v

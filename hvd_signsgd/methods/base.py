@@ -144,6 +144,16 @@ class Method:
         """A problem with the wrapped optimizer's settings for this method, or None."""
         return None
 
+    reports_failures = True           # encode_failed's payload tells the other ranks
+
+    def encode_failed(self, ctx: StepContext) -> torch.Tensor:
+        """The payload of a rank whose method raised this step (the engine sends it instead):
+        every other rank then raises SenderFailedError naming that rank. A FLAG_FAILED header
+        for allgather methods. A method whose collective cannot carry it sets
+        reports_failures = False, and the rank raises at once (the dense baselines)."""
+        return wire.build(wire.Header(self.codec.codec, ctx.layout.numel,
+                                      flags=wire.FLAG_NONFINITE | wire.FLAG_FAILED))
+
     def encode_joined(self, g: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """The payload of a rank that has joined (optimizer.join()): it votes nothing and
         adds nothing. A header alone for allgather methods; zeros for allreduce methods."""

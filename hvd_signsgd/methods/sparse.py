@@ -31,7 +31,14 @@ import torch
 
 from .. import kernels
 from ..codecs import Sparse
-from .base import ErrorFeedbackMethod, NonFiniteGradientError, as_mean, mean_divisor, mix_seed
+from .base import (
+    ErrorFeedbackMethod,
+    NonFiniteGradientError,
+    as_mean,
+    check_ranks,
+    mean_divisor,
+    mix_seed,
+)
 from .perturb import Perturbation
 
 # --- Top-k selection ------------------------------------------------------------------------------
@@ -288,6 +295,12 @@ class HardThreshold(_SparseEF):
 # --- Random-k -------------------------------------------------------------------------------------
 
 _RANDOMK_STREAM = 0x72616E646B   # "randk"
+_NONFINITE, _FAILED = 1.0, 2.0     # Random-k's status slots (RandomK)
+
+
+def _slots(ctx) -> int:
+    """Random-k's status slots: one per rank of the exchange (joined ranks included)."""
+    return ctx.n_ranks or ctx.size
 
 
 def sample_without_replacement(d: int, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -315,13 +328,18 @@ class RandomK(Perturbation, ErrorFeedbackMethod):
     Every rank draws the same k_t = ceil(ratio * d_t) positions per tensor t (or k each) from a
     generator seeded by (seed, step, bucket offset); p = e + g; send p at those positions;
     e <- p with those positions zeroed. Only the values travel: one float32 allreduce of
-    sum_t k_t values (4 bytes each); the update puts the mean at the drawn positions.
+    sum_t k_t values (4 bytes each) and n status slots; the update puts the mean at the drawn
+    positions.
 
     EF form without the d/k scaling of the unbiased Random-k: error feedback already returns
     what was not sent, and the scaled form would multiply the variance by d/k.
 
-    Non-finite gradient on a rank: it sends NaNs, so the sum is NaN on every rank and every rank
-    raises NonFiniteGradientError (an allreduce carries no per-rank flag; the rank is not named).
+    Status slots: an allreduce carries no per-rank header, so the vector ends with one float32
+    per rank of the exchange (4n bytes). A rank whose gradient is not finite, or whose method
+    raised, sends zeros and marks its own slot (1 or 2; a sum of zeros elsewhere, so the marks
+    survive the sum and Horovod's pre/postscale), and every rank raises
+    NonFiniteGradientError or SenderFailedError naming it. Finite gradients whose sum
+    overflows raise NonFiniteGradientError without a name.
     noise / noise_seed / reset_every: perturb.py; on a reset step every rank allreduces its
     whole p (all ranks reset on the same steps).
     """
@@ -350,28 +368,46 @@ class RandomK(Perturbation, ErrorFeedbackMethod):
         ctx._randomk_indices = idx
         return idx
 
-    def encode_joined(self, g, ctx):
-        return torch.zeros(ctx.layout.numel if self.reset_due(ctx) else self.indices(ctx).numel())
+    def _message(self, ctx, status: float = 0.0) -> torch.Tensor:
+        """Zeros for this step's values, then the status slots, this rank's set to status."""
+        k = ctx.layout.numel if self.reset_due(ctx) else self.indices(ctx).numel()
+        msg = torch.zeros(k + _slots(ctx))
+        msg[k + ctx.rank] = status
+        return msg
 
-    def encode_nonfinite(self, ctx):     # NaN makes the sum NaN on every rank
-        n = ctx.layout.numel if self.reset_due(ctx) else self.indices(ctx).numel()
-        return torch.full((n,), float("nan"))
+    def encode_joined(self, g, ctx):
+        return self._message(ctx)
+
+    def encode_nonfinite(self, ctx):
+        return self._message(ctx, _NONFINITE)
+
+    def encode_failed(self, ctx):
+        return self._message(ctx, _FAILED)
 
     def compress_whole(self, p, ctx):
-        return p.clone()
+        msg = self._message(ctx)
+        msg[:p.numel()] = p
+        return msg
 
     def compress(self, p, ctx):
         idx = self.indices(ctx)
-        msg = p[idx]
+        msg = self._message(ctx)
+        msg[:idx.numel()] = p[idx]
         p[idx] = 0.0
         ctx.stats["nnz_sent"] = idx.numel()
         return msg
 
     def aggregate(self, reduced, state, ctx):
+        n = _slots(ctx)
+        status = reduced[-n:].tolist()
+        # rounded: Horovod's prescale and postscale may leave 2.0000002
+        check_ranks([m for m in range(n) if status[m] > 1.5],
+                    [m for m in range(n) if 0.5 < status[m] <= 1.5], ctx, ", randomk")
+        reduced = reduced[:-n]
         if not kernels.all_finite(reduced):
             raise NonFiniteGradientError(
-                f"NaN or Inf in the gradient of at least one rank (bucket {ctx.bucket}, step "
-                f"{ctx.step}, randomk); the step is not applied on any rank. Lower the learning "
+                f"the sum of the ranks' finite randomk values overflowed (bucket {ctx.bucket}, "
+                f"step {ctx.step}); the step is not applied on any rank. Lower the learning "
                 f"rate, clip gradients, or check the data.")
         vals = as_mean(reduced.to(torch.float32), ctx)
         if self.reset_due(ctx):

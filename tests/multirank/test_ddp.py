@@ -268,7 +268,7 @@ class Net(torch.nn.Module):     # sizes multiples of 8: no alignment gaps
 
 out = {}
 for method, opts in (("signsgd", {}), ("ef_signsgd", {}), ("topk", {"ratio": 0.01}),
-                     ("none", {}), ("threshold", {"lam": 1e9})):
+                     ("none", {}), ("threshold", {"lam": 1e9}), ("randomk", {"ratio": 0.01})):
     model = torch.nn.parallel.DistributedDataParallel(Net())   # one bucket (25 MB cap)
     state = hvd_signsgd.ddp.State(method, **opts)
     model.register_comm_hook(state, hvd_signsgd.ddp.hook)
@@ -302,6 +302,10 @@ def test_byte_counts_are_exact(np):
                 sent = 4 * (large + small)
                 assert s["bytes_sent"] == sent and s["bytes_received"] == sent, s
                 assert s["buckets"] == 1
+            elif method == "randomk":     # an all_reduce of 21 + 11 values and np status slots
+                sent = 4 * (21 + 11 + np) + dense
+                assert s["bytes_sent"] == sent and s["bytes_received"] == sent, s
+                assert s["buckets"] == 2 and s["size_exchange"] == 0
             else:
                 extra = 8 if method == "threshold" else 0        # its int64 length
                 assert s["bytes_sent"] == payload[method] + dense + extra, (method, s)
@@ -370,19 +374,30 @@ def test_bench_ddp_smoke():
 
 SENDER_FAILED = """
 from hvd_signsgd.methods import SignSGD
+from hvd_signsgd.methods.sparse import RandomK
 
-class EncodeFails(SignSGD):      # a user's compressor with a bug on the last rank only
-    fired = False
+FIRED = set()
+
+def broken(label, step):         # a user's compressor with a bug on the last rank only
+    if rank == size - 1 and step == 2 and label not in FIRED:
+        FIRED.add(label)
+        raise ValueError(f"boom on rank {rank}")
+
+class EncodeFails(SignSGD):
     def encode(self, g, state, ctx):
-        if rank == size - 1 and ctx.step == 2 and not EncodeFails.fired:
-            EncodeFails.fired = True
-            raise ValueError(f"boom on rank {rank}")
+        broken(LABEL, ctx.step)
+        return super().encode(g, state, ctx)
+
+class RandomKFails(RandomK):     # an all_reduce: the rank marks its status slot
+    def encode(self, g, state, ctx):
+        broken(LABEL, ctx.step)
         return super().encode(g, state, ctx)
 
 out = {}
-for exchange in ("allgather", "alltoall"):
-    EncodeFails.fired = False
-    model, state = hooked(Reversed(), EncodeFails(), exchange=exchange)
+for LABEL, method, exchange in (("allgather", EncodeFails(), "allgather"),
+                                ("alltoall", EncodeFails(), "alltoall"),
+                                ("randomk", RandomKFails(ratio=0.1), "auto")):
+    model, state = hooked(Reversed(), method, exchange=exchange)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     errors = []
     for step in range(5):
@@ -397,7 +412,7 @@ for exchange in ("allgather", "alltoall"):
             before = flat_params(model).clone()
         if step == 2:
             unchanged = torch.equal(flat_params(model), before)
-    out[exchange] = dict(errors=errors, unchanged=unchanged,
+    out[LABEL] = dict(errors=errors, unchanged=unchanged,
                          identical=identical_everywhere(flat_params(model)),
                          steps=state.compression_stats()["steps"])
 report(out)
@@ -416,7 +431,7 @@ def test_a_method_failing_on_one_rank_fails_the_step_everywhere_without_a_hang(n
                 assert "boom on rank" in failed, (exchange, failed)
             else:
                 # the sharded exchange: the owner of a shard could not aggregate it
-                want = "SenderFailedError" if exchange == "allgather" else "PayloadError"
+                want = "PayloadError" if exchange == "alltoall" else "SenderFailedError"
                 assert want in failed, (exchange, failed)
                 assert f"rank(s) [{np - 1}]" in failed, (exchange, failed)
             assert res["unchanged"] and res["identical"], (exchange, rank, res)

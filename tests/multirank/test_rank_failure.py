@@ -1,14 +1,14 @@
 """A method that raises on one rank only (a user's own compressor with a bug, a failed
 allocation) must not leave the other ranks waiting in the bucket's collective: its payload
-goes out as a FLAG_FAILED header, every other rank raises SenderFailedError (or, on the
-sharded exchange, the owner's PayloadError) naming it, the failing rank raises its own
-error, no rank applies the step, and training goes on."""
+goes out as a FLAG_FAILED header (Random-k's allreduce: a marked status slot), every other
+rank raises SenderFailedError (or, on the sharded exchange, the owner's PayloadError) naming
+it, the failing rank raises its own error, no rank applies the step, and training goes on."""
 import pytest
 
 JOB = """
 import torch, horovod.torch as hvd, hvd_signsgd
 from hvd_signsgd.methods import SignSGD, Signum, StochasticSignMethod
-from hvd_signsgd.methods.sparse import TopK
+from hvd_signsgd.methods.sparse import RandomK, TopK
 from rankcommon import small_model, first_error, batch, digest
 hvd.init()
 r, n = hvd.rank(), hvd.size()
@@ -46,6 +46,11 @@ class TopKGarbles(TopK):        # a payload the sender itself cannot read back
             msg[4:8] = torch.tensor([ctx.layout.numel + 1], dtype=torch.int32).view(torch.uint8)
         return msg
 
+class RandomKFails(RandomK):    # an allreduce: the rank marks its status slot
+    def encode(self, g, state, ctx):
+        broken(ctx.step)
+        return super().encode(g, state, ctx)
+
 class NormFails(StochasticSignMethod):       # a whole-model norm: every bucket fails
     def norm_part(self, g, state, ctx):
         broken(ctx.step)
@@ -57,7 +62,8 @@ for label, make, exchange in (("encode-allgather", EncodeFails, "allgather"),
                               ("prepare-alltoall", lambda: PrepareFails(beta=0.5), "alltoall"),
                               ("norm-allgather", NormFails, "allgather"),
                               ("encode-sparse-dense", lambda: TopKFails(ratio=0.9), "auto"),
-                              ("payload-sparse-dense", lambda: TopKGarbles(ratio=0.9), "auto")):
+                              ("payload-sparse-dense", lambda: TopKGarbles(ratio=0.9), "auto"),
+                              ("encode-randomk", lambda: RandomKFails(ratio=0.1), "auto")):
     LABEL = label
     m = small_model()
     opt = hvd_signsgd.DistributedOptimizer(torch.optim.SGD(m.parameters(), lr=0.01),

@@ -159,10 +159,12 @@ def own_update(sim, r, step):
     msg = sim.last_messages[r]
     if m.collective == "allreduce":            # randomk: values at the shared positions
         ctx = ctx_for(sim, r, step)
+        assert not msg[-sim.n:].any()          # the status slots: nothing to report
+        vals = msg[:-sim.n].double()
         if m.reset_due(ctx):
-            return msg.double()
+            return vals
         out = torch.zeros(sim.layout.numel, dtype=torch.float64)
-        out[m.indices(ctx)] = msg.double()
+        out[m.indices(ctx)] = vals
         return out
     codec = m.codec
     (p,) = wire.split(msg, 1, bucket="t", codec=codec.codec, n=sim.layout.numel)
@@ -342,10 +344,48 @@ def test_randomk_sends_k_values_and_the_mean_lands_on_the_shared_positions():
     sim = Simulation("randomk", n_ranks=3, sizes=[100], k=7)
     grads = [torch.randn(sim.layout.numel) for _ in range(3)]
     update = sim.step(grads)
-    assert [m.numel() for m in sim.last_messages] == [7, 7, 7]
+    assert [m.numel() for m in sim.last_messages] == [7 + 3] * 3     # values, 3 status slots
+    assert not any(m[7:].any() for m in sim.last_messages)
     idx = sim.method.indices(ctx_for(sim, 0, 0))
     assert torch.allclose(update[idx], sum(g[idx] for g in grads) / 3)
     assert update.count_nonzero() == 7
+
+
+def randomk_sum(method, ctxs, messages, scale=1.0):
+    """What the allreduce gives: the sum, with Horovod's prescale and postscale."""
+    total = sum(m * (1.0 / scale) for m in messages) * scale
+    return method.aggregate(total, {}, ctxs[0])
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0, 7.0])
+def test_randomk_status_slots_name_the_rank_through_the_sum(scale):
+    """Random-k's allreduce has no headers: a rank marks its own status slot, and every rank
+    names it from the sum (predivide factors included); a joined rank adds nothing."""
+    method = make_method("randomk", k=5)
+    layout = Layout.for_sizes([50])
+    ctxs = [StepContext(step=0, rank=r, size=4, bucket="b", offset=0, layout=layout, n_ranks=5)
+            for r in range(5)]
+    ok = [method.compress(torch.randn(layout.numel), c) for c in ctxs[:3]]
+    joined = method.encode_joined(torch.zeros(layout.numel), ctxs[4])
+    assert [m.numel() for m in ok + [joined]] == [5 + 5] * 4 and not joined.any()
+    with pytest.raises(NonFiniteGradientError, match=r"rank\(s\) \[3\]"):
+        randomk_sum(method, ctxs, ok + [method.encode_nonfinite(ctxs[3]), joined], scale)
+    with pytest.raises(wire.SenderFailedError, match=r"rank\(s\) \[1, 3\]"):
+        randomk_sum(method, ctxs, [ok[0], method.encode_failed(ctxs[1]), ok[2],
+                                   method.encode_failed(ctxs[3]), joined], scale)
+    update = randomk_sum(method, ctxs, ok + [joined, joined], scale)
+    idx = method.indices(ctxs[0])
+    assert torch.allclose(update[idx], sum(m[:5] for m in ok) / 4)
+
+
+def test_randomk_finite_values_whose_sum_overflows_raise_without_a_name():
+    method = make_method("randomk", k=5)
+    layout = Layout.for_sizes([50])
+    ctxs = [StepContext(step=0, rank=r, size=2, bucket="b", offset=0, layout=layout)
+            for r in range(2)]
+    big = [method.compress(torch.full((layout.numel,), 3e38), c) for c in ctxs]
+    with pytest.raises(NonFiniteGradientError, match="overflowed"):
+        randomk_sum(method, ctxs, big)
 
 
 # --- non-finite gradients -------------------------------------------------------------------------
@@ -358,7 +398,7 @@ def test_nonfinite_gradient_raises_on_every_rank_and_keeps_the_memory(method, op
     before = [{k: v.clone() for k, v in st.items()} for st in sim.states]
     bad = torch.randn(300)
     bad[17] = float("nan")
-    with pytest.raises(NonFiniteGradientError, match="NaN or Inf"):
+    with pytest.raises(NonFiniteGradientError, match=r"NaN or Inf .* rank\(s\) \[1\]"):
         sim.step([torch.randn(300), bad])
     for b, st in zip(before[1:], sim.states[1:]):
         assert all(torch.equal(b[k], st[k]) for k in b)
