@@ -137,9 +137,11 @@ def unfused_ecx(u, d1, d2, layout, alpha):
 
 def fused_ecx(t, n, rep, bw, rng, alpha=0.1):
     """ecx_sign (ErrorCompensatedX) over one n-element tensor and over tensors of 2^16 and 2^20
-    elements; streams: u, delta1, delta2 read, d_out written (4 bytes each), sign bits and zero
-    plane written (n/8 each). Then the method's encode, fused and unfused (the old torch
-    path, and the bit-identical reference ecx keeps for the tests)."""
+    elements, two-pass (ecx_sign) and one-pass (ecx_sign_deferred: both memories kept as
+    earlier p's, their residuals formed in the kernel); streams: u, delta1, delta2 read, d_out
+    written (4 bytes each), sign bits and zero plane written (n/8 each). Then the method's
+    encode, one-pass, two-pass and unfused (the old torch path, and the bit-identical
+    reference ecx keeps for the tests)."""
     from hvd_signsgd.codecs import Layout, ScaledSign, segment_pairs
     from hvd_signsgd.methods import StepContext, make_method
     u = torch.from_numpy(rng.standard_normal(n, dtype=np.float32))
@@ -156,18 +158,31 @@ def fused_ecx(t, n, rep, bw, rng, alpha=0.1):
         s = best_time(lambda segs=segs: kernels.ecx_sign(u, d1, d2, d_out, segs, alpha), rep)
         t.add(f"native ecx_sign kernel, tensors of 2^{seg.bit_length() - 1}", s, 12 * n,
               f"bound {bound * 1e3:.2f} ms: {bound / s:.2f} of bound")
+        s1, s2 = (torch.full((segs.shape[0],), v) for v in (0.1, 0.05))
+        s_d = best_time(lambda segs=segs, s1=s1, s2=s2: kernels.ecx_sign_deferred(
+            u, d1, s1, d2, s2, d_out, segs, alpha), rep)
+        t.add(f"native ecx_sign_deferred, tensors of 2^{seg.bit_length() - 1}", s_d, 12 * n,
+              f"bound {bound * 1e3:.2f} ms: {bound / s_d:.2f} of bound; "
+              f"{s / s_d:.2f}x ecx_sign's speed")
     layout = Layout.for_sizes([1 << 20] * (n >> 20)) if n >= 1 << 20 else Layout.for_sizes([n])
     s = best_time(lambda: ScaledSign().encode_ecx(u, d1, d2, d_out, layout, alpha), rep)
     t.add("ScaledSign.encode_ecx (kernel + payload)", s, 12 * n, f"{bound / s:.2f} of bound")
     ctx = StepContext(step=0, rank=0, size=1, bucket="b", offset=0, layout=layout)
-    method = make_method("ecx", alpha=alpha)
-    state = method.init_state(layout)
+    def method_step(deferred):
+        method = make_method("ecx", alpha=alpha)
+        method.deferred = deferred
+        state = method.init_state(layout)
 
-    def fused_step():
-        method.encode(u, state, ctx)
-        method.commit(state)
-    s = best_time(fused_step, rep)
-    t.add("ecx method encode, fused (rotates buffers)", s, 12 * n, f"{bound / s:.2f} of bound")
+        def step():
+            method.encode(u, state, ctx)
+            method.commit(state)
+        return step
+    s2p = best_time(method_step(False), rep)
+    t.add("ecx method encode, two-pass (rotates buffers)", s2p, 12 * n,
+          f"{bound / s2p:.2f} of bound")
+    s = best_time(method_step(True), rep)
+    t.add("ecx method encode, one pass (as the engine runs it)", s, 12 * n,
+          f"{bound / s:.2f} of bound; {s2p / s:.2f}x the two-pass encode's speed")
     w1, w2 = d1.clone(), d2.clone()
     s_old = best_time(lambda: unfused_ecx(u, w1, w2, layout, alpha), max(1, rep // 3))
     t.add("unfused ecx encode (before)", s_old, 12 * n, f"fused is {s_old / s:.1f}x faster")

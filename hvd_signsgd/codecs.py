@@ -396,6 +396,20 @@ class ScaledSign:
         return self._fused_payload(
             kernels.ecx_sign(u, d1, d2, d_out, segment_pairs(layout), alpha), layout)
 
+    def encode_ecx_deferred(self, u: torch.Tensor, kept, prev_scales, p_out: torch.Tensor,
+                            layout: Layout, alpha: float):
+        """encode_ecx with both memories kept as earlier x's and their scales
+        (kernels.ecx_sign_deferred, one pass): kept = (p1, p2), prev_scales = (s1, s2); the
+        payload of x = u + (a d1 - b d2), d the residuals, and p_out <- x. Returns (payload,
+        x's scales), or None (p_out unspecified) when x or a scale is NaN/Inf. The payload's
+        bytes are encode_ecx's."""
+        (p1, p2), (s1, s2) = kept, prev_scales
+        result = kernels.ecx_sign_deferred(u, p1, s1, p2, s2, p_out, segment_pairs(layout),
+                                           alpha)
+        if result is None:
+            return None
+        return self._fused_payload(result, layout), result[2]
+
     def _fused_payload(self, result, layout: Layout) -> torch.Tensor | None:
         """The payload from a fused kernel's (bits, zplane, scales, zeros), or None."""
         if result is None:

@@ -499,23 +499,32 @@ static int ecx_pass1_avx2(const sg_src *src, size_t from, size_t to, sg_tree *t,
     return pass1_avx2_body(src, from, to, t, zeros, 1);
 }
 
+/* The residual of 8 elements of a segment: x - copysign(scale, x), x where x is +-0. */
+static inline __attribute__((always_inline)) __m256 residual8_avx2(__m256 x, __m256 sc, __m256 z) {
+    return _mm256_blendv_ps(_mm256_sub_ps(x, _mm256_or_ps(sc, _mm256_and_ps(x, _mm256_set1_ps(-0.0f)))),
+                            x, z);
+}
+
+/* All ones in the lanes where x is +-0. */
+static inline __attribute__((always_inline)) __m256 zero_lanes_avx2(__m256 x) {
+    const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
+    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(
+        _mm256_and_si256(_mm256_castps_si256(x), abs_mask), _mm256_setzero_si256()));
+}
+
 /* e_out is written with non-temporal stores when it is 32-byte aligned (segments start at
  * multiples of 8 elements): the new memory is next read a step later, so reading its old
  * lines in first (a normal store's read-for-ownership) would only add traffic. */
 static inline __attribute__((always_inline)) void
 ef_pass2_body(const sg_ef_io *io, size_t from, size_t to, float scale, int stream, int ecx) {
-    const __m256 sign = _mm256_set1_ps(-0.0f), sc = _mm256_set1_ps(scale);
-    const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF), zero = _mm256_setzero_si256();
+    const __m256 sc = _mm256_set1_ps(scale);
     for (size_t i = from; i < to; i += 8) {
         _mm_prefetch((const char *)(io->src.g + i + SG_PREFETCH_ELEMS), _MM_HINT_T0);
         _mm_prefetch((const char *)(io->src.e + i + SG_PREFETCH_ELEMS), _MM_HINT_T0);
         if (ecx) _mm_prefetch((const char *)(io->src.d2 + i + SG_PREFETCH_ELEMS), _MM_HINT_T0);
         __m256 p = load_p_avx2(&io->src, i, ecx);
-        __m256 z = _mm256_castsi256_ps(
-            _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(p), abs_mask), zero));
-        __m256 r = _mm256_blendv_ps(_mm256_sub_ps(p, _mm256_or_ps(sc, _mm256_and_ps(p, sign))),
-                                    p, z);
-        store8(io->e_out + i, r, stream);
+        __m256 z = zero_lanes_avx2(p);
+        store8(io->e_out + i, residual8_avx2(p, sc, z), stream);
         io->bits[i / 8] = (uint8_t)_mm256_movemask_ps(p);
         io->zplane[i / 8] = (uint8_t)_mm256_movemask_ps(z);
     }
@@ -563,65 +572,109 @@ static int ecx_sign_avx2(const float *u, const float *d1, const float *d2, float
     return ok;
 }
 
-/* ef_sign_deferred's whole 64-element blocks (sg_fused.h): the residual of p_prev, p = g + e
- * written to p_out (streamed when aligned: it is next read a step later), the bits, and the
- * block's |p| sum for the tree. */
+/* The deferred kernels' whole 64-element blocks (sg_fused.h): the residuals of the kept
+ * buffers, p = g + e1 (ecx: g + (a*e1 - b*e2), load_p_avx2's order) written to p_out
+ * (streamed when aligned: it is next read a step later), the bits, and the block's |p| sum
+ * for the tree. */
 static inline __attribute__((always_inline)) size_t
-efd_blocks_body(const sg_ef_io *io, size_t from, size_t to, float prev_scale, sg_tree *t,
-                size_t *zeros, int stream) {
-    const __m256 sign = _mm256_set1_ps(-0.0f), sc = _mm256_set1_ps(prev_scale);
+efd_blocks_body(const sg_ef_io *io, size_t from, size_t to, float prev1, float prev2,
+                sg_tree *t, size_t *zeros, int stream, int ecx) {
+    const __m256 sc1 = _mm256_set1_ps(prev1), sc2 = _mm256_set1_ps(prev2);
+    const __m256 va = _mm256_set1_ps(io->src.a), vb = _mm256_set1_ps(io->src.b);
     const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF), max_finite = _mm256_set1_epi32(0x7F7FFFFF);
     const __m256i zero = _mm256_setzero_si256();
+    /* locals: the byte stores below may alias anything, so fields of io would be reloaded */
+    const float *g = io->src.g, *x1p = io->src.e, *x2p = io->src.d2;
+    float *out = io->e_out;
+    uint8_t *bits = io->bits, *zplane = io->zplane;
     __m256i bad = zero, zc = zero;
     size_t i = from;
     for (; i + SG_TREE_FAN <= to; i += SG_TREE_FAN) {
         __m256 v = _mm256_setzero_ps();
+        uint64_t sb = 0, zb = 0;   /* the block's 8 bytes of sign bits and zero plane */
         for (int r = 0; r < 8; r++) {
             size_t k = i + 8 * r;
-            _mm_prefetch((const char *)(io->src.g + k + SG_PREFETCH_ELEMS), _MM_HINT_T0);
-            _mm_prefetch((const char *)(io->src.e + k + SG_PREFETCH_ELEMS), _MM_HINT_T0);
-            __m256 pp = _mm256_loadu_ps(io->src.e + k);
-            __m256 pz = _mm256_castsi256_ps(
-                _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(pp), abs_mask), zero));
-            __m256 e = _mm256_blendv_ps(
-                _mm256_sub_ps(pp, _mm256_or_ps(sc, _mm256_and_ps(pp, sign))), pp, pz);
-            __m256 p = _mm256_add_ps(_mm256_loadu_ps(io->src.g + k), e);
-            store8(io->e_out + k, p, stream);
+            _mm_prefetch((const char *)(g + k + SG_PREFETCH_ELEMS), _MM_HINT_T0);
+            _mm_prefetch((const char *)(x1p + k + SG_PREFETCH_ELEMS), _MM_HINT_T0);
+            __m256 x1 = _mm256_loadu_ps(x1p + k);
+            __m256 e = residual8_avx2(x1, sc1, zero_lanes_avx2(x1));
+            __m256 p;
+            if (ecx) {
+                _mm_prefetch((const char *)(x2p + k + SG_PREFETCH_ELEMS), _MM_HINT_T0);
+                __m256 x2 = _mm256_loadu_ps(x2p + k);
+                __m256 d = residual8_avx2(x2, sc2, zero_lanes_avx2(x2));
+                p = _mm256_add_ps(_mm256_loadu_ps(g + k),
+                                  _mm256_sub_ps(_mm256_mul_ps(va, e), _mm256_mul_ps(vb, d)));
+            } else {
+                p = _mm256_add_ps(_mm256_loadu_ps(g + k), e);
+            }
+            store8(out + k, p, stream);
             __m256i a = _mm256_and_si256(_mm256_castps_si256(p), abs_mask);
             __m256i z = _mm256_cmpeq_epi32(a, zero);
             bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(a, max_finite));
             zc = _mm256_sub_epi32(zc, z);
-            io->bits[k / 8] = (uint8_t)_mm256_movemask_ps(p);
-            io->zplane[k / 8] = (uint8_t)_mm256_movemask_ps(_mm256_castsi256_ps(z));
+            sb |= (uint64_t)(unsigned)_mm256_movemask_ps(p) << (8 * r);
+            zb |= (uint64_t)(unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(z)) << (8 * r);
             v = r ? _mm256_add_ps(v, _mm256_castsi256_ps(a)) : _mm256_castsi256_ps(a);
         }
+        memcpy(bits + i / 8, &sb, 8);     /* little-endian: byte r is elements 8r .. 8r+7 */
+        memcpy(zplane + i / 8, &zb, 8);
         push_block_avx2(t, v);
     }
     add_lanes_avx2(zeros, zc);
     return _mm256_testz_si256(bad, bad) ? i : (size_t)-1;
 }
 
-static size_t efd_blocks_avx2(const sg_ef_io *io, size_t from, size_t to, float prev_scale,
-                              sg_tree *t, size_t *zeros) {
-    return efd_blocks_body(io, from, to, prev_scale, t, zeros, 0);
+static size_t efd_blocks_avx2(const sg_ef_io *io, size_t from, size_t to, float prev1,
+                              float prev2, sg_tree *t, size_t *zeros) {
+    return efd_blocks_body(io, from, to, prev1, prev2, t, zeros, 0, 0);
 }
 
-static size_t efd_blocks_stream_avx2(const sg_ef_io *io, size_t from, size_t to,
-                                     float prev_scale, sg_tree *t, size_t *zeros) {
-    return efd_blocks_body(io, from, to, prev_scale, t, zeros, 1);
+static size_t efd_blocks_stream_avx2(const sg_ef_io *io, size_t from, size_t to, float prev1,
+                                     float prev2, sg_tree *t, size_t *zeros) {
+    return efd_blocks_body(io, from, to, prev1, prev2, t, zeros, 1, 0);
+}
+
+static size_t ecxd_blocks_avx2(const sg_ef_io *io, size_t from, size_t to, float prev1,
+                               float prev2, sg_tree *t, size_t *zeros) {
+    return efd_blocks_body(io, from, to, prev1, prev2, t, zeros, 0, 1);
+}
+
+static size_t ecxd_blocks_stream_avx2(const sg_ef_io *io, size_t from, size_t to, float prev1,
+                                      float prev2, sg_tree *t, size_t *zeros) {
+    return efd_blocks_body(io, from, to, prev1, prev2, t, zeros, 1, 1);
+}
+
+/* Both deferred kernels: the streamed blocks when p_out is 32-byte aligned. */
+static int deferred_run_avx2(sg_src src, const float *prev1, const float *prev2, float *p_out,
+                             size_t n, const int64_t *segs, size_t n_segs, uint8_t *bits,
+                             uint8_t *zplane, float *scales, uint64_t *zeros) {
+    int stream = (uintptr_t)p_out % 32 == 0;
+    sg_efd_blocks_fn blocks = src.d2 ? (stream ? ecxd_blocks_stream_avx2 : ecxd_blocks_avx2)
+                                     : (stream ? efd_blocks_stream_avx2 : efd_blocks_avx2);
+    int ok = sg_ef_deferred_run(src, prev1, prev2, p_out, n, segs, n_segs, bits, zplane, scales,
+                                zeros, blocks);
+    if (stream) _mm_sfence();   /* the streamed stores are visible before the caller reads */
+    return ok;
 }
 
 static int ef_sign_deferred_avx2(const float *g, const float *p_prev, const float *prev_scales,
                                  float *p_out, size_t n, const int64_t *segs, size_t n_segs,
                                  uint8_t *bits, uint8_t *zplane, float *scales,
                                  uint64_t *zeros) {
-    if ((uintptr_t)p_out % 32 != 0)
-        return sg_ef_deferred_run(g, p_prev, prev_scales, p_out, n, segs, n_segs, bits, zplane,
-                                  scales, zeros, efd_blocks_avx2);
-    int ok = sg_ef_deferred_run(g, p_prev, prev_scales, p_out, n, segs, n_segs, bits, zplane,
-                                scales, zeros, efd_blocks_stream_avx2);
-    _mm_sfence();
-    return ok;
+    sg_src src = {g, p_prev, NULL, 0.0f, 0.0f};
+    return deferred_run_avx2(src, prev_scales, NULL, p_out, n, segs, n_segs, bits, zplane,
+                             scales, zeros);
+}
+
+static int ecx_sign_deferred_avx2(const float *u, const float *p1, const float *prev1,
+                                  const float *p2, const float *prev2, float a, float b,
+                                  float *p_out, size_t n, const int64_t *segs, size_t n_segs,
+                                  uint8_t *bits, uint8_t *zplane, float *scales,
+                                  uint64_t *zeros) {
+    sg_src src = {u, p1, p2, a, b};
+    return deferred_run_avx2(src, prev1, prev2, p_out, n, segs, n_segs, bits, zplane, scales,
+                             zeros);
 }
 
 /* ---- fused momentum (sg_momentum.h) ---------------------------------------------------- */
@@ -767,6 +820,7 @@ const sg_kernels sg_kernels_avx2 = {
     count_zeros_avx2, ef_sign_avx2,
     momentum_sign_avx2, momentum_absmax_avx2,
     ecx_sign_avx2, add_finite_avx2, sign_scan_avx2, ef_sign_deferred_avx2,
+    ecx_sign_deferred_avx2,
 };
 
 #if defined(__clang__)

@@ -132,10 +132,10 @@ static int ecx_sign_portable(const float *u, const float *d1, const float *d2, f
                           ecx_pass1_portable, ecx_pass2_portable);
 }
 
-/* ef_sign_deferred (sg_fused.h): every element by the scalar loop. */
-static size_t efd_blocks_portable(const sg_ef_io *io, size_t from, size_t to, float prev_scale,
-                                  sg_tree *t, size_t *zeros) {
-    (void)io, (void)to, (void)prev_scale, (void)t, (void)zeros;
+/* ef_sign_deferred, ecx_sign_deferred (sg_fused.h): every element by the scalar loop. */
+static size_t efd_blocks_portable(const sg_ef_io *io, size_t from, size_t to, float prev1,
+                                  float prev2, sg_tree *t, size_t *zeros) {
+    (void)io, (void)to, (void)prev1, (void)prev2, (void)t, (void)zeros;
     return from;
 }
 
@@ -143,8 +143,19 @@ static int ef_sign_deferred_portable(const float *g, const float *p_prev,
                                      const float *prev_scales, float *p_out, size_t n,
                                      const int64_t *segs, size_t n_segs, uint8_t *bits,
                                      uint8_t *zplane, float *scales, uint64_t *zeros) {
-    return sg_ef_deferred_run(g, p_prev, prev_scales, p_out, n, segs, n_segs, bits, zplane,
+    sg_src src = {g, p_prev, NULL, 0.0f, 0.0f};
+    return sg_ef_deferred_run(src, prev_scales, NULL, p_out, n, segs, n_segs, bits, zplane,
                               scales, zeros, efd_blocks_portable);
+}
+
+static int ecx_sign_deferred_portable(const float *u, const float *p1, const float *prev1,
+                                      const float *p2, const float *prev2, float a, float b,
+                                      float *p_out, size_t n, const int64_t *segs,
+                                      size_t n_segs, uint8_t *bits, uint8_t *zplane,
+                                      float *scales, uint64_t *zeros) {
+    sg_src src = {u, p1, p2, a, b};
+    return sg_ef_deferred_run(src, prev1, prev2, p_out, n, segs, n_segs, bits, zplane, scales,
+                              zeros, efd_blocks_portable);
 }
 
 /* Fused momentum (sg_momentum.h): the scalar loops themselves. */
@@ -180,4 +191,5 @@ const sg_kernels sg_kernels_portable = {
     count_zeros_portable, ef_sign_portable,
     momentum_sign_portable, momentum_absmax_portable,
     ecx_sign_portable, add_finite_portable, sign_scan_portable, ef_sign_deferred_portable,
+    ecx_sign_deferred_portable,
 };

@@ -815,9 +815,10 @@ static int get_f32_vector(PyObject *obj, const char *name, int mode, Py_buffer *
     return check_float32_aligned(v, name) < 0 || check_contiguous(v, name) < 0 ? -1 : 0;
 }
 
-/* ef_sign (n_in = 2: g, e), ef_sign_deferred (n_in = 2: g, p, and prev_scales, deferred) and
- * ecx_sign (n_in = 3: u, d1, d2, and alpha): the arguments are v[0 .. n_in) the inputs, then
- * the new memory, segments, bits, zplane, scales, zeros, and prev_scales last. */
+/* ef_sign (n_in = 2: g, e), ef_sign_deferred (n_in = 2: g, p; deferred), ecx_sign (n_in = 3:
+ * u, d1, d2) and ecx_sign_deferred (n_in = 3: u, p1, p2; deferred): the arguments are
+ * v[0 .. n_in) the inputs, then the new memory, segments, bits, zplane, scales, zeros, then
+ * for the deferred kernels one prev_scales per kept buffer (n_in - 1), and alpha for ecx. */
 static PyObject *fused_sign(PyObject *args, PyObject *kw, int n_in, int deferred) {
     static char *ef_kwlist[] = {"g", "e", "e_out", "segments", "bits", "zplane", "scales",
                                 "zeros", NULL};
@@ -825,27 +826,37 @@ static PyObject *fused_sign(PyObject *args, PyObject *kw, int n_in, int deferred
                                  "zeros", "prev_scales", NULL};
     static char *ecx_kwlist[] = {"u", "d1", "d2", "d_out", "segments", "bits", "zplane",
                                  "scales", "zeros", "alpha", NULL};
-    char **kwlist = n_in == 3 ? ecx_kwlist : deferred ? efd_kwlist : ef_kwlist;
-    /* prev_scales, at index N - 1, is checked as the outputs are: disjoint from every buffer */
-    const int OUT = n_in, SEG = n_in + 1, N = n_in + 6 + deferred;
-    PyObject *o[9], *result = NULL;
-    Py_buffer v[9] = {{0}};
+    static char *ecxd_kwlist[] = {"u", "p1", "p2", "p_out", "segments", "bits", "zplane",
+                                  "scales", "zeros", "prev1", "prev2", "alpha", NULL};
+    char **kwlist = n_in == 3 ? (deferred ? ecxd_kwlist : ecx_kwlist)
+                              : (deferred ? efd_kwlist : ef_kwlist);
+    /* the prev_scales, from index PREV, are checked as the outputs are: disjoint from every
+     * buffer */
+    const int OUT = n_in, SEG = n_in + 1, PREV = n_in + 6, N = PREV + (deferred ? n_in - 1 : 0);
+    PyObject *o[11], *result = NULL;
+    Py_buffer v[11] = {{0}};
     double alpha = 1.0;
     int64_t *segs = NULL;
-    if (n_in == 3 ? !PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOOd:ecx_sign", kwlist,
-                                                 &o[0], &o[1], &o[2], &o[3], &o[4], &o[5],
-                                                 &o[6], &o[7], &o[8], &alpha)
-        : deferred ? !PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOO:ef_sign_deferred", kwlist,
-                                                  &o[0], &o[1], &o[2], &o[3], &o[4], &o[5],
-                                                  &o[6], &o[7], &o[8])
-                   : !PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOO:ef_sign", kwlist, &o[0],
-                                                  &o[1], &o[2], &o[3], &o[4], &o[5], &o[6],
-                                                  &o[7]))
+    if (n_in == 3 && deferred
+            ? !PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOOOOd:ecx_sign_deferred", kwlist,
+                                           &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6],
+                                           &o[7], &o[8], &o[9], &o[10], &alpha)
+        : n_in == 3
+            ? !PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOOd:ecx_sign", kwlist, &o[0], &o[1],
+                                           &o[2], &o[3], &o[4], &o[5], &o[6], &o[7], &o[8],
+                                           &alpha)
+        : deferred
+            ? !PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOOO:ef_sign_deferred", kwlist,
+                                           &o[0], &o[1], &o[2], &o[3], &o[4], &o[5], &o[6],
+                                           &o[7], &o[8])
+            : !PyArg_ParseTupleAndKeywords(args, kw, "OOOOOOOO:ef_sign", kwlist, &o[0], &o[1],
+                                           &o[2], &o[3], &o[4], &o[5], &o[6], &o[7]))
         return NULL;
-    if (deferred && get_f32_vector(o[8], "prev_scales", ARG_IN, &v[8]) < 0) goto done;
+    for (int k = PREV; k < N; k++)
+        if (get_f32_vector(o[k], kwlist[k], ARG_IN, &v[k]) < 0) goto done;
     if (!(alpha > 0.0 && alpha <= 1.0)) {
         PyErr_SetString(PyExc_ValueError, "alpha must be in (0, 1]");
-        return NULL;
+        goto done;
     }
     for (int k = 0; k < n_in; k++)
         if (get_f32_vector(o[k], kwlist[k], ARG_IN, &v[k]) < 0) goto done;
@@ -867,7 +878,9 @@ static PyObject *fused_sign(PyObject *args, PyObject *kw, int n_in, int deferred
     for (int k = 1; k <= OUT; k++) same &= v[k].len == v[0].len;
     if (!same) {
         PyErr_Format(PyExc_ValueError, "%s must have the same length, segments (offset, size) "
-                     "pairs", n_in == 2 ? "g, e and e_out" : "u, d1, d2 and d_out");
+                     "pairs", n_in == 2 ? (deferred ? "g, p and p_out" : "g, e and e_out")
+                                        : (deferred ? "u, p1, p2 and p_out"
+                                                    : "u, d1, d2 and d_out"));
         goto done;
     }
     if (n > ((size_t)1 << 31)) {
@@ -877,9 +890,10 @@ static PyObject *fused_sign(PyObject *args, PyObject *kw, int n_in, int deferred
     if (check_room(v[SEG + 1].len, sg_nbytes(n), "bits", "bytes") < 0 ||
         check_room(v[SEG + 2].len, sg_nbytes(n), "zplane", "bytes") < 0 ||
         check_room(v[SEG + 3].len / 4, n_segs, "scales", "elements") < 0 ||
-        check_room(v[SEG + 4].len / 8, n_segs + 1, "zeros", "elements") < 0 ||
-        (deferred && check_room(v[8].len / 4, n_segs, "prev_scales", "elements") < 0))
+        check_room(v[SEG + 4].len / 8, n_segs + 1, "zeros", "elements") < 0)
         goto done;
+    for (int k = PREV; k < N; k++)
+        if (check_room(v[k].len / 4, n_segs, kwlist[k], "elements") < 0) goto done;
     /* every output disjoint from everything else (the inputs may alias each other) */
     for (int a = 0; a < N; a++)
         for (int b = a + 1; b < N; b++)
@@ -912,9 +926,14 @@ static PyObject *fused_sign(PyObject *args, PyObject *kw, int n_in, int deferred
     /* the coefficients rounded once to float32 (the torch fallback does the same) */
     float ca = (float)(2.0 - alpha), cb = (float)(1.0 - alpha);
     Py_BEGIN_ALLOW_THREADS
-    if (deferred)
+    if (deferred && n_in == 3)
+        ok = active->ecx_sign_deferred((const float *)v[0].buf, (const float *)v[1].buf,
+                                       (const float *)v[PREV].buf, (const float *)v[2].buf,
+                                       (const float *)v[PREV + 1].buf, ca, cb, out, n, segs,
+                                       n_segs, bits, zplane, scales, zeros);
+    else if (deferred)
         ok = active->ef_sign_deferred((const float *)v[0].buf, (const float *)v[1].buf,
-                                      (const float *)v[8].buf, out, n, segs, n_segs, bits,
+                                      (const float *)v[PREV].buf, out, n, segs, n_segs, bits,
                                       zplane, scales, zeros);
     else if (n_in == 2)
         ok = active->ef_sign((const float *)v[0].buf, (const float *)v[1].buf, out, n, segs,
@@ -960,6 +979,19 @@ PyDoc_STRVAR(ecx_sign_doc,
 
 static PyObject *py_ecx_sign(PyObject *self, PyObject *args, PyObject *kw) {
     return fused_sign(args, kw, 3, 0);
+}
+
+PyDoc_STRVAR(ecx_sign_deferred_doc,
+"ecx_sign_deferred(u, p1, p2, p_out, segments, bits, zplane, scales, zeros, prev1, prev2,\n"
+"                  alpha) -> bool\n\n"
+"ecx_sign in one pass, with both memories kept as earlier steps' p and their scales\n"
+"(native/sg_fused.h): d1, d2 are the residuals of p1 with prev1 and of p2 with prev2 (as\n"
+"ef_sign_deferred forms e); p_out <- u + (a*d1 - b*d2), and the other outputs are ecx_sign's\n"
+"over it. prev1, prev2: float32, one per segment, disjoint from the outputs and each other.\n"
+"Returns False, the outputs unspecified, if any p or scale is NaN/Inf.");
+
+static PyObject *py_ecx_sign_deferred(PyObject *self, PyObject *args, PyObject *kw) {
+    return fused_sign(args, kw, 3, 1);
 }
 
 /* ---- momentum_sign / momentum_absmax: fused Signum / SSDM momentum ------------------------ */
@@ -1295,6 +1327,8 @@ static PyMethodDef methods[] = {
      METH_VARARGS | METH_KEYWORDS, ef_sign_deferred_doc},
     {"ecx_sign", (PyCFunction)(void (*)(void))py_ecx_sign, METH_VARARGS | METH_KEYWORDS,
      ecx_sign_doc},
+    {"ecx_sign_deferred", (PyCFunction)(void (*)(void))py_ecx_sign_deferred,
+     METH_VARARGS | METH_KEYWORDS, ecx_sign_deferred_doc},
     {"momentum_sign", (PyCFunction)(void (*)(void))py_momentum_sign,
      METH_VARARGS | METH_KEYWORDS, momentum_sign_doc},
     {"momentum_absmax", (PyCFunction)(void (*)(void))py_momentum_absmax,

@@ -195,30 +195,41 @@ sg_ef_sign_run(sg_src src, float *e_out, size_t n, const int64_t *segs, size_t n
     return 1;
 }
 
-/* ---- deferred residual (ef_sign_deferred): error feedback in one pass -------------------------
- * The memory is kept as the last step's p and its scales; its residual is formed where the next
- * step reads it:
- *   e_i = sg_ef_residual(p_prev_i, prev_scale_t)   in segment t
- *       = p_prev_i                                  in the gaps
- *   p_i = g_i + e_i, written to p_out
- * and the outputs are ef_sign's for that p (bits, zplane, scales, zeros). Since the sign bits
- * do not depend on the scale, one pass per segment reads g and p_prev and writes p_out and the
- * bits, where ef_sign needs two. e_i has the bits ef_sign's e_out would have held, so the two
- * give the same p, payload and (once formed) memory. Outputs may be written before a NaN/Inf
- * is found (then 0 is returned and they are unspecified; the inputs are only read). */
+/* ---- deferred residual (ef_sign_deferred, ecx_sign_deferred): error feedback in one pass ------
+ * Each memory is kept as an earlier step's p and its scales; its residual is formed where the
+ * next step reads it:
+ *   e_i = sg_ef_residual(x_i, prev_scale_t)   in segment t, x the kept buffer
+ *       = x_i                                  in the gaps
+ *   p_i = g_i + e1_i                           (ef_sign_deferred: x = p_prev)
+ *       = g_i + (a*e1_i - b*e2_i)              (ecx_sign_deferred: x = p1, then p2; as ecx_sign)
+ * written to p_out, and the outputs are ef_sign's (ecx_sign's) for that p (bits, zplane,
+ * scales, zeros). Since the sign bits do not depend on the scale, one pass per segment reads
+ * the inputs and writes p_out and the bits, where the two-pass kernels read them twice. Each
+ * e_i has the bits the two-pass kernel's memory would have held, so both give the same p,
+ * payload and (once formed) memory. Outputs may be written before a NaN/Inf is found (then 0
+ * is returned and they are unspecified; the inputs are only read). */
+
+/* p_i of a deferred pass (src.d2 set: ecx); in_seg: whether i lies in the segment. */
+static inline float sg_efd_p(const sg_src *src, size_t i, int in_seg, float prev1,
+                             float prev2) {
+    float e = in_seg ? sg_ef_residual(src->e[i], prev1) : src->e[i];
+    if (!src->d2) return src->g[i] + e;
+    float d = in_seg ? sg_ef_residual(src->d2[i], prev2) : src->d2[i];
+    return src->g[i] + (src->a * e - src->b * d);
+}
 
 /* Elements [from, to), from a multiple of 8: those below seg_end belong to the segment (|p|
  * into the tree, zeros into *zeros), the rest are gaps (zeros into *gap_zeros). Returns 1 if
  * every p is finite. Padding bits of the last byte are 0. */
 static inline int sg_efd_scalar(const sg_ef_io *io, size_t from, size_t to, size_t seg_end,
-                                float prev_scale, sg_tree *t, size_t *zeros, size_t *gap_zeros) {
+                                float prev1, float prev2, sg_tree *t, size_t *zeros,
+                                size_t *gap_zeros) {
     int bad = 0;
     for (size_t j = from / 8; 8 * j < to; j++) {
         unsigned sb = 0, zb = 0;
         for (size_t i = 8 * j; i < to && i < 8 * j + 8; i++) {
             int in_seg = i < seg_end;
-            float e = in_seg ? sg_ef_residual(io->src.e[i], prev_scale) : io->src.e[i];
-            float p = io->src.g[i] + e;
+            float p = sg_efd_p(&io->src, i, in_seg, prev1, prev2);
             float a = sg_absf(p);
             unsigned zero = a == 0.0f;
             io->e_out[i] = p;
@@ -238,30 +249,32 @@ static inline int sg_efd_scalar(const sg_ef_io *io, size_t from, size_t to, size
     return !bad;
 }
 
-/* blocks(io, from, to, prev_scale, tree, zeros): the whole 64-element blocks of a segment
+/* blocks(io, from, to, prev1, prev2, tree, zeros): the whole 64-element blocks of a segment
  * from its start (the tree's level 1, one sum per block, as sg_efd_scalar's 64 pushes would
  * give); returns where it stopped, or (size_t)-1 on NaN/Inf. */
-typedef size_t (*sg_efd_blocks_fn)(const sg_ef_io *io, size_t from, size_t to, float prev_scale,
-                                   sg_tree *t, size_t *zeros);
+typedef size_t (*sg_efd_blocks_fn)(const sg_ef_io *io, size_t from, size_t to, float prev1,
+                                   float prev2, sg_tree *t, size_t *zeros);
 
+/* src: g and the kept buffers (src.e = p1, src.d2 = p2 or NULL); prev1, prev2 (NULL without
+ * p2): their scales, one per segment. */
 static inline __attribute__((always_inline)) int
-sg_ef_deferred_run(const float *g, const float *p_prev, const float *prev_scales, float *p_out,
-                   size_t n, const int64_t *segs, size_t n_segs, uint8_t *bits, uint8_t *zplane,
+sg_ef_deferred_run(sg_src src, const float *prev1, const float *prev2, float *p_out, size_t n,
+                   const int64_t *segs, size_t n_segs, uint8_t *bits, uint8_t *zplane,
                    float *scales, uint64_t *zeros, sg_efd_blocks_fn blocks) {
-    sg_ef_io io = {{g, p_prev, NULL, 0.0f, 0.0f}, p_out, bits, zplane};
+    sg_ef_io io = {src, p_out, bits, zplane};
     sg_tree tree;
     size_t pos = 0, gap_zeros = 0, unused = 0;
     for (size_t t = 0; t < n_segs; t++) {
         size_t o = (size_t)segs[2 * t], s = (size_t)segs[2 * t + 1], z = 0;
-        float prev = prev_scales[t];
-        if (pos < o && !sg_efd_scalar(&io, pos, o, 0, 0.0f, &tree, &unused, &gap_zeros))
+        float s1 = prev1[t], s2 = prev2 ? prev2[t] : 0.0f;
+        if (pos < o && !sg_efd_scalar(&io, pos, o, 0, 0.0f, 0.0f, &tree, &unused, &gap_zeros))
             return 0;
         sg_tree_init(&tree);
-        size_t i = blocks(&io, o, o + s, prev, &tree, &z);
+        size_t i = blocks(&io, o, o + s, s1, s2, &tree, &z);
         if (i == (size_t)-1) return 0;
         size_t end = (o + s + 7) / 8 * 8;
         if (end > n) end = n;
-        if (!sg_efd_scalar(&io, i, end, o + s, prev, &tree, &z, &gap_zeros)) return 0;
+        if (!sg_efd_scalar(&io, i, end, o + s, s1, s2, &tree, &z, &gap_zeros)) return 0;
         float scale = sg_tree_finish(&tree) / (float)(s > z ? s - z : 1);
         if (sg_nonfinite(scale)) return 0;
         uint64_t zz = z;
@@ -269,7 +282,8 @@ sg_ef_deferred_run(const float *g, const float *p_prev, const float *prev_scales
         memcpy(zeros + t, &zz, 8);
         pos = end;
     }
-    if (pos < n && !sg_efd_scalar(&io, pos, n, 0, 0.0f, &tree, &unused, &gap_zeros)) return 0;
+    if (pos < n && !sg_efd_scalar(&io, pos, n, 0, 0.0f, 0.0f, &tree, &unused, &gap_zeros))
+        return 0;
     uint64_t gz = gap_zeros;
     memcpy(zeros + n_segs, &gz, 8);
     return 1;

@@ -81,6 +81,12 @@ typedef struct {
     int (*ef_sign_deferred)(const float *g, const float *p_prev, const float *prev_scales,
                             float *p_out, size_t n, const int64_t *segs, size_t n_segs,
                             uint8_t *bits, uint8_t *zplane, float *scales, uint64_t *zeros);
+    /* 16: ecx_sign with both memories kept as earlier p's and their scales (sg_fused.h): one
+     * pass, p_out <- p = u + (a*residual(p1) - b*residual(p2)); the other outputs as ecx_sign's. */
+    int (*ecx_sign_deferred)(const float *u, const float *p1, const float *prev1,
+                             const float *p2, const float *prev2, float a, float b,
+                             float *p_out, size_t n, const int64_t *segs, size_t n_segs,
+                             uint8_t *bits, uint8_t *zplane, float *scales, uint64_t *zeros);
 } sg_kernels;
 
 extern const sg_kernels sg_kernels_portable;

@@ -102,6 +102,14 @@ NaN, only its NaN-ness is specified, not its sign or payload):
                                           a zero sum. None (d_out unspecified, the inputs
                                           untouched) when any p or scale is NaN/Inf; a NaN/Inf
                                           in any input makes p NaN/Inf.
+    ecx_sign_deferred(u, p1, prev1, p2, prev2, p_out, segments, alpha) -> as ecx_sign, or None
+                                          ecx_sign with both memories kept as earlier steps'
+                                          p and their scales: d1 = ef_residual(p1, prev1),
+                                          d2 = ef_residual(p2, prev2), then ecx_sign's
+                                          outputs over u + (a*d1 - b*d2), except that p_out
+                                          gets that sum itself. One pass; the same payload
+                                          bits. p1, p2, prev1, prev2 (float32 (S,), >= 0,
+                                          distinct tensors): only read.
     tree_abs_sum(x) -> 0-dim float32      sum |x| in the fused kernels' fixed order (tree_sum).
     momentum_sign(g, m, m_out, beta) -> (bits, zplane, zeros) or None
                                           fused Signum momentum: m_out = (a * m) + (b * g),
@@ -187,8 +195,8 @@ from . import _cpu, _torch
 from ._loader import load_native
 
 __all__ = ["SparseIndexError", "add_finite", "all_finite", "backend", "count_zeros",
-           "ecx_coefficients", "ecx_sign", "ef_residual", "ef_sign", "ef_sign_deferred",
-           "momentum_absmax", "momentum_sign",
+           "ecx_coefficients", "ecx_sign", "ecx_sign_deferred", "ef_residual", "ef_sign",
+           "ef_sign_deferred", "momentum_absmax", "momentum_sign",
            "pack_bits", "pack_signs", "pack_stochastic_signs", "scaled_vote", "sign_scan",
            "sparse_sum", "threshold_count", "threshold_take", "topk_take", "tree_abs_sum",
            "unpack_bits", "unpack_signs", "vote"]
@@ -457,18 +465,43 @@ def ef_sign_deferred(g, p, prev_scales, p_out, segments):
     module doc)."""
     n = _check_streams("p_out", p_out, g=g, p=p)
     pairs = _native_segments(segments, n) if _native_for(g) else _segment_pairs(segments, n)
-    _check_tensor(prev_scales, "prev_scales")
-    if (prev_scales.dtype != torch.float32 or prev_scales.dim() != 1
-            or prev_scales.numel() != pairs.shape[0] or prev_scales.device != g.device):
-        raise ValueError(f"prev_scales must be float32, 1-D, one per segment "
-                         f"({pairs.shape[0]}), on {g.device}")
-    if prev_scales.numel() and not bool((prev_scales >= 0).all()):
-        raise ValueError("prev_scales must be >= 0 (the scales ef_sign returns)")
+    prev = _check_prev_scales(prev_scales, "prev_scales", pairs.shape[0], g.device)
     if _native_for(g):
-        return _cpu.ef_sign_deferred(_native, g, p, prev_scales.detach().contiguous(), p_out,
-                                     pairs)
-    return _torch.ef_sign_deferred(g.detach(), p.detach(), prev_scales.detach(), p_out,
-                                   pairs.tolist())
+        return _cpu.ef_sign_deferred(_native, g, p, prev, p_out, pairs)
+    return _torch.ef_sign_deferred(g.detach(), p.detach(), prev, p_out, pairs.tolist())
+
+
+def ecx_sign_deferred(u, p1, prev1, p2, prev2, p_out, segments, alpha):
+    """ecx_sign over u + (a*ef_residual(p1, prev1) - b*ef_residual(p2, prev2)) in one pass,
+    p_out <- that sum (see the module doc)."""
+    _check_alpha(alpha)
+    n = _check_streams("p_out", p_out, u=u, p1=p1, p2=p2)
+    pairs = _native_segments(segments, n) if _native_for(u) else _segment_pairs(segments, n)
+    s1 = _check_prev_scales(prev1, "prev1", pairs.shape[0], u.device)
+    s2 = _check_prev_scales(prev2, "prev2", pairs.shape[0], u.device)
+    if _native_for(u):
+        return _cpu.ecx_sign_deferred(_native, u, p1, s1, p2, s2, p_out, pairs, alpha)
+    return _torch.ecx_sign_deferred(u.detach(), p1.detach(), s1, p2.detach(), s2, p_out,
+                                    pairs.tolist(), alpha)
+
+
+def _check_prev_scales(scales, name, n_segs, device):
+    """A deferred memory's scales, checked; returned detached and contiguous."""
+    _check_tensor(scales, name)
+    if (scales.dtype != torch.float32 or scales.dim() != 1 or scales.numel() != n_segs
+            or scales.device != device):
+        raise ValueError(f"{name} must be float32, 1-D, one per segment ({n_segs}), on "
+                         f"{device}")
+    if scales.numel() and not bool((scales >= 0).all()):
+        raise ValueError(f"{name} must be >= 0 (the scales ef_sign returns)")
+    return scales.detach().contiguous()
+
+
+def _check_alpha(alpha):
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a float, not {type(alpha).__name__}")
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(f"alpha must be in (0, 1], not {alpha!r}")
 
 
 def ef_residual(p, scales, segments):
@@ -486,10 +519,7 @@ def ef_residual(p, scales, segments):
 
 def ecx_sign(u, d1, d2, d_out, segments, alpha):
     """Fused ErrorCompensatedX scaled sign over p = u + (a*d1 - b*d2) (see the module doc)."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise TypeError(f"alpha must be a float, not {type(alpha).__name__}")
-    if not 0.0 < alpha <= 1.0:
-        raise ValueError(f"alpha must be in (0, 1], not {alpha!r}")
+    _check_alpha(alpha)
     n = _check_streams("d_out", d_out, u=u, d1=d1, d2=d2)
     if _native_for(u):
         return _cpu.ecx_sign(_native, u, d1, d2, d_out, _native_segments(segments, n), alpha)

@@ -108,6 +108,16 @@ def ef_sign_deferred(native, g, p, prev_scales, p_out, segments):
     return out
 
 
+def ecx_sign_deferred(native, u, p1, prev1, p2, prev2, p_out, segments, alpha):
+    """segments: int64 (S, 2) CPU tensor. None when something is not finite."""
+    out = _scaled_sign_outputs(u.numel(), segments)
+    if not native.ecx_sign_deferred(buffer(u), buffer(p1), buffer(p2), buffer(p_out),
+                                    buffer(segments), *map(buffer, out), buffer(prev1),
+                                    buffer(prev2), float(alpha)):
+        return None
+    return out
+
+
 def ecx_sign(native, u, d1, d2, d_out, segments, alpha):
     """segments: int64 (S, 2) CPU tensor. None when something is not finite."""
     out = _scaled_sign_outputs(u.numel(), segments)

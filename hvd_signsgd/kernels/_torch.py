@@ -235,6 +235,15 @@ def ecx_sign(u, d1, d2, d_out, segments, alpha):
     return scaled_sign_residual(ecx_compensated(u, d1, d2, alpha), d_out, segments)
 
 
+def ecx_sign_deferred(u, p1, prev1, p2, prev2, p_out, segments, alpha):
+    """ecx_sign over the residuals of p1 and p2 (see kernels.ecx_sign_deferred); p_out gets
+    the compensated p. None when a p or a scale is not finite."""
+    d1 = ef_residual(p1.clone(), prev1, segments)
+    d2 = ef_residual(p2.clone(), prev2, segments)
+    p_out.copy_(ecx_compensated(u, d1, d2, alpha))
+    return scaled_sign_residual(p_out, torch.empty_like(p_out), segments)
+
+
 def scaled_sign_residual(p, e_out, segments):
     """ef_sign's outputs for a given p (e_out <- p - q); None when p or a scale is NaN/Inf."""
     if not bool(torch.isfinite(p).all()):

@@ -199,37 +199,33 @@ class Method:
 
 
 class Deferred(NamedTuple):
-    """A residual not yet formed (ErrorFeedback.fused_deferred): state[key] holds the last
+    """A residual not yet formed (ErrorFeedback.fused_deferred): the buffer holds an earlier
     step's p, and the memory is kernels.ef_residual(p, scales, segments)."""
-    key: str
     scales: torch.Tensor
     segments: torch.Tensor
 
 
 class MemoryState(dict):
     """A method's state (the dict checkpoints save) plus what they do not save: the spare
-    buffer its OutOfPlace key (the error memory, the momentum) is written into, whether the
-    last step swapped it in (and may still be rolled back), and the Deferred residual of the
-    newest buffer and of the spare, if any. Reading the deferred key (state[k], get, items,
-    values) forms its residual first, in place, so that what is read is always the memory;
-    the one-pass kernel reads the raw buffer instead (`raw`)."""
+    buffer its OutOfPlace keys (the error memories, the momentum) are written into, whether the
+    last step swapped it in (and may still be rolled back), and the Deferred residuals of the
+    buffers not formed yet (`deferred`, by key; `spare_deferred`, the spare's). Reading a
+    deferred key (state[k], get, items, values) forms its residual first, in place, so that
+    what is read is always the memory; the one-pass kernels read the raw buffers (`raw`)."""
     __slots__ = ("spare", "pending", "deferred", "spare_deferred")
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         self.spare, self.pending = None, False
-        self.deferred = self.spare_deferred = None
+        self.deferred, self.spare_deferred = {}, None
 
     def __getitem__(self, k):
-        d = self.deferred
-        if d is not None and d.key == k:
-            self.settle()
+        if k in self.deferred:
+            self.settle(k)
         return dict.__getitem__(self, k)
 
     def __setitem__(self, k, v):
-        d = self.deferred
-        if d is not None and d.key == k:      # the new value is the memory itself
-            self.deferred = None
+        self.deferred.pop(k, None)      # the new value is the memory itself
         dict.__setitem__(self, k, v)
 
     def __iter__(self):       # makes dict(state) and {**state} read through __getitem__
@@ -251,15 +247,16 @@ class MemoryState(dict):
         return dict, (dict(self.items()),)
 
     def raw(self, k):
-        """state[k] as stored: for the deferred key, the last p (its residual not formed)."""
+        """state[k] as stored: for a deferred key, an earlier p (its residual not formed)."""
         return dict.__getitem__(self, k)
 
-    def settle(self) -> None:
-        """Form the deferred residual in place (a checkpoint, a test or an unfused step reads
-        the memory)."""
-        d, self.deferred = self.deferred, None
-        if d is not None:
-            ef_residual(dict.__getitem__(self, d.key), d.scales, d.segments)
+    def settle(self, k=None) -> None:
+        """Form the deferred residual of key k (of every key: None) in place (a checkpoint, a
+        test or an unfused step reads the memory)."""
+        for key in list(self.deferred) if k is None else [k]:
+            d = self.deferred.pop(key, None)
+            if d is not None:
+                ef_residual(dict.__getitem__(self, key), d.scales, d.segments)
 
 
 class OutOfPlace:
@@ -295,24 +292,32 @@ class OutOfPlace:
             out = torch.empty_like(olds[0])
         result = kernel(olds, out)
         if result is not None:
-            self._rotate(state, (out,) + olds[:-1], olds[-1])
-            state.deferred, state.spare_deferred = None, state.deferred
+            self._rotate(state, (out,) + olds[:-1], olds[-1], 1)
             state.pending = True
         else:
             state.spare = out
         return result
 
-    def _rotate(self, state, buffers, spare):
-        for k, v in zip(self.keys, buffers):      # the callers move the Deferred records
+    def _rotate(self, state, buffers, spare, by: int):
+        """Set the keys' buffers and the spare; each Deferred record moves with its buffer,
+        `by` keys older (1: a run, -1: its rollback; the new buffer of a run has none)."""
+        recs, ring = state.deferred, (*self.keys, None)       # None: the spare
+        old = {k: recs.pop(k) for k in self.keys if k in recs}
+        old[None] = state.spare_deferred
+        moved = {ring[(i + by) % len(ring)]: old.get(k) for i, k in enumerate(ring)}
+        if by == 1:
+            moved[self.keys[0]] = None
+        for k, v in zip(self.keys, buffers):
             dict.__setitem__(state, k, v)
-        state.spare = spare
+            if moved[k] is not None:
+                recs[k] = moved[k]
+        state.spare, state.spare_deferred = spare, moved[None]
 
     def rollback(self, state: dict) -> None:
         """Undo the last run's rotation (the step failed on some rank)."""
         if isinstance(state, MemoryState) and state.pending:
             bufs = tuple(state.raw(k) for k in self.keys)
-            self._rotate(state, bufs[1:] + (state.spare,), bufs[0])
-            state.deferred, state.spare_deferred = state.spare_deferred, state.deferred
+            self._rotate(state, bufs[1:] + (state.spare,), bufs[0], -1)
             state.pending = False
 
     @staticmethod
@@ -353,9 +358,10 @@ class ErrorFeedback:
     as they were, and a step that fails on another rank rotates them back (`rollback`), so
     the engine needs no backup copy of them.
 
-    "single" also has a one-pass form (`fused_deferred`): the buffer keeps p and the scales
-    of q, and the next step's kernel forms e = p - q as it reads it, so the residual costs no
-    pass of its own. The MemoryState forms it in place whenever the memory is read.
+    Both compensations also have a one-pass form (`fused_deferred`): each buffer keeps the p
+    it was made from and the scales of q, and a later step's kernel forms e = p - q as it
+    reads it, so the residual costs no pass of its own. The MemoryState forms it in place
+    whenever the memory is read.
     """
 
     def __init__(self, compensation: str = "single", alpha: float = 1.0, keys=None):
@@ -405,20 +411,22 @@ class ErrorFeedback:
 
     def fused_deferred(self, g: torch.Tensor, state: MemoryState, segments: torch.Tensor,
                        kernel):
-        """The one-pass form of `fused` ("single" only): the memory stays p until the next
-        step forms its residual inside the kernel, so the residual costs no pass of its own.
-        kernel(g, p_prev, prev_scales, out) -> (payload, scales) or None, with ef_residual's
-        meaning of prev_scales (zeros: the buffer is the memory itself). On success out holds
-        p and becomes the newest buffer, Deferred with the returned scales; rollback and
-        NaN/Inf as `fused`. Returns the payload or None."""
-        d = state.deferred
-        prev = d.scales if d is not None else torch.zeros(segments.shape[0], device=g.device)
-        result = self._buffers.run(state, lambda mems, out: kernel(g, mems[0], prev, out),
+        """The one-pass form of `fused`: each memory stays the p it was made from until a
+        later step forms its residual inside the kernel, so the residual costs no pass of its
+        own. kernel(g, kept, prev_scales, out) -> (payload, scales) or None; kept: the raw
+        buffers in `keys` order, prev_scales one tensor per buffer with ef_residual's meaning
+        (zeros: the buffer is the memory itself). On success out holds p and becomes the
+        newest buffer, Deferred with the returned scales; the older buffers keep their
+        records; rollback and NaN/Inf as `fused`. Returns the payload or None."""
+        recs = state.deferred
+        prev = tuple(recs[k].scales if k in recs
+                     else torch.zeros(segments.shape[0], device=g.device) for k in self.keys)
+        result = self._buffers.run(state, lambda kept, out: kernel(g, kept, prev, out),
                                    raw=True)
         if result is None:
             return None
         payload, scales = result
-        state.deferred = Deferred(self.keys[0], scales, segments)
+        recs[self.keys[0]] = Deferred(scales, segments)
         return payload
 
     def rollback(self, state: dict) -> None:
@@ -439,8 +447,8 @@ class ErrorFeedbackMethod(Method):
     out, ctx)` (payload of p = g + c, out <- p - q; None on NaN/Inf; memories: the buffers of
     memory.keys, newest first); it then has neither perturb nor send_whole, checks NaN/Inf
     itself and writes its memory out of place (ErrorFeedback). A subclass with another
-    compensation (ECX) sets its own `memory`. One whose kernel can also form the residual
-    lazily sets `deferred = True` and gives `compress_deferred(g, p_prev, prev_scales, out,
+    compensation (ECX) sets its own `memory`. One whose kernel can also form the residuals
+    lazily sets `deferred = True` and gives `compress_deferred(g, kept, prev_scales, out,
     ctx)` ((payload, scales) or None; ErrorFeedback.fused_deferred), used where the state is
     a MemoryState."""
     memory = ErrorFeedback()
@@ -487,7 +495,7 @@ class ErrorFeedbackMethod(Method):
         if self.deferred and isinstance(state, MemoryState):
             return self.memory.fused_deferred(
                 g, state, segment_pairs(ctx.layout),
-                lambda g, p, prev, out: self.compress_deferred(g, p, prev, out, ctx))
+                lambda g, kept, prev, out: self.compress_deferred(g, kept, prev, out, ctx))
         return self.memory.fused(g, state,
                                  lambda g, mems, out: self.compress_fused(g, mems, out, ctx))
 

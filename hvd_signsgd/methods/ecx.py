@@ -41,6 +41,10 @@ alpha), b = float32(1 - alpha), each operation rounded to float32 in this order;
 summed in the kernels' fixed order (kernels.tree_abs_sum); NaN/Inf found in the same pass
 (the memories then untouched). The new delta goes into a spare buffer and the buffers rotate
 (delta2 <- delta1 <- new, no copy); a step that fails on another rank rotates them back.
+With the engine's MemoryState the kernel is the one-pass kernels.ecx_sign_deferred
+("single": ef_sign_deferred): each buffer keeps the x it was made from and its scales, and
+the next step forms delta = x - q as it reads it (ErrorFeedback.fused_deferred); reading
+state["delta1"] or ["delta2"] forms it in place, so what is read, saved or loaded is delta.
 State keys: "delta1", "delta2" (as before; checkpoints load unchanged).
 
 Sparse compressors are refused (ValueError). ALGORITHMS.md reports that with Top-k the
@@ -80,11 +84,12 @@ class ErrorCompensatedX(ErrorFeedbackMethod):
 
     The two-step memory is base.ErrorFeedback with compensation "ecx" (keys delta1 = delta_{t-1},
     delta2 = delta_{t-2}), "single" (delta1) or "none" (no state). With scaled sign and a
-    memory, encoding is one fused kernel (kernels.ecx_sign, or ef_sign for "single"): NaN/Inf
-    found in the same pass, the new delta written out of place and the buffers rotated, no
-    backup copy in the engine. `compress` is the unfused reference with the same rounding
-    (ErrorFeedback.compensate, scales summed in the kernels' order): bit for bit the same
-    payload and memories (tests set `fused = False` on an instance to run it)."""
+    memory, encoding is one fused kernel (kernels.ecx_sign, or ef_sign for "single"; their
+    one-pass forms with a MemoryState): NaN/Inf found in the same pass, the new delta written
+    out of place and the buffers rotated, no backup copy in the engine. `compress` is the
+    unfused reference with the same rounding (ErrorFeedback.compensate, scales summed in the
+    kernels' order): bit for bit the same payload and memories (tests set `fused = False` on
+    an instance to run it)."""
     name = "ecx"
     bits_per_coordinate = 1.0
 
@@ -111,6 +116,7 @@ class ErrorCompensatedX(ErrorFeedbackMethod):
         keys = {"ecx": ("delta1", "delta2"), "single": ("delta1",), "none": ()}[compensation]
         self.memory = ErrorFeedback(compensation, self.alpha, keys=keys)
         self.fused = compressor == "scaled_sign" and compensation != "none"
+        self.deferred = self.fused
         if compressor == "scaled_sign":
             self.codec = ScaledSign()
         else:   # only reachable with _allow_sparse, to reproduce the divergence
@@ -145,6 +151,11 @@ class ErrorCompensatedX(ErrorFeedbackMethod):
         if self.compensation == "single":
             return self.codec.encode_fused(u, memories[0], out, ctx.layout)
         return self.codec.encode_ecx(u, memories[0], memories[1], out, ctx.layout, self.alpha)
+
+    def compress_deferred(self, u, kept, prev_scales, out, ctx):
+        if self.compensation == "single":
+            return self.codec.encode_deferred(u, kept[0], prev_scales[0], out, ctx.layout)
+        return self.codec.encode_ecx_deferred(u, kept, prev_scales, out, ctx.layout, self.alpha)
 
     def compress(self, p, ctx):
         """The payload of p; leaves p - q in p (the new delta, or scratch for "none")."""

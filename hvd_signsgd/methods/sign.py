@@ -371,8 +371,8 @@ class EFSignSGD(ErrorFeedbackMethod):
     def compress_fused(self, g, memories, e_out, ctx):
         return self.codec.encode_fused(g, memories[0], e_out, ctx.layout)
 
-    def compress_deferred(self, g, p_prev, prev_scales, p_out, ctx):
-        return self.codec.encode_deferred(g, p_prev, prev_scales, p_out, ctx.layout)
+    def compress_deferred(self, g, kept, prev_scales, p_out, ctx):
+        return self.codec.encode_deferred(g, kept[0], prev_scales[0], p_out, ctx.layout)
 
     def compress(self, p, ctx):      # the unfused reference (tests compare the two)
         z = count_zeros(p, ctx.layout)

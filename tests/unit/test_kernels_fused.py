@@ -411,6 +411,116 @@ def test_deferred_argument_errors():
                                 pairs.numpy(), *(t.numpy() for t in out), p_out[15:].numpy())
 
 
+def ecx_deferred_inputs(layout, kinds, seed):
+    """u (special values of kinds) and two kept buffers with their scales."""
+    u, p1, prev1 = deferred_inputs(layout, kinds, seed)
+    _, p2, prev2 = deferred_inputs(layout, ["normal", "zeros", "subnormal"], seed + 7)
+    return u, p1, prev1, p2, prev2
+
+
+def run_ecx_deferred(name, u, p1, prev1, p2, prev2, layout, alpha):
+    out = torch.full_like(p1, 12345.0)
+    if name == "torch":
+        return T.ecx_sign_deferred(u, p1, prev1, p2, prev2, out, list(layout.segments()),
+                                   alpha), out
+    return with_isa(name, lambda: K.ecx_sign_deferred(u, p1, prev1, p2, prev2, out,
+                                                      segment_pairs(layout), alpha)), out
+
+
+@SETTINGS
+@given(sizes=SIZES, kinds=KINDS, seed=st.integers(0, 2**31),
+       alpha=st.sampled_from([0.1, 0.5, 1.0, 0.37]))
+@example(sizes=[(1 << 20) + 3, 5], kinds=["normal", "zeros"], seed=1, alpha=0.1)
+@example(sizes=[64, 1, 65], kinds=["cancel", "subnormal"], seed=3, alpha=0.1)
+@example(sizes=[0], kinds=["normal"], seed=0, alpha=0.1)
+def test_ecx_deferred_is_ecx_sign_over_the_formed_residuals(sizes, kinds, seed, alpha):
+    """Every ISA and the torch fallback: the outputs of ecx_sign(u, residual(p1),
+    residual(p2)) bit for bit, p_out = the compensated p, and ef_residual of p_out with the new
+    scales is ecx_sign's d_out; the kept buffers and their scales are only read."""
+    layout = Layout.for_sizes(sizes)
+    u, p1, prev1, p2, prev2 = ecx_deferred_inputs(layout, kinds, seed)
+    before = [t.clone() for t in (p1, prev1, p2, prev2)]
+    d1 = np_residual(p1, prev1.numpy(), layout)
+    d2 = np_residual(p2, prev2.numpy(), layout)
+    want_d = torch.empty_like(d1)
+    want = T.ecx_sign(u, d1, d2, want_d, list(layout.segments()), alpha)
+    for name in [*ISAS, "torch"]:
+        got, out = run_ecx_deferred(name, u, p1, prev1, p2, prev2, layout, alpha)
+        assert all(torch.equal(bits_of(a), bits_of(b))
+                   for a, b in zip((p1, prev1, p2, prev2), before)), name
+        assert (got is None) == (want is None), name
+        if want is None:
+            continue
+        for a, b in zip(got, want):
+            assert a.dtype == b.dtype and torch.equal(bits_of(a), bits_of(b)), name
+        assert torch.equal(bits_of(out), bits_of(T.ecx_compensated(u, d1, d2, alpha))), name
+        formed = K.ef_residual(out.clone(), got[2], segment_pairs(layout))
+        assert torch.equal(bits_of(formed), bits_of(want_d)), name
+    if want is not None:
+        a, b = K.ecx_coefficients(alpha)
+        p = (u.numpy() + ((np.float32(a) * d1.numpy()).astype(np.float32)
+                          - (np.float32(b) * d2.numpy()).astype(np.float32))).astype(np.float32)
+        numpy_reference(u, d1, layout, want, p=p)
+
+
+@pytest.mark.parametrize("shift", [0, 1, 3])
+def test_ecx_deferred_unaligned_buffers_give_the_same_result(shift):
+    """p_out at a 32-byte boundary takes the streaming-store path, elsewhere the plain one."""
+    layout = Layout.for_sizes([1000, 77, 4097])
+    u0, q1, prev1, q2, prev2 = ecx_deferred_inputs(layout, ["normal", "zeros"], 7)
+    n = layout.numel
+    want, want_out = run_ecx_deferred("torch", u0, q1, prev1, q2, prev2, layout, 0.1)
+    base = torch.zeros(3 * (n + 8))
+    u, p1, p2 = (base[k * (n + 8) + shift:k * (n + 8) + shift + n] for k in range(3))
+    for dst, src in ((u, u0), (p1, q1), (p2, q2)):
+        dst.copy_(src)
+    out = torch.full((n + 8,), 7.0)[shift:shift + n]
+    for name in ISAS:
+        got = with_isa(name, lambda: K.ecx_sign_deferred(u, p1, prev1, p2, prev2, out,
+                                                         segment_pairs(layout), 0.1))
+        for a, b in zip(got, want):
+            assert torch.equal(bits_of(a), bits_of(b)), name
+        assert torch.equal(bits_of(out), bits_of(want_out)), name
+
+
+def test_ecx_deferred_argument_errors():
+    u, prev = torch.zeros(16), torch.zeros(2)
+    segs = [(0, 8), (8, 8)]
+
+    def call(*, p2=None, prev2=None, out=None, alpha=0.1):
+        return K.ecx_sign_deferred(u, u.clone(), prev, u.clone() if p2 is None else p2,
+                                   prev.clone() if prev2 is None else prev2,
+                                   torch.empty(16) if out is None else out, segs, alpha)
+
+    with pytest.raises(ValueError, match="prev2 must be .* one per segment"):
+        call(prev2=torch.zeros(3))
+    with pytest.raises(ValueError, match="prev2 must be >= 0"):
+        call(prev2=torch.tensor([0.0, -1.0]))
+    with pytest.raises(ValueError, match="same number"):
+        call(p2=torch.zeros(8))
+    with pytest.raises(ValueError, match="must not be"):
+        call(out=u)
+    with pytest.raises(ValueError, match="alpha"):
+        call(alpha=0.0)
+    with pytest.raises(TypeError, match="alpha"):
+        call(alpha=True)
+    # the extension itself: too few scales, scales inside an output, a bad alpha
+    out = K._cpu._scaled_sign_outputs(16, segment_pairs(Layout.for_sizes([8, 8])))
+    pairs = torch.tensor(segs, dtype=torch.int64).numpy()
+    outs = [t.numpy() for t in out]
+    x = [u.numpy(), u.numpy().copy(), u.numpy().copy()]
+    with pytest.raises(ValueError, match="prev2"):
+        NATIVE.ecx_sign_deferred(*x, torch.empty(16).numpy(), pairs, *outs, prev.numpy(),
+                                 prev[:1].numpy().copy(), 0.1)
+    p_out = torch.empty(18)
+    with pytest.raises(ValueError, match="overlap|disjoint"):
+        NATIVE.ecx_sign_deferred(*x, p_out[:16].numpy(), pairs, *outs, prev.numpy(),
+                                 p_out[15:17].numpy(), 0.1)
+    with pytest.raises(ValueError, match="alpha"):
+        NATIVE.ecx_sign_deferred(*x, torch.empty(16).numpy(), pairs, *outs, prev.numpy(),
+                                 prev.numpy().copy(), 1.5)
+
+
 def _encode(method, g, state, step, layout):
     ctx = _ctx(layout, step)
     return method.encode(g, state, ctx), ctx
@@ -430,10 +540,10 @@ def test_deferred_memory_matches_the_two_pass_memory_step_by_step():
         a, _ = _encode(method, g, fast, step, layout)
         b, _ = _encode(method, g, slow, step, layout)
         assert torch.equal(a, b), step
-        assert fast.deferred is not None and fast.deferred.key == "error"
+        assert set(fast.deferred) == {"error"}
         if step in (2, 4):                # a checkpoint in between changes nothing after it
             saved = dict(fast.items())["error"].clone()
-            assert fast.deferred is None
+            assert not fast.deferred
             assert torch.equal(bits_of(saved), bits_of(slow["error"])), step
     assert torch.equal(bits_of(fast["error"]), bits_of(slow["error"]))
 
@@ -472,7 +582,7 @@ def _two_states_after_steps(steps=3):
         _encode(method, g, fast, step, layout)
         _encode(method, g, slow, step, layout)
     method.commit(fast)
-    assert fast.deferred is not None
+    assert "error" in fast.deferred
     return method, layout, fast, slow
 
 
@@ -514,7 +624,7 @@ def test_deferred_memory_assignment_replaces_the_memory():
     method, layout, fast, _ = _two_states_after_steps()
     v = torch.ones(layout.numel)
     fast["error"] = v
-    assert fast.deferred is None and torch.equal(fast["error"], torch.ones(layout.numel))
+    assert not fast.deferred and torch.equal(fast["error"], torch.ones(layout.numel))
     plain = {"error": torch.ones(layout.numel)}
     g = torch.randn(layout.numel)
     assert torch.equal(_encode(method, g, fast, 3, layout)[0],
@@ -547,7 +657,7 @@ def test_engine_steps_leave_the_memory_deferred():
         b.flat.copy_(g)
         eng.launch([b])
         assert eng.finish().error is None
-        assert b.state.deferred is not None, step
+        assert set(b.state.deferred) == {"error"}, step
         _encode(make_method("ef_signsgd"), g, slow, step, b.layout)
     saved = eng.state_section()["buckets"][0]["error"]
     assert torch.equal(bits_of(saved), bits_of(slow["error"]))
@@ -559,11 +669,11 @@ def test_deferred_nan_keeps_the_deferred_memory():
     state = method.init_state(layout)
     _encode(method, torch.randn(layout.numel), state, 0, layout)
     method.commit(state)
-    record, buf = state.deferred, state.raw("error")
+    record, buf = state.deferred["error"], state.raw("error")
     bad = torch.randn(layout.numel)
     bad[-1] = math.inf
     _, ctx = _encode(method, bad, state, 1, layout)
-    assert ctx.nonfinite and state.deferred is record and state.raw("error") is buf
+    assert ctx.nonfinite and state.deferred["error"] is record and state.raw("error") is buf
 
 
 # ---- ErrorCompensatedX: kernels.ecx_sign, p = u + (a*d1 - b*d2) --------------------------------
@@ -914,6 +1024,111 @@ def test_ecx_engine_rollback_restores_both_memories_without_a_backup():
     assert torch.equal(b.state["delta2"], before["delta1"])
     assert not torch.equal(b.state["delta1"], before["delta1"])
     assert eng.step == 3
+
+
+def ecx_pair(compensation="ecx", alpha=0.1, layout=ECX_LAYOUT):
+    """An ecx method, a MemoryState (the one-pass path) and a plain dict (the two-pass one)."""
+    method = make_method("ecx", alpha=alpha, compensation=compensation)
+    layout = Layout.for_sizes(layout)
+    slow = {k: torch.zeros(layout.numel) for k in method.memory.keys}
+    return method, layout, method.init_state(layout), slow
+
+
+@pytest.mark.parametrize("compensation", ["ecx", "single"])
+@pytest.mark.parametrize("alpha", [0.1, 0.5])
+def test_ecx_deferred_memories_match_the_two_pass_memories_step_by_step(compensation, alpha):
+    """The MemoryState takes the one-pass kernel: the same payload bits as the two-pass path
+    every step, both buffers stay unformed between steps (no pass of their own), and reading
+    them (what a checkpoint saves) gives the two-pass memories, also in the middle of a run."""
+    method, layout, fast, slow = ecx_pair(compensation, alpha)
+    keys, unread = method.memory.keys, 0     # steps since the memories were last read
+    for k, g in enumerate(ecx_grads(layout, 12, 9)):
+        a = method.encode(g.clone(), fast, _ctx(layout, k))
+        b = method.encode(g.clone(), slow, _ctx(layout, k))
+        method.commit(fast)
+        unread += 1
+        assert torch.equal(a, b), k
+        assert set(fast.deferred) == set(keys[:unread]), k
+        if k in (4, 8):
+            saved = dict(fast.items())
+            assert not fast.deferred
+            unread = 0
+            for key in keys:
+                assert torch.equal(bits_of(saved[key]), bits_of(slow[key])), (k, key)
+    for key in keys:
+        assert torch.equal(bits_of(fast[key]), bits_of(slow[key])), key
+
+
+@pytest.mark.parametrize("read_between", [None, "delta1", "delta2"])
+def test_ecx_deferred_rollback_restores_both_memories(read_between):
+    """A step that failed on another rank rotates both buffers back with their own scales,
+    also when one memory was read (formed in place) between the step and the rollback; the
+    step then redone gives the two-pass path's payload and memories."""
+    method, layout, fast, slow = ecx_pair()
+    grads = ecx_grads(layout, 5, 3)
+    for k in range(3):
+        assert torch.equal(method.encode(grads[k].clone(), fast, _ctx(layout, k)),
+                           method.encode(grads[k].clone(), slow, _ctx(layout, k)))
+        method.commit(fast)
+    method.encode(grads[4] * 3, fast, _ctx(layout, 3))
+    if read_between:
+        fast[read_between]
+    method.rollback(fast)
+    for k in (3, 4):
+        assert torch.equal(method.encode(grads[k].clone(), fast, _ctx(layout, k)),
+                           method.encode(grads[k].clone(), slow, _ctx(layout, k))), k
+        method.commit(fast)
+    for key in ("delta1", "delta2"):
+        assert torch.equal(bits_of(fast[key]), bits_of(slow[key])), key
+
+
+def test_ecx_deferred_nan_and_assignment():
+    """A NaN step leaves both buffers and their records; assigning a key makes the value the
+    memory (its record dropped, the other key's kept)."""
+    method, layout, fast, slow = ecx_pair()
+    grads = ecx_grads(layout, 4, 8)
+    for k in range(2):
+        method.encode(grads[k].clone(), fast, _ctx(layout, k))
+        method.encode(grads[k].clone(), slow, _ctx(layout, k))
+        method.commit(fast)
+    recs = dict(fast.deferred)
+    bufs = {k: fast.raw(k) for k in ("delta1", "delta2")}
+    bad = grads[2].clone()
+    bad[5] = math.nan
+    ctx = _ctx(layout, 2)
+    method.encode(bad, fast, ctx)
+    assert ctx.nonfinite and fast.deferred == recs
+    assert all(fast.raw(k) is v for k, v in bufs.items())
+    fast["delta2"] = slow["delta2"] = torch.full((layout.numel,), 0.25)
+    assert set(fast.deferred) == {"delta1"}
+    g = grads[3]
+    assert torch.equal(method.encode(g.clone(), fast, _ctx(layout, 3)),
+                       method.encode(g.clone(), slow, _ctx(layout, 3)))
+    for key in ("delta1", "delta2"):
+        assert torch.equal(bits_of(fast[key]), bits_of(slow[key])), key
+
+
+def test_ecx_engine_steps_leave_both_memories_deferred():
+    """The engine reads neither memory: both stay in their one-pass form from step to step,
+    and a checkpoint gives the formed memories."""
+    from hvd_signsgd.communicator import Communicator
+    from hvd_signsgd.engine import Engine
+    eng = Engine(Communicator(), make_method("ecx", alpha=0.1))
+    eng.build([(["a", "b"], [40, 13], None)])
+    (b,) = eng.buckets
+    slow = {k: torch.zeros(b.layout.numel) for k in ("delta1", "delta2")}
+    for step in range(4):
+        g = torch.randn(b.layout.numel)
+        eng.begin_step()
+        b.flat.copy_(g)
+        eng.launch([b])
+        assert eng.finish().error is None
+        want = {"delta1"} if step == 0 else {"delta1", "delta2"}
+        assert set(b.state.deferred) == want, step
+        make_method("ecx", alpha=0.1).encode(g, slow, _ctx(b.layout, step))
+    saved = eng.state_section()["buckets"][0]
+    for key in ("delta1", "delta2"):
+        assert torch.equal(bits_of(saved[key]), bits_of(slow[key])), key
 
 
 def test_ecx_memory_is_the_error_feedback_component():
