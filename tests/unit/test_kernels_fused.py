@@ -369,25 +369,6 @@ def test_deferred_is_ef_sign_over_the_formed_residual(sizes, kinds, seed):
         numpy_reference(g, e, layout, want)
 
 
-@pytest.mark.parametrize("shift", [0, 1, 3])
-def test_deferred_unaligned_buffers_give_the_same_result(shift):
-    """p_out at a 32-byte boundary takes the streaming-store path, elsewhere the plain one."""
-    layout = Layout.for_sizes([1000, 77, 4097])
-    g0, p0, prev = deferred_inputs(layout, ["normal", "zeros"], 7)
-    n = layout.numel
-    want, want_out = run_deferred("torch", g0, p0, prev, layout)
-    base = torch.zeros(2 * (n + 8))
-    g, p = base[shift:shift + n], base[n + 8 + shift:2 * n + 8 + shift]
-    g.copy_(g0)
-    p.copy_(p0)
-    out = torch.full((n + 8,), 7.0)[shift:shift + n]
-    for name in ISAS:
-        got = with_isa(name, lambda: K.ef_sign_deferred(g, p, prev, out, segment_pairs(layout)))
-        for a, b in zip(got, want):
-            assert torch.equal(bits_of(a), bits_of(b)), name
-        assert torch.equal(bits_of(out), bits_of(want_out)), name
-
-
 def test_deferred_argument_errors():
     g, prev = torch.zeros(16), torch.zeros(2)
     segs = [(0, 8), (8, 8)]
@@ -463,21 +444,39 @@ def test_ecx_deferred_is_ecx_sign_over_the_formed_residuals(sizes, kinds, seed, 
         numpy_reference(u, d1, layout, want, p=p)
 
 
+def shifted(tensors, shift):
+    """Copies of the tensors as views into one buffer, `shift` elements past a 32-byte
+    boundary each."""
+    n = tensors[0].numel()
+    base = torch.zeros(len(tensors) * (n + 8))
+    views = [base[k * (n + 8) + shift:k * (n + 8) + shift + n] for k in range(len(tensors))]
+    for view, t in zip(views, tensors):
+        view.copy_(t)
+    return views
+
+
 @pytest.mark.parametrize("shift", [0, 1, 3])
-def test_ecx_deferred_unaligned_buffers_give_the_same_result(shift):
-    """p_out at a 32-byte boundary takes the streaming-store path, elsewhere the plain one."""
+@pytest.mark.parametrize("kind", ["ef", "ecx"])
+def test_deferred_unaligned_buffers_give_the_same_result(kind, shift):
+    """p_out at a 32-byte boundary takes the streaming-store path, elsewhere the plain one;
+    the inputs off any boundary: every combination gives the fallback's bits."""
     layout = Layout.for_sizes([1000, 77, 4097])
-    u0, q1, prev1, q2, prev2 = ecx_deferred_inputs(layout, ["normal", "zeros"], 7)
+    segs = segment_pairs(layout)
+    if kind == "ef":
+        g0, p0, prev = deferred_inputs(layout, ["normal", "zeros"], 7)
+        want, want_out = run_deferred("torch", g0, p0, prev, layout)
+        g, p = shifted([g0, p0], shift)
+        call = lambda out: K.ef_sign_deferred(g, p, prev, out, segs)  # noqa: E731
+    else:
+        u0, q1, prev1, q2, prev2 = ecx_deferred_inputs(layout, ["normal", "zeros"], 7)
+        want, want_out = run_ecx_deferred("torch", u0, q1, prev1, q2, prev2, layout, 0.1)
+        u, p1, p2 = shifted([u0, q1, q2], shift)
+        call = lambda out: K.ecx_sign_deferred(u, p1, prev1, p2, prev2, out, segs,  # noqa: E731
+                                               0.1)
     n = layout.numel
-    want, want_out = run_ecx_deferred("torch", u0, q1, prev1, q2, prev2, layout, 0.1)
-    base = torch.zeros(3 * (n + 8))
-    u, p1, p2 = (base[k * (n + 8) + shift:k * (n + 8) + shift + n] for k in range(3))
-    for dst, src in ((u, u0), (p1, q1), (p2, q2)):
-        dst.copy_(src)
     out = torch.full((n + 8,), 7.0)[shift:shift + n]
     for name in ISAS:
-        got = with_isa(name, lambda: K.ecx_sign_deferred(u, p1, prev1, p2, prev2, out,
-                                                         segment_pairs(layout), 0.1))
+        got = with_isa(name, lambda: call(out))
         for a, b in zip(got, want):
             assert torch.equal(bits_of(a), bits_of(b)), name
         assert torch.equal(bits_of(out), bits_of(want_out)), name
@@ -641,26 +640,29 @@ def test_deferred_negative_scales_are_refused():
         K.ef_residual(g.clone(), torch.tensor([-0.5]), [(0, 16)])
 
 
-def test_engine_steps_leave_the_memory_deferred():
-    """The engine's step reads no memory of ef_signsgd's: the buffer stays in its one-pass
-    form from step to step (a read would form it, costing the pass the kernel saves), and a
-    checkpoint gives the formed memory."""
+@pytest.mark.parametrize("method,options", [("ef_signsgd", {}), ("ecx", {"alpha": 0.1})])
+def test_engine_steps_leave_the_memories_deferred(method, options):
+    """The engine's step reads no memory: each buffer stays in its one-pass form from step to
+    step (a read would form it, costing the pass the kernel saves), and a checkpoint gives the
+    formed memories (ef_signsgd's error; ecx's delta1 and delta2)."""
     from hvd_signsgd.communicator import Communicator
     from hvd_signsgd.engine import Engine
-    eng = Engine(Communicator(), make_method("ef_signsgd"))
+    eng = Engine(Communicator(), make_method(method, **options))
     eng.build([(["a", "b"], [40, 13], None)])
     (b,) = eng.buckets
-    slow = {"error": torch.zeros(b.layout.numel)}
-    for step in range(3):
+    keys = b.method.memory.keys
+    slow = {k: torch.zeros(b.layout.numel) for k in keys}
+    for step in range(4):
         g = torch.randn(b.layout.numel)
         eng.begin_step()
         b.flat.copy_(g)
         eng.launch([b])
         assert eng.finish().error is None
-        assert set(b.state.deferred) == {"error"}, step
-        _encode(make_method("ef_signsgd"), g, slow, step, b.layout)
-    saved = eng.state_section()["buckets"][0]["error"]
-    assert torch.equal(bits_of(saved), bits_of(slow["error"]))
+        assert set(b.state.deferred) == set(keys[:step + 1]), step
+        _encode(make_method(method, **options), g, slow, step, b.layout)
+    saved = eng.state_section()["buckets"][0]
+    for key in keys:
+        assert torch.equal(bits_of(saved[key]), bits_of(slow[key])), key
 
 
 def test_deferred_nan_keeps_the_deferred_memory():
@@ -1106,29 +1108,6 @@ def test_ecx_deferred_nan_and_assignment():
                        method.encode(g.clone(), slow, _ctx(layout, 3)))
     for key in ("delta1", "delta2"):
         assert torch.equal(bits_of(fast[key]), bits_of(slow[key])), key
-
-
-def test_ecx_engine_steps_leave_both_memories_deferred():
-    """The engine reads neither memory: both stay in their one-pass form from step to step,
-    and a checkpoint gives the formed memories."""
-    from hvd_signsgd.communicator import Communicator
-    from hvd_signsgd.engine import Engine
-    eng = Engine(Communicator(), make_method("ecx", alpha=0.1))
-    eng.build([(["a", "b"], [40, 13], None)])
-    (b,) = eng.buckets
-    slow = {k: torch.zeros(b.layout.numel) for k in ("delta1", "delta2")}
-    for step in range(4):
-        g = torch.randn(b.layout.numel)
-        eng.begin_step()
-        b.flat.copy_(g)
-        eng.launch([b])
-        assert eng.finish().error is None
-        want = {"delta1"} if step == 0 else {"delta1", "delta2"}
-        assert set(b.state.deferred) == want, step
-        make_method("ecx", alpha=0.1).encode(g, slow, _ctx(b.layout, step))
-    saved = eng.state_section()["buckets"][0]
-    for key in ("delta1", "delta2"):
-        assert torch.equal(bits_of(saved[key]), bits_of(slow[key])), key
 
 
 def test_ecx_memory_is_the_error_feedback_component():
