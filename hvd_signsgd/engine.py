@@ -350,7 +350,7 @@ class Engine:
             try:
                 norm = method.combine_norms([method.norm_part(b.flat, b.state, b.ctx)
                                              for b in buckets])
-            except Exception as e:  # noqa: BLE001 - sent as FLAG_FAILED, raised in finish
+            except Exception as e:  # noqa: BLE001 - encode_failed is sent, raised in finish
                 for b in buckets:
                     self._fail(b, e)
                 norm = 0.0
@@ -367,7 +367,7 @@ class Engine:
         if b.failed is None:
             try:
                 return fn(*args)
-            except Exception as e:  # noqa: BLE001 - sent as FLAG_FAILED, raised in finish
+            except Exception as e:  # noqa: BLE001 - encode_failed is sent, raised in finish
                 self._fail(b, e)
         return None
 
@@ -389,7 +389,10 @@ class Engine:
         else:
             msg = self._guarded(b, b.active.encode, w.flat, b.state, w.ctx)
             if b.failed is not None:
-                msg = b.active.encode_failed(w.ctx)
+                try:
+                    msg = b.active.encode_failed(w.ctx)
+                except Exception:  # noqa: BLE001 - nothing to send instead: raise at once
+                    raise b.failed from None
         extra = self.comm.counters.extra
         for k, v in w.ctx.stats.items():      # method counts (nnz_sent, dense_fallbacks, ...)
             extra[k] = extra.get(k, 0) + v

@@ -99,7 +99,7 @@ import torch
 from . import kernels, wire
 from .codecs import Layout, Sparse
 from .methods import NoCompression, NonFiniteGradientError
-from .methods.base import as_mean, check_ranks
+from .methods.base import FAILED_SLOT, NONFINITE_SLOT, as_mean, check_status_slots
 from .methods.sign import EFSignSGD, SignSGD
 
 EXCHANGES = ("auto", "allgather", "alltoall", "hierarchical")
@@ -584,9 +584,6 @@ class _DenseSparseHandle:
         return self.handle.future()
 
 
-_NONFINITE_SLOT, _FAILED_SLOT = 1.0, 2.0
-
-
 def _densify(b, msg: torch.Tensor, rank: int, size: int):
     """(vector, error): this rank's payload as a float32 vector of the bucket, its pairs (or
     dense fallback) scattered into zeros (zeros for a joined rank), then `size` status slots
@@ -602,21 +599,18 @@ def _densify(b, msg: torch.Tensor, rank: int, size: int):
             b.active.codec.aggregate([p], d, b.name, out=out[:d])
     except wire.PayloadError as e:
         out.zero_()
-        out[d + rank] = _FAILED_SLOT
+        out[d + rank] = FAILED_SLOT
         return out, e
     if flags & wire.FLAG_FAILED:
-        out[d + rank] = _FAILED_SLOT
+        out[d + rank] = FAILED_SLOT
     elif flags & wire.FLAG_NONFINITE:
-        out[d + rank] = _NONFINITE_SLOT
+        out[d + rank] = NONFINITE_SLOT
     return out, None
 
 
 def _dense_sparse_aggregate(b, total: torch.Tensor, size: int) -> torch.Tensor:
     ctx, d = b.ctx, b.layout.numel
-    status = total[d:].tolist()
-    check_ranks([m for m in range(size) if status[m] == _FAILED_SLOT],
-                [m for m in range(size) if status[m] == _NONFINITE_SLOT], ctx,
-                ", pairs summed densely")
+    check_status_slots(total[d:d + size].tolist(), ctx, ", pairs summed densely")
     if not kernels.all_finite(total[:d]):       # finite on every rank, the sum overflowed
         raise NonFiniteGradientError(
             f"the ranks' gradients summed to Inf (bucket {ctx.bucket}, step {ctx.step}, pairs "

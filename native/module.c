@@ -830,8 +830,7 @@ static PyObject *fused_sign(PyObject *args, PyObject *kw, int n_in, int deferred
                                   "scales", "zeros", "prev1", "prev2", "alpha", NULL};
     char **kwlist = n_in == 3 ? (deferred ? ecxd_kwlist : ecx_kwlist)
                               : (deferred ? efd_kwlist : ef_kwlist);
-    /* the prev_scales, from index PREV, are checked as the outputs are: disjoint from every
-     * buffer */
+    /* the prev_scales, from index PREV, are inputs: disjoint from the outputs only */
     const int OUT = n_in, SEG = n_in + 1, PREV = n_in + 6, N = PREV + (deferred ? n_in - 1 : 0);
     PyObject *o[11], *result = NULL;
     Py_buffer v[11] = {{0}};
@@ -894,12 +893,15 @@ static PyObject *fused_sign(PyObject *args, PyObject *kw, int n_in, int deferred
         goto done;
     for (int k = PREV; k < N; k++)
         if (check_room(v[k].len / 4, n_segs, kwlist[k], "elements") < 0) goto done;
-    /* every output disjoint from everything else (the inputs may alias each other) */
+    /* every output disjoint from everything else (the inputs, prev_scales included, may
+     * alias each other) */
     for (int a = 0; a < N; a++)
-        for (int b = a + 1; b < N; b++)
-            if (b >= OUT && a != SEG && b != SEG &&
+        for (int b = a + 1; b < N; b++) {
+            int output = a == OUT || (a > SEG && a < PREV) || b == OUT || (b > SEG && b < PREV);
+            if (output && a != SEG && b != SEG &&
                 check_disjoint(v[a].buf, (size_t)v[a].len, v[b].buf, (size_t)v[b].len) < 0)
                 goto done;
+        }
     if (check_disjoint(v[SEG].buf, (size_t)v[SEG].len, v[OUT].buf, (size_t)v[OUT].len) < 0)
         goto done;
     segs = PyMem_Malloc(v[SEG].len ? (size_t)v[SEG].len : 1);
@@ -987,7 +989,7 @@ PyDoc_STRVAR(ecx_sign_deferred_doc,
 "ecx_sign in one pass, with both memories kept as earlier steps' p and their scales\n"
 "(native/sg_fused.h): d1, d2 are the residuals of p1 with prev1 and of p2 with prev2 (as\n"
 "ef_sign_deferred forms e); p_out <- u + (a*d1 - b*d2), and the other outputs are ecx_sign's\n"
-"over it. prev1, prev2: float32, one per segment, disjoint from the outputs and each other.\n"
+"over it. prev1, prev2: float32, one per segment, disjoint from the outputs.\n"
 "Returns False, the outputs unspecified, if any p or scale is NaN/Inf.");
 
 static PyObject *py_ecx_sign_deferred(PyObject *self, PyObject *args, PyObject *kw) {

@@ -196,8 +196,8 @@ sg_ef_sign_run(sg_src src, float *e_out, size_t n, const int64_t *segs, size_t n
 }
 
 /* ---- deferred residual (ef_sign_deferred, ecx_sign_deferred): error feedback in one pass ------
- * Each memory is kept as an earlier step's p and its scales; its residual is formed where the
- * next step reads it:
+ * Each memory is kept as an earlier step's p and its scales; its residual is formed wherever a
+ * later step reads it, never stored (ECX reads each buffer twice: as d1, then as d2):
  *   e_i = sg_ef_residual(x_i, prev_scale_t)   in segment t, x the kept buffer
  *       = x_i                                  in the gaps
  *   p_i = g_i + e1_i                           (ef_sign_deferred: x = p_prev)

@@ -108,8 +108,8 @@ NaN, only its NaN-ness is specified, not its sign or payload):
                                           d2 = ef_residual(p2, prev2), then ecx_sign's
                                           outputs over u + (a*d1 - b*d2), except that p_out
                                           gets that sum itself. One pass; the same payload
-                                          bits. p1, p2, prev1, prev2 (float32 (S,), >= 0,
-                                          distinct tensors): only read.
+                                          bits. prev1, prev2: float32 (S,), >= 0; p1, p2 and
+                                          the scales are only read.
     tree_abs_sum(x) -> 0-dim float32      sum |x| in the fused kernels' fixed order (tree_sum).
     momentum_sign(g, m, m_out, beta) -> (bits, zplane, zeros) or None
                                           fused Signum momentum: m_out = (a * m) + (b * g),

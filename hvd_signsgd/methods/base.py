@@ -81,6 +81,18 @@ def check_ranks(failed: list, bad: list, ctx: StepContext, route: str = "") -> N
             f"clip gradients, or check the data.")
 
 
+NONFINITE_SLOT, FAILED_SLOT = 1.0, 2.0     # a rank's status slot in a dense allreduce
+
+
+def check_status_slots(status: list, ctx: StepContext, route: str = "") -> None:
+    """Raise for the ranks marked in an allreduce's status slots (one float32 per rank of the
+    exchange, after the values: a rank whose gradient was not finite or whose method raised
+    marks its own and sends zeros). Compared with margins, not ==: Horovod's prescale and
+    postscale may leave 2.0000002."""
+    check_ranks([m for m, v in enumerate(status) if v > 1.5],
+                [m for m, v in enumerate(status) if 0.5 < v <= 1.5], ctx, route)
+
+
 def mean_divisor(ctx: StepContext) -> int:
     """What a sum over the voting ranks is divided by as Horovod's op asks: the number of
     ranks (op=Average) or 1 (op=Sum)."""
@@ -144,13 +156,17 @@ class Method:
         """A problem with the wrapped optimizer's settings for this method, or None."""
         return None
 
-    reports_failures = True           # encode_failed's payload tells the other ranks
+    @property
+    def reports_failures(self) -> bool:
+        """Whether encode_failed's payload can tell the other ranks: an allgather's header
+        can; an allreduce method must make room for it (Random-k's status slots) and say so.
+        Where it cannot, the rank raises at once (the dense baselines)."""
+        return self.collective == "allgather"
 
     def encode_failed(self, ctx: StepContext) -> torch.Tensor:
         """The payload of a rank whose method raised this step (the engine sends it instead):
         every other rank then raises SenderFailedError naming that rank. A FLAG_FAILED header
-        for allgather methods. A method whose collective cannot carry it sets
-        reports_failures = False, and the rank raises at once (the dense baselines)."""
+        for allgather methods."""
         return wire.build(wire.Header(self.codec.codec, ctx.layout.numel,
                                       flags=wire.FLAG_NONFINITE | wire.FLAG_FAILED))
 
@@ -295,7 +311,7 @@ class OutOfPlace:
             self._rotate(state, (out,) + olds[:-1], olds[-1], 1)
             state.pending = True
         else:
-            state.spare = out
+            state.spare, state.spare_deferred = out, None   # out was written in part
         return result
 
     def _rotate(self, state, buffers, spare, by: int):

@@ -10,7 +10,6 @@ from .base import Method, as_mean
 class NoCompression(Method):
     """`none`: float32 allreduce, exactly Horovod's default path."""
     name, collective, bits_per_coordinate = "none", "allreduce", 32.0
-    reports_failures = False    # Horovod's plain allreduce: no room for a status
 
     def __init__(self, dtype=torch.float32):
         self.codec = Dense(dtype)

@@ -32,10 +32,12 @@ import torch
 from .. import kernels
 from ..codecs import Sparse
 from .base import (
+    FAILED_SLOT,
+    NONFINITE_SLOT,
     ErrorFeedbackMethod,
     NonFiniteGradientError,
     as_mean,
-    check_ranks,
+    check_status_slots,
     mean_divisor,
     mix_seed,
 )
@@ -295,8 +297,6 @@ class HardThreshold(_SparseEF):
 # --- Random-k -------------------------------------------------------------------------------------
 
 _RANDOMK_STREAM = 0x72616E646B   # "randk"
-_NONFINITE, _FAILED = 1.0, 2.0     # Random-k's status slots (RandomK)
-
 
 def _slots(ctx) -> int:
     """Random-k's status slots: one per rank of the exchange (joined ranks included)."""
@@ -335,11 +335,10 @@ class RandomK(Perturbation, ErrorFeedbackMethod):
     what was not sent, and the scaled form would multiply the variance by d/k.
 
     Status slots: an allreduce carries no per-rank header, so the vector ends with one float32
-    per rank of the exchange (4n bytes). A rank whose gradient is not finite, or whose method
-    raised, sends zeros and marks its own slot (1 or 2; a sum of zeros elsewhere, so the marks
-    survive the sum and Horovod's pre/postscale), and every rank raises
-    NonFiniteGradientError or SenderFailedError naming it. Finite gradients whose sum
-    overflows raise NonFiniteGradientError without a name.
+    per rank of the exchange (4n bytes). A rank whose gradient is not finite (or whose e + g
+    overflows), or whose method raised, sends zeros and marks its own slot (base.
+    check_status_slots), and every rank raises NonFiniteGradientError or SenderFailedError
+    naming it. Finite values whose sum overflows raise NonFiniteGradientError without a name.
     noise / noise_seed / reset_every: perturb.py; on a reset step every rank allreduces its
     whole p (all ranks reset on the same steps).
     """
@@ -368,10 +367,19 @@ class RandomK(Perturbation, ErrorFeedbackMethod):
         ctx._randomk_indices = idx
         return idx
 
-    def _message(self, ctx, status: float = 0.0) -> torch.Tensor:
+    reports_failures = True      # through the status slots
+
+    def n_values(self, ctx) -> int:
+        """The values this step sends: sum_t k_t, or every coordinate on a reset step (from
+        the layout alone, so that a failed draw still knows the allreduce's length)."""
+        if self.reset_due(ctx):
+            return ctx.layout.numel
+        return sum(_per_tensor_k(self.ratio, self.k, s) for s in ctx.layout.sizes)
+
+    def _message(self, ctx, status: float = 0.0, device=None) -> torch.Tensor:
         """Zeros for this step's values, then the status slots, this rank's set to status."""
-        k = ctx.layout.numel if self.reset_due(ctx) else self.indices(ctx).numel()
-        msg = torch.zeros(k + _slots(ctx))
+        k = self.n_values(ctx)
+        msg = torch.zeros(k + _slots(ctx), dtype=torch.float32, device=device)
         msg[k + ctx.rank] = status
         return msg
 
@@ -379,30 +387,35 @@ class RandomK(Perturbation, ErrorFeedbackMethod):
         return self._message(ctx)
 
     def encode_nonfinite(self, ctx):
-        return self._message(ctx, _NONFINITE)
+        return self._message(ctx, NONFINITE_SLOT)
 
     def encode_failed(self, ctx):
-        return self._message(ctx, _FAILED)
+        return self._message(ctx, FAILED_SLOT)
 
     def compress_whole(self, p, ctx):
-        msg = self._message(ctx)
+        msg = self._message(ctx, device=p.device)
         msg[:p.numel()] = p
-        return msg
+        return self._marked_if_nonfinite(msg, p.numel(), ctx)
 
     def compress(self, p, ctx):
         idx = self.indices(ctx)
-        msg = self._message(ctx)
+        msg = self._message(ctx, device=p.device)
         msg[:idx.numel()] = p[idx]
         p[idx] = 0.0
         ctx.stats["nnz_sent"] = idx.numel()
+        return self._marked_if_nonfinite(msg, idx.numel(), ctx)
+
+    @staticmethod
+    def _marked_if_nonfinite(msg, k, ctx):
+        # the engine checked g; e + g (+ noise) can still overflow on this rank alone
+        if not kernels.all_finite(msg[:k]):
+            msg.zero_()
+            msg[k + ctx.rank] = NONFINITE_SLOT
         return msg
 
     def aggregate(self, reduced, state, ctx):
         n = _slots(ctx)
-        status = reduced[-n:].tolist()
-        # rounded: Horovod's prescale and postscale may leave 2.0000002
-        check_ranks([m for m in range(n) if status[m] > 1.5],
-                    [m for m in range(n) if 0.5 < status[m] <= 1.5], ctx, ", randomk")
+        check_status_slots(reduced[-n:].tolist(), ctx, ", randomk")
         reduced = reduced[:-n]
         if not kernels.all_finite(reduced):
             raise NonFiniteGradientError(

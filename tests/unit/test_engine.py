@@ -116,3 +116,44 @@ def test_a_step_that_fails_part_way_restores_only_the_launched_buckets():
     for b, m in zip(eng.buckets, before):
         assert torch.equal(b.state["momentum"], m), b.name
     assert eng.step == 2
+
+
+def test_a_method_that_raises_is_reported_by_encode_failed_or_raised_at_once():
+    """The engine sends encode_failed's payload in place of the payload of a method that
+    raised, and raises the method's error once the step's collectives are done (finish).
+    Where nothing can be sent instead (the dense baselines, or an encode_failed that raises
+    too), the method's error comes at once, from launch."""
+    from hvd_signsgd.methods import NoCompression
+    from hvd_signsgd.methods.sparse import RandomK
+
+    class Boom(RandomK):
+        def encode(self, g, state, ctx):
+            raise ValueError("boom")
+
+    class BoomTwice(Boom):
+        def encode_failed(self, ctx):
+            raise RuntimeError("again")
+
+    class DenseBoom(NoCompression):
+        def encode(self, g, state, ctx):
+            raise ValueError("boom")
+
+    assert Boom().reports_failures and make_method("signsgd").reports_failures
+    assert not DenseBoom().reports_failures and not make_method("fp16").reports_failures
+
+    def launched(method):
+        eng = Engine(Communicator(), method)
+        eng.build([(["a", "b"], [40, 13], None)])
+        (b,) = eng.buckets
+        eng.begin_step()
+        b.flat.copy_(torch.randn(b.layout.numel))
+        eng.launch([b])
+        return eng
+
+    eng = launched(Boom(ratio=0.5))
+    with pytest.raises(ValueError, match="boom"):
+        eng.finish()
+    for method in (BoomTwice(ratio=0.5), DenseBoom()):
+        with pytest.raises(ValueError, match="boom"):
+            launched(method)
+

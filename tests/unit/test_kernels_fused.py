@@ -482,6 +482,18 @@ def test_deferred_unaligned_buffers_give_the_same_result(kind, shift):
         assert torch.equal(bits_of(out), bits_of(want_out)), name
 
 
+def test_ecx_deferred_scales_may_share_memory():
+    """The scales are inputs: prev1 and prev2 may be one tensor (as the fallback allows)."""
+    layout = Layout.for_sizes([300, 77])
+    u, p1, prev, p2, _ = ecx_deferred_inputs(layout, ["normal", "zeros"], 3)
+    want, want_out = run_ecx_deferred("torch", u, p1, prev, p2, prev.clone(), layout, 0.1)
+    for name in ISAS:
+        got, out = run_ecx_deferred(name, u, p1, prev, p2, prev, layout, 0.1)
+        for a, b in zip(got, want):
+            assert torch.equal(bits_of(a), bits_of(b)), name
+        assert torch.equal(bits_of(out), bits_of(want_out)), name
+
+
 def test_ecx_deferred_argument_errors():
     u, prev = torch.zeros(16), torch.zeros(2)
     segs = [(0, 8), (8, 8)]

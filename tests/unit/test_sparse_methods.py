@@ -378,6 +378,33 @@ def test_randomk_status_slots_name_the_rank_through_the_sum(scale):
     assert torch.allclose(update[idx], sum(m[:5] for m in ok) / 4)
 
 
+def test_randomk_a_rank_whose_own_values_overflow_is_named():
+    """The engine checked g, but e + g can overflow on one rank: that rank marks its slot."""
+    method = make_method("randomk", k=5)
+    layout = Layout.for_sizes([50])
+    ctxs = [StepContext(step=0, rank=r, size=2, bucket="b", offset=0, layout=layout)
+            for r in range(2)]
+    msgs = [method.compress(torch.randn(layout.numel), ctxs[0]),
+            method.compress(torch.full((layout.numel,), math.inf), ctxs[1])]
+    assert not msgs[1][:5].any() and msgs[1][5 + 1] == 1.0
+    with pytest.raises(NonFiniteGradientError, match=r"rank\(s\) \[1\]"):
+        randomk_sum(method, ctxs, msgs)
+
+
+def test_randomk_payload_is_float32_whatever_the_default_dtype():
+    method = make_method("randomk", k=5)
+    layout = Layout.for_sizes([50])
+    ctx = StepContext(step=0, rank=0, size=2, bucket="b", offset=0, layout=layout)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        msgs = [method.encode_joined(None, ctx), method.encode_failed(ctx),
+                method.compress(torch.randn(layout.numel, dtype=torch.float32), ctx)]
+    finally:
+        torch.set_default_dtype(old)
+    assert all(m.dtype == torch.float32 and m.numel() == 5 + 2 for m in msgs)
+
+
 def test_randomk_finite_values_whose_sum_overflows_raise_without_a_name():
     method = make_method("randomk", k=5)
     layout = Layout.for_sizes([50])
