@@ -266,13 +266,12 @@ class MemoryState(dict):
         """state[k] as stored: for a deferred key, an earlier p (its residual not formed)."""
         return dict.__getitem__(self, k)
 
-    def settle(self, k=None) -> None:
-        """Form the deferred residual of key k (of every key: None) in place (a checkpoint, a
-        test or an unfused step reads the memory)."""
-        for key in list(self.deferred) if k is None else [k]:
-            d = self.deferred.pop(key, None)
-            if d is not None:
-                ef_residual(dict.__getitem__(self, key), d.scales, d.segments)
+    def settle(self, k) -> None:
+        """Form key k's deferred residual in place (a checkpoint, a test or an unfused step
+        reads the memory)."""
+        d = self.deferred.pop(k, None)
+        if d is not None:
+            ef_residual(dict.__getitem__(self, k), d.scales, d.segments)
 
 
 class OutOfPlace:
@@ -302,7 +301,7 @@ class OutOfPlace:
                     older.copy_(newer)
                 olds[0].copy_(out)
             return result
-        state.pending = False
+        state.pending, state.spare_deferred = False, None    # the spare is written below
         out = state.spare
         if out is None or out.shape != olds[0].shape or out.device != olds[0].device:
             out = torch.empty_like(olds[0])
@@ -311,18 +310,16 @@ class OutOfPlace:
             self._rotate(state, (out,) + olds[:-1], olds[-1], 1)
             state.pending = True
         else:
-            state.spare, state.spare_deferred = out, None   # out was written in part
+            state.spare = out
         return result
 
     def _rotate(self, state, buffers, spare, by: int):
         """Set the keys' buffers and the spare; each Deferred record moves with its buffer,
-        `by` keys older (1: a run, -1: its rollback; the new buffer of a run has none)."""
+        `by` keys older (1: a run, -1: its rollback)."""
         recs, ring = state.deferred, (*self.keys, None)       # None: the spare
         old = {k: recs.pop(k) for k in self.keys if k in recs}
         old[None] = state.spare_deferred
         moved = {ring[(i + by) % len(ring)]: old.get(k) for i, k in enumerate(ring)}
-        if by == 1:
-            moved[self.keys[0]] = None
         for k, v in zip(self.keys, buffers):
             dict.__setitem__(state, k, v)
             if moved[k] is not None:

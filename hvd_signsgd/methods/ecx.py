@@ -44,8 +44,8 @@ summed in the kernels' fixed order (kernels.tree_abs_sum); NaN/Inf found in the 
 With the engine's MemoryState the kernel is the one-pass kernels.ecx_sign_deferred
 ("single": ef_sign_deferred): each buffer keeps the x it was made from and its scales, and
 the kernels of the next two steps form delta = x - q as they read it, without storing it
-(ErrorFeedback.fused_deferred); reading
-state["delta1"] or ["delta2"] forms it in place, so what is read, saved or loaded is delta.
+(ErrorFeedback.fused_deferred); reading state["delta1"] or ["delta2"] forms it in place, so
+what is read, saved or loaded is delta.
 State keys: "delta1", "delta2" (as before; checkpoints load unchanged).
 
 Sparse compressors are refused (ValueError). ALGORITHMS.md reports that with Top-k the

@@ -298,6 +298,7 @@ class HardThreshold(_SparseEF):
 
 _RANDOMK_STREAM = 0x72616E646B   # "randk"
 
+
 def _slots(ctx) -> int:
     """Random-k's status slots: one per rank of the exchange (joined ranks included)."""
     return ctx.n_ranks or ctx.size
@@ -345,6 +346,7 @@ class RandomK(Perturbation, ErrorFeedbackMethod):
     name = "randomk"
     collective = "allreduce"
     bits_per_coordinate = 32.0
+    reports_failures = True      # through the status slots
 
     def __init__(self, ratio=0.01, k=None, noise=0.0, noise_seed="rank", reset_every=0):
         self.ratio, self.k = _budget(ratio, k)
@@ -366,8 +368,6 @@ class RandomK(Perturbation, ErrorFeedbackMethod):
                          for o, s in ctx.layout.segments()])
         ctx._randomk_indices = idx
         return idx
-
-    reports_failures = True      # through the status slots
 
     def n_values(self, ctx) -> int:
         """The values this step sends: sum_t k_t, or every coordinate on a reset step (from
