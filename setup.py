@@ -26,6 +26,7 @@ setup(
             "hvd_signsgd._native",
             sources=sorted(glob("native/*.c")),
             include_dirs=["native"],
+            depends=sorted(glob("native/*.h")),   # a header edit rebuilds the module
             extra_compile_args=cflags,
             extra_link_args=ldflags,
         )

@@ -712,8 +712,7 @@ static void sparse_sum_into(const sg_pairs *parts, size_t n_parts, size_t *at, f
             for (size_t i = 0; i < n; i++) dst[i] += sg_f32_from_bits(sg_ld32(src + 4 * i));
         }
     }
-    if (d != 1.0f)
-        for (size_t i = 0; i < n; i++) dst[i] /= d;
+    sg_divide(dst, n, d);
 }
 
 static PyObject *py_sparse_sum(PyObject *self, PyObject *args, PyObject *kw) {

@@ -310,8 +310,7 @@ void sg_blocked_sum(const sg_pairs *parts, size_t n_parts, size_t *at, float d, 
                 out[i] += pair_value(vb, parts[r].vt, j);
             at[r] = j;
         }
-        if (d != 1.0f)
-            for (size_t i = b0; i < b1; i++) out[i] /= d;
+        sg_divide(out + b0, b1 - b0, d);
     }
 }
 

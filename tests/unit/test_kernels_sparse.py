@@ -294,14 +294,18 @@ def test_sparse_sum_is_the_legacy_sum_bit_for_bit(n, ranks, seed, fp16):
 @SETTINGS
 @given(n=st.integers(1, 5000), ranks=st.sampled_from([1, 2, 3, 4, 6, 33]),
        seed=st.integers(0, 2**32 - 1), fp16=st.booleans(), sparse_only=st.booleans(),
-       ascending=st.booleans(), divisor=st.sampled_from([1, 2, 3, 4, 5, 7.5]))
+       ascending=st.booleans(),
+       divisor=st.sampled_from([1, 2, 3, 4, 5, 7.5, 0.25, 2.0**-126, 2.0**-149, 2.0**126,
+                                2.0**127]))
 def test_sparse_sum_with_a_divisor_is_the_legacy_mean_bit_for_bit(n, ranks, seed, fp16,
                                                                    sparse_only, ascending,
                                                                    divisor):
     """The mean that TopK sends to the optimizer: sum, then div_ over the whole vector. Sparse
     parts with ascending indices (overlapping across parts) take the native block-by-block
     sum (native/sparse.c sg_blocked_sum); unsorted indices or a dense part the scatter-adds
-    over the whole vector."""
+    over the whole vector. A power of two from 2^-126 to 2^126 is a multiply by its
+    reciprocal natively (sg_divide); the others, and 2^-149 and 2^127 (reciprocal not a
+    normal float), divide."""
     rng = np.random.default_rng(seed)
     parts = []
     for r in range(ranks):
@@ -323,7 +327,7 @@ def test_sparse_sum_with_a_divisor_is_the_legacy_mean_bit_for_bit(n, ranks, seed
 
 
 @pytest.mark.parametrize("fp16", [False, True])
-@pytest.mark.parametrize("divisor", [1, 3, 7.5])
+@pytest.mark.parametrize("divisor", [1, 3, 4, 7.5, 0.125])
 def test_sparse_sum_across_block_edges(fp16, divisor):
     """Long vectors: the blocked sum's cursors cross many 16384-element blocks, with pairs
     on both sides of every edge and one part that ends early and one that starts late."""
