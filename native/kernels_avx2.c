@@ -814,13 +814,76 @@ static int add_finite_avx2(const float *a, const float *b, float *out, size_t n)
     return ok;
 }
 
+/* add_finite_body and scan_ge_avx2 in one pass: each sum is stored (streamed when out is
+ * 32-byte aligned) and compared; a block with a hit puts its candidates from a copy in L1,
+ * never from out (reading back a streamed line would stall). */
+static inline __attribute__((always_inline)) size_t
+add_scan_ge_body(const float *a, const float *b, float *out, size_t n, uint32_t lo,
+                 uint32_t *pos, float *val, size_t cap, uint32_t *worst, int stream) {
+    const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
+    const __m256i bound = _mm256_set1_epi32((int)(lo - 1u));
+    __m256i w = _mm256_setzero_si256();
+    size_t c = 0, i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256 s[4];
+        uint32_t m = 0;
+        for (unsigned q = 0; q < 4; q++) {
+            _mm_prefetch((const char *)(a + i + 8 * q + SG_PREFETCH_ELEMS), _MM_HINT_T0);
+            _mm_prefetch((const char *)(b + i + 8 * q + SG_PREFETCH_ELEMS), _MM_HINT_T0);
+            s[q] = _mm256_add_ps(_mm256_loadu_ps(a + i + 8 * q), _mm256_loadu_ps(b + i + 8 * q));
+            store8(out + i + 8 * q, s[q], stream);
+            __m256i k = _mm256_and_si256(_mm256_castps_si256(s[q]), abs_mask);
+            w = _mm256_max_epu32(w, k);
+            m |= (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(k, bound)))
+                 << (8 * q);
+        }
+        if (!m) continue;
+        float copy[32];
+        for (unsigned q = 0; q < 4; q++) _mm256_storeu_ps(copy + 8 * q, s[q]);
+        for (; m; m &= m - 1) {
+            unsigned j = (unsigned)__builtin_ctz(m);
+            if (c < cap) {
+                pos[c] = (uint32_t)(i + j);
+                if (val) val[c] = copy[j];
+            }
+            c++;
+        }
+    }
+    uint32_t lanes[8];
+    _mm256_storeu_si256((__m256i *)(void *)lanes, w);
+    for (int k = 0; k < 8; k++) *worst = lanes[k] > *worst ? lanes[k] : *worst;
+    return sg_add_scan_ge_scalar(a, b, out, i, n, lo, pos, val, cap, c, worst);
+}
+
+/* The head up to out's 32-byte boundary in scalar code, so that the rest can stream (a
+ * segment of a bucket starts anywhere). */
+static int add_scan_ge_avx2(const float *a, const float *b, float *out, size_t n, uint32_t lo,
+                            uint32_t *pos, float *val, size_t cap, size_t *found) {
+    uint32_t worst = 0;
+    size_t head = 0;
+    if ((uintptr_t)out % 4 == 0) head = ((32 - (uintptr_t)out % 32) % 32) / 4;
+    if ((uintptr_t)out % 4 != 0 || head >= n) {
+        *found = add_scan_ge_body(a, b, out, n, lo, pos, val, cap, &worst, 0);
+        return worst < 0x7F800000u;
+    }
+    size_t c = sg_add_scan_ge_scalar(a, b, out, 0, head, lo, pos, val, cap, 0, &worst);
+    /* the rest's positions count from head: shift them when the head found any */
+    size_t got = add_scan_ge_body(a + head, b + head, out + head, n - head, lo,
+                                  c < cap ? pos + c : pos, c < cap && val ? val + c : NULL,
+                                  c < cap ? cap - c : 0, &worst, 1);
+    _mm_sfence();   /* the streamed stores are visible before the caller reads out */
+    for (size_t j = c; j < c + got && j < cap; j++) pos[j] += (uint32_t)head;
+    *found = c + got;
+    return worst < 0x7F800000u;
+}
+
 const sg_kernels sg_kernels_avx2 = {
     "avx2",          pack_avx2,          pack_stochastic_avx2, unpack_avx2,
     vote_count_avx2, vote_weighted_avx2, scan_ge_avx2,         count_ge_avx2,
     count_zeros_avx2, ef_sign_avx2,
     momentum_sign_avx2, momentum_absmax_avx2,
     ecx_sign_avx2, add_finite_avx2, sign_scan_avx2, ef_sign_deferred_avx2,
-    ecx_sign_deferred_avx2,
+    ecx_sign_deferred_avx2, add_scan_ge_avx2,
 };
 
 #if defined(__clang__)

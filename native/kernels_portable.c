@@ -175,6 +175,14 @@ static int momentum_absmax_portable(const float *g, const float *m, float *m_out
     return worst < 0x7F800000u;
 }
 
+static int add_scan_ge_portable(const float *a, const float *b, float *out, size_t n,
+                                uint32_t lo, uint32_t *pos, float *val, size_t cap,
+                                size_t *found) {
+    uint32_t worst = 0;
+    *found = sg_add_scan_ge_scalar(a, b, out, 0, n, lo, pos, val, cap, 0, &worst);
+    return worst < 0x7F800000u;
+}
+
 static int add_finite_portable(const float *a, const float *b, float *out, size_t n) {
     return sg_add_finite_scalar(a, b, out, 0, n);
 }
@@ -191,5 +199,5 @@ const sg_kernels sg_kernels_portable = {
     count_zeros_portable, ef_sign_portable,
     momentum_sign_portable, momentum_absmax_portable,
     ecx_sign_portable, add_finite_portable, sign_scan_portable, ef_sign_deferred_portable,
-    ecx_sign_deferred_portable,
+    ecx_sign_deferred_portable, add_scan_ge_portable,
 };

@@ -546,67 +546,124 @@ PyDoc_STRVAR(topk_take_doc,
 "the sign cleared: +0 == -0, NaN above Inf. p: float32, aligned, C-contiguous, <= 2**31\n"
 "elements; idx (int32) and vals must hold exactly sum(min(k, size)) elements.");
 
-static PyObject *py_topk_take(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"p", "segments", "idx", "vals", NULL};
-    PyObject *po, *so, *io, *vo, *result = NULL;
-    Py_buffer v[4] = {{0}};   /* p, segments, idx, vals */
-    sg_take t;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO:topk_take", kwlist, &po, &so, &io, &vo))
-        return NULL;
-    if (get_memory(po, &v[0]) < 0 || get_buffer(so, "segments", ARG_IN, &v[1]) < 0 ||
-        check_int_format(&v[1], "segments", 8) < 0 || check_contiguous(&v[1], "segments") < 0)
-        goto done;
-    if (v[1].len % 24 != 0) {
+/* The (offset, size, k) triples of so, copied (unaligned buffers are allowed) into *segs
+ * (PyMem_Free it) and checked against p's n elements; *total = sum(min(k, size)). */
+static int get_segments(PyObject *so, Py_buffer *sv, size_t n, int64_t **segs, size_t *n_segs,
+                        size_t *total) {
+    if (get_buffer(so, "segments", ARG_IN, sv) < 0 || check_int_format(sv, "segments", 8) < 0 ||
+        check_contiguous(sv, "segments") < 0)
+        return -1;
+    if (sv->len % 24 != 0) {
         PyErr_SetString(PyExc_ValueError, "segments must hold (offset, size, k) triples");
-        goto done;
+        return -1;
     }
-    size_t n_segs = (size_t)(v[1].len / 24), n = (size_t)(v[0].len / 4), total = 0, end = 0;
-    int64_t *segs = PyMem_Malloc(v[1].len ? (size_t)v[1].len : 1);
-    if (!segs) {
+    size_t end = 0;
+    *n_segs = (size_t)(sv->len / 24);
+    *total = 0;
+    *segs = PyMem_Malloc(sv->len ? (size_t)sv->len : 1);
+    if (!*segs) {
         PyErr_NoMemory();
-        goto done;
+        return -1;
     }
-    memcpy(segs, v[1].buf, (size_t)v[1].len);   /* copied: unaligned buffers are allowed */
-    for (size_t s = 0; s < n_segs; s++) {
-        int64_t o = segs[3 * s], z = segs[3 * s + 1], k = segs[3 * s + 2];
+    memcpy(*segs, sv->buf, (size_t)sv->len);
+    for (size_t s = 0; s < *n_segs; s++) {
+        int64_t o = (*segs)[3 * s], z = (*segs)[3 * s + 1], k = (*segs)[3 * s + 2];
         if (o < 0 || z < 0 || k < 0 || (size_t)o < end || (size_t)z > n || (size_t)o > n - (size_t)z) {
             PyErr_Format(PyExc_ValueError,
                          "segment %zu (offset %lld, size %lld, k %lld): need k >= 0 and "
                          "ascending, non-overlapping ranges inside p (%zu elements)",
                          s, (long long)o, (long long)z, (long long)k, n);
-            PyMem_Free(segs);
-            goto done;
+            PyMem_Free(*segs);
+            *segs = NULL;
+            return -1;
         }
         end = (size_t)(o + z);
-        total += (size_t)(k < z ? k : z);
+        *total += (size_t)(k < z ? k : z);
     }
-    if (get_pairs(io, vo, &v[0], &v[2], &v[3], &t) < 0) {
-        PyMem_Free(segs);
-        goto done;
+    return 0;
+}
+
+static int two_in_one_out(PyObject **o, char **names, Py_buffer *v, size_t *n);
+
+/* topk_take and topk_take_sum (g, e given: v[4], v[5]). Returns 0, 2 (NaN/Inf in g + e),
+ * or -1 with the exception set. */
+static int topk_call(PyObject *po, PyObject *so, PyObject *io, PyObject *vo, PyObject *go,
+                     PyObject *eo, Py_buffer *v) {
+    int64_t *segs = NULL;
+    size_t n_segs, total;
+    sg_take t;
+    if (get_memory(po, &v[0]) < 0) return -1;
+    size_t n = (size_t)(v[0].len / 4);
+    if (get_segments(so, &v[1], n, &segs, &n_segs, &total) < 0) return -1;
+    int rc = -1;
+    if (get_pairs(io, vo, &v[0], &v[2], &v[3], &t) < 0) goto done;
+    if (go) {
+        PyObject *o[3] = {go, eo, po};
+        static char *names[] = {"g", "e", "p"};
+        Py_buffer sum[3] = {{0}};
+        size_t m;
+        int bad = two_in_one_out(o, names, sum, &m) < 0;
+        v[4] = sum[0];   /* released by the caller */
+        v[5] = sum[1];
+        if (sum[2].obj) PyBuffer_Release(&sum[2]);
+        if (bad) goto done;
+        for (int i = 4; i < 6; i++)
+            if (check_disjoint(v[i].buf, (size_t)v[i].len, v[2].buf, (size_t)v[2].len) < 0 ||
+                check_disjoint(v[i].buf, (size_t)v[i].len, v[3].buf, (size_t)v[3].len) < 0)
+                goto done;
     }
     if (t.cap != total) {
         PyErr_Format(PyExc_ValueError, "idx and vals have %zu elements, the segments take %zu",
                      t.cap, total);
-        PyMem_Free(segs);
         goto done;
     }
-    int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = sg_topk_take(active, segs, n_segs, &t);
+    rc = go ? sg_topk_take_sum(active, (const float *)v[4].buf, (const float *)v[5].buf, n, segs,
+                               n_segs, &t)
+            : sg_topk_take(active, segs, n_segs, &t);
     Py_END_ALLOW_THREADS
-    PyMem_Free(segs);
     if (rc < 0) {
         PyErr_NoMemory();
-        goto done;
-    }
-    if (t.count != total) {
+    } else if (rc == 0 && t.count != total) {
         PyErr_SetString(PyExc_RuntimeError, "p changed during topk_take");
-        goto done;
+        rc = -1;
     }
-    Py_INCREF(Py_None);
-    result = Py_None;
 done:
+    PyMem_Free(segs);
+    return rc;
+}
+
+static PyObject *py_topk_take(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"p", "segments", "idx", "vals", NULL};
+    PyObject *po, *so, *io, *vo, *result = NULL;
+    Py_buffer v[4] = {{0}};   /* p, segments, idx, vals */
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO:topk_take", kwlist, &po, &so, &io, &vo))
+        return NULL;
+    if (topk_call(po, so, io, vo, NULL, NULL, v) == 0) {
+        Py_INCREF(Py_None);
+        result = Py_None;
+    }
     release_all(v, 4);
+    return result;
+}
+
+PyDoc_STRVAR(topk_take_sum_doc,
+"topk_take_sum(g, e, p, segments, idx, vals) -> bool\n\n"
+"p = g + e (float32 sums, every element), then topk_take(p, segments, idx, vals), in one\n"
+"pass over a large segment (the sum is its candidate scan). False, with p, idx and vals\n"
+"unspecified, when some sum is NaN/Inf. g, e: float32 vectors of p's length, disjoint from\n"
+"p, idx and vals.");
+
+static PyObject *py_topk_take_sum(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"g", "e", "p", "segments", "idx", "vals", NULL};
+    PyObject *go, *eo, *po, *so, *io, *vo, *result = NULL;
+    Py_buffer v[6] = {{0}};   /* p, segments, idx, vals, g, e */
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOO:topk_take_sum", kwlist, &go, &eo, &po,
+                                     &so, &io, &vo))
+        return NULL;
+    int rc = topk_call(po, so, io, vo, go, eo, v);
+    if (rc >= 0) result = PyBool_FromLong(rc == 0);
+    release_all(v, 6);
     return result;
 }
 
@@ -1316,6 +1373,8 @@ static PyMethodDef methods[] = {
      scaled_vote_doc},
     {"topk_take", (PyCFunction)(void (*)(void))py_topk_take, METH_VARARGS | METH_KEYWORDS,
      topk_take_doc},
+    {"topk_take_sum", (PyCFunction)(void (*)(void))py_topk_take_sum,
+     METH_VARARGS | METH_KEYWORDS, topk_take_sum_doc},
     {"threshold_count", (PyCFunction)(void (*)(void))py_threshold_count,
      METH_VARARGS | METH_KEYWORDS, threshold_count_doc},
     {"threshold_take", (PyCFunction)(void (*)(void))py_threshold_take,

@@ -87,6 +87,12 @@ typedef struct {
                              const float *p2, const float *prev2, float a, float b,
                              float *p_out, size_t n, const int64_t *segs, size_t n_segs,
                              uint8_t *bits, uint8_t *zplane, float *scales, uint64_t *zeros);
+    /* 17: add_finite and scan_ge in one pass, Top-k's compensation and candidate scan:
+     * out = a + b (fully written), and the positions i < n with key(out[i]) >= lo into pos
+     * and val as scan_ge's, their number into *found; 0 if any sum is NaN/Inf (pos, val and
+     * *found then unspecified). */
+    int (*add_scan_ge)(const float *a, const float *b, float *out, size_t n, uint32_t lo,
+                       uint32_t *pos, float *val, size_t cap, size_t *found);
 } sg_kernels;
 
 extern const sg_kernels sg_kernels_portable;

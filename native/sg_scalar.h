@@ -216,6 +216,28 @@ static inline int sg_add_finite_scalar(const float *a, const float *b, float *ou
     return worst < 0x7F800000u;
 }
 
+/* add_finite and scan_ge for i in [from, n), the c positions found before included: out[i]
+ * = a[i] + b[i], positions with key >= lo to pos/val (cap as scan_ge's). Returns the new
+ * count; *worst rises to the largest key seen (>= 0x7F800000: NaN/Inf). */
+static inline size_t sg_add_scan_ge_scalar(const float *a, const float *b, float *out,
+                                           size_t from, size_t n, uint32_t lo, uint32_t *pos,
+                                           float *val, size_t cap, size_t c, uint32_t *worst) {
+    for (size_t i = from; i < n; i++) {
+        float s = a[i] + b[i];
+        uint32_t k = sg_key(s);
+        out[i] = s;
+        *worst = k > *worst ? k : *worst;
+        if (k >= lo) {
+            if (c < cap) {
+                pos[c] = (uint32_t)i;
+                if (val) val[c] = s;
+            }
+            c++;
+        }
+    }
+    return c;
+}
+
 static inline void sg_unpack_scalar(const uint8_t *bits, size_t from, size_t n,
                                     uint32_t value_bits, sg_dtype dt, void *out) {
     uint8_t *o = (uint8_t *)out;

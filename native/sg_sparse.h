@@ -29,6 +29,13 @@ typedef struct {
  * have been taken: the caller discards p and the pairs). */
 int sg_topk_take(const sg_kernels *K, const int64_t *segs, size_t n_segs, sg_take *t);
 
+/* sg_topk_take of p = g + e (float32 sums), formed into t->p[0 .. n) as the selection goes:
+ * a large segment's sum is its candidate scan (add_scan_ge), so p is read once less.
+ * Returns 0, -1 out of memory, or 2 when some sum is NaN/Inf (p and the pairs are then
+ * unspecified). g and e (n elements each) must not overlap p or the pairs. */
+int sg_topk_take_sum(const sg_kernels *K, const float *g, const float *e, size_t n,
+                     const int64_t *segs, size_t n_segs, sg_take *t);
+
 /* Hard threshold over p[0 .. n): positions with key(p[i]) >= lo. Scans the positions into
  * t->idx first; only when there are exactly t->cap of them are the values written and p
  * updated. Returns the number found (p is untouched when it differs from t->cap). */

@@ -115,9 +115,10 @@ static inline size_t sample_run(size_t r, size_t stride) {
 /* A key probably a little below the k-th largest of x[0 .. d) (top 21 bits of the r-th
  * largest sample key, r = s k / d + SAMPLE_Z SAMPLE_RUN_ROOT sqrt(s k / d) + 1, rounded) into
  * *lo: 1, or 0 if a sample of SAMPLE_PER_K d / k points would not be much smaller than the
- * segment; -1 when out of memory. The sampled keys are gathered once into the workspace:
- * both histogram passes then read them in order. */
-static int sample_bound(workspace *w, const float *x, size_t d, size_t k, uint32_t *lo) {
+ * segment; -1 when out of memory. x = g + e when g is given (x not written yet). The sampled
+ * keys are gathered once into the workspace: both histogram passes then read them in order. */
+static int sample_bound(workspace *w, const float *x, const float *g, const float *e, size_t d,
+                        size_t k, uint32_t *lo) {
     uint64_t s = (uint64_t)SAMPLE_PER_K * d / k;
     if (s < 1024) s = 1024;
     if (4 * s > d) return 0;
@@ -131,8 +132,12 @@ static int sample_bound(workspace *w, const float *x, size_t d, size_t k, uint32
     s -= s % SAMPLE_RUN;
     size_t stride = d / ((size_t)s / SAMPLE_RUN);
     for (size_t r = 0; r < s / SAMPLE_RUN; r++) {
-        const float *run = x + sample_run(r, stride);
-        for (size_t i = 0; i < SAMPLE_RUN; i++) keys[SAMPLE_RUN * r + i] = sg_key(run[i]);
+        size_t at = sample_run(r, stride);
+        if (g)   /* p = g + e is not formed yet: the same float sums as the kernel's */
+            for (size_t i = 0; i < SAMPLE_RUN; i++)
+                keys[SAMPLE_RUN * r + i] = sg_key(g[at + i] + e[at + i]);
+        else
+            for (size_t i = 0; i < SAMPLE_RUN; i++) keys[SAMPLE_RUN * r + i] = sg_key(x[at + i]);
     }
     size_t ks = (size_t)(s * k / d), root = 0, above = 0, m;
     while ((root + 1) * (root + 1) <= ks) root++;   /* ks < 4 SAMPLE_PER_K 2^10: few steps */
@@ -173,26 +178,41 @@ static inline void take_if(sg_take *t, size_t g, float v, uint32_t thr, size_t *
     }
 }
 
+/* The candidates above the sample's bound (see the file's comment), with p = g + e formed
+ * into x in the same pass when g is given. Returns 1 with *nc set when there are enough and
+ * not too many, 0 when the sample misled or was not taken, -1 out of memory, 2 NaN/Inf in
+ * p (g given). */
+static int candidates(const sg_kernels *K, workspace *w, float *x, const float *g,
+                      const float *e, size_t d, size_t k, size_t cand_limit, size_t *nc) {
+    uint32_t lo;
+    int sampled = k > 0 && k < d ? sample_bound(w, x, g, e, d, k, &lo) : 0;
+    if (sampled < 0 || (sampled && reserve(w, cand_limit) < 0)) return -1;
+    if (!sampled) {
+        *nc = 0;
+        return g && !K->add_finite(g, e, x, d) ? 2 : 0;
+    }
+    if (g) {
+        if (!K->add_scan_ge(g, e, x, d, lo, w->cand, w->cval, cand_limit, nc)) return 2;
+    } else {
+        *nc = K->scan_ge(x, d, lo, w->cand, w->cval, cand_limit);
+    }
+    return *nc >= k && *nc <= cand_limit;   /* else: the sample misled us */
+}
+
 static int topk_segment(const sg_kernels *K, workspace *w, size_t off, size_t d, size_t k,
-                        sg_take *t) {
+                        const float *g, const float *e, sg_take *t) {
     const float *x = t->p + off;
+    const size_t cand_limit = k + d / 8 + 1024;
+    size_t need = k, above = 0, m, nc;
+    int found = candidates(K, w, t->p + off, g ? g + off : NULL, g ? e + off : NULL, d, k,
+                           cand_limit, &nc);
+    if (found < 0 || found == 2) return found;
     if (k == 0 || d == 0) return 0;
     if (k >= d) {
         for (size_t i = 0; i < d; i++) take_one(t, off + i, x[i]);
         return 0;
     }
-    size_t need = k, above = 0, m;
-    const size_t cand_limit = k + d / 8 + 1024;
-    const uint32_t *cand = NULL;
-    size_t nc = 0;
-    uint32_t lo;
-    int sampled = sample_bound(w, x, d, k, &lo);
-    if (sampled < 0) return -1;
-    if (sampled) {
-        if (reserve(w, cand_limit) < 0) return -1;
-        nc = K->scan_ge(x, d, lo, w->cand, w->cval, cand_limit);
-        if (nc >= k && nc <= cand_limit) cand = w->cand;   /* else: the sample misled us */
-    }
+    const uint32_t *cand = found ? w->cand : NULL;
     if (cand)
         hist_top_of(w->cval, nc, w->hist);
     else
@@ -245,7 +265,10 @@ static int topk_segment(const sg_kernels *K, workspace *w, size_t off, size_t d,
     return 0;
 }
 
-int sg_topk_take(const sg_kernels *K, const int64_t *segs, size_t n_segs, sg_take *t) {
+/* sg_topk_take, and sg_topk_take_sum with g given: the ranges between the segments (and
+ * after the last, up to n) are formed by add_finite alone. */
+static int topk_take(const sg_kernels *K, const float *g, const float *e, size_t n,
+                     const int64_t *segs, size_t n_segs, sg_take *t) {
     workspace *w = malloc(sizeof(workspace));
     if (!w) return -1;
     w->hist = malloc((N_HIST << TOP_BITS) * sizeof(uint32_t));
@@ -255,15 +278,31 @@ int sg_topk_take(const sg_kernels *K, const int64_t *segs, size_t n_segs, sg_tak
     w->keys = NULL;
     w->keys_cap = 0;
     int rc = w->hist ? 0 : -1;
-    for (size_t s = 0; s < n_segs && rc == 0; s++)
-        rc = topk_segment(K, w, (size_t)segs[3 * s], (size_t)segs[3 * s + 1],
-                          (size_t)segs[3 * s + 2], t);
+    size_t end = 0;   /* of the last segment */
+    for (size_t s = 0; s < n_segs && rc == 0; s++) {
+        size_t off = (size_t)segs[3 * s];
+        if (g && off > end && !K->add_finite(g + end, e + end, t->p + end, off - end)) rc = 2;
+        if (rc == 0)
+            rc = topk_segment(K, w, off, (size_t)segs[3 * s + 1], (size_t)segs[3 * s + 2], g, e,
+                              t);
+        end = off + (size_t)segs[3 * s + 1];
+    }
+    if (rc == 0 && g && n > end && !K->add_finite(g + end, e + end, t->p + end, n - end)) rc = 2;
     free(w->cand);
     free(w->cval);
     free(w->keys);
     free(w->hist);
     free(w);
     return rc;
+}
+
+int sg_topk_take(const sg_kernels *K, const int64_t *segs, size_t n_segs, sg_take *t) {
+    return topk_take(K, NULL, NULL, 0, segs, n_segs, t);
+}
+
+int sg_topk_take_sum(const sg_kernels *K, const float *g, const float *e, size_t n,
+                     const int64_t *segs, size_t n_segs, sg_take *t) {
+    return topk_take(K, g, e, n, segs, n_segs, t);
 }
 
 size_t sg_threshold_take(const sg_kernels *K, size_t n, uint32_t lo, sg_take *t) {

@@ -156,6 +156,12 @@ float16(clamp(v, -65504, 65504)) rounded to nearest even, and sets p[g] = v - (v
                                           both 1-D contiguous with exactly sum(min(k, size))
                                           elements (e.g. views into a payload body). Linear time
                                           (radix select on the magnitude bits, native/sparse.c).
+    topk_take_sum(g, e, p, segments, idx, vals) -> bool
+                                          p = g + e as add_finite (g, e, p as its a, b, out),
+                                          then topk_take(p, segments, idx, vals); natively
+                                          one pass over a large segment (its sum is the
+                                          candidate scan). False, with p, idx and vals
+                                          unspecified, when any sum is NaN/Inf.
     threshold_count(p, lam) -> int        number of i with |p_i| >= float32(lam) (lam >= 0,
                                           rounded to nearest even; +inf above float32's range;
                                           the comparison `p.abs() >= lam` makes in torch).
@@ -198,7 +204,8 @@ __all__ = ["SparseIndexError", "add_finite", "all_finite", "backend", "count_zer
            "ecx_coefficients", "ecx_sign", "ecx_sign_deferred", "ef_residual", "ef_sign",
            "ef_sign_deferred", "momentum_absmax", "momentum_sign",
            "pack_bits", "pack_signs", "pack_stochastic_signs", "scaled_vote", "sign_scan",
-           "sparse_sum", "threshold_count", "threshold_take", "topk_take", "tree_abs_sum",
+           "sparse_sum", "threshold_count", "threshold_take", "topk_take", "topk_take_sum",
+           "tree_abs_sum",
            "unpack_bits", "unpack_signs", "vote"]
 
 _native, _native_unavailable = load_native()
@@ -693,6 +700,24 @@ def topk_take(p, segments, idx, vals):
         _cpu.topk_take(_native, p, segs, idx, vals)
     else:
         _torch.topk_take(p, segs.tolist(), idx, vals)
+
+
+def topk_take_sum(g, e, p, segments, idx, vals):
+    """p = g + e, then topk_take(p, ...); False on NaN/Inf (see module doc)."""
+    _check_streams("p", p, g=g, e=e)
+    _check_memory(p)
+    if _native_for(p) and isinstance(segments, torch.Tensor):
+        _check_pairs(p, idx, vals, None)     # the extension checks the triples (topk_take)
+        return _cpu.topk_take_sum(_native, g, e, p, segments.detach().to("cpu", torch.int64)
+                                  .reshape(-1, 3), idx, vals)
+    segs, total = _segments(segments, p.numel())
+    _check_pairs(p, idx, vals, total)
+    if _native_for(p):
+        return _cpu.topk_take_sum(_native, g, e, p, segs, idx, vals)
+    if not _torch.add_finite(g.detach(), e.detach(), p):
+        return False
+    _torch.topk_take(p, segs.tolist(), idx, vals)
+    return True
 
 
 def _check_lam(lam):

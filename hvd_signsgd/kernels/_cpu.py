@@ -63,6 +63,11 @@ def topk_take(native, p, segments, idx, vals):
     native.topk_take(buffer(p), buffer(_contiguous(segments)), buffer(idx), buffer(vals))
 
 
+def topk_take_sum(native, g, e, p, segments, idx, vals):
+    return native.topk_take_sum(buffer(g), buffer(e), buffer(p), buffer(_contiguous(segments)),
+                                buffer(idx), buffer(vals))
+
+
 def threshold_count(native, p, lam):
     return native.threshold_count(buffer(_contiguous(p)), lam)
 

@@ -225,12 +225,24 @@ class TopK(_SparseEF):
         return cached
 
     def take(self, p, ctx):
+        segs, msg, idx, vals = self._pairs(ctx)
+        kernels.topk_take(p, segs, idx, vals)
+        ctx.stats["nnz_sent"] = idx.numel()
+        return msg
+
+    def compress_fused(self, g, memories, out, ctx):
+        # p = g + e is formed inside the selection: its pass is the candidate scan
+        segs, msg, idx, vals = self._pairs(ctx)
+        if not kernels.topk_take_sum(g, memories[0], out, segs, idx, vals):
+            return None
+        ctx.stats["nnz_sent"] = idx.numel()
+        return msg
+
+    def _pairs(self, ctx):
+        """This step's segments and an empty pairs payload (msg, idx, vals) for them."""
         segs = self.segments(ctx.layout)
         nnz = int(torch.minimum(segs[:, 1], segs[:, 2]).sum()) if segs.numel() else 0
-        msg, idx, vals = self.codec.encode_pairs(nnz, ctx.layout.numel)
-        kernels.topk_take(p, segs, idx, vals)
-        ctx.stats["nnz_sent"] = nnz
-        return msg
+        return (segs, *self.codec.encode_pairs(nnz, ctx.layout.numel))
 
 
 def threshold_for(k: float) -> float:

@@ -555,6 +555,99 @@ def test_add_finite_refuses_overlap_and_wrong_shapes(name):
                 fn()
 
 
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(sizes=st.lists(st.one_of(st.integers(0, 300), st.integers(4096, 40_000)), min_size=0,
+                      max_size=4),
+       gaps=st.lists(st.integers(0, 9), min_size=5, max_size=5),
+       ratio=st.sampled_from([0.003, 0.01, 0.05, 0.3, 1.0]), kinds=ADD_KINDS,
+       seed=st.integers(0, 2**32 - 1), shift=st.integers(0, 7), fp16=st.booleans())
+@example(sizes=[70_001], gaps=[0, 0, 0, 0, 0], ratio=0.01, kinds=[], seed=0, shift=0,
+         fp16=False)                                   # streamed from the first element
+@example(sizes=[70_001, 5000], gaps=[3, 1, 2, 0, 0], ratio=0.01, kinds=[], seed=5, shift=3,
+         fp16=False)                                   # a scalar head, positions shifted
+@example(sizes=[70_001], gaps=[3, 1, 0, 0, 0], ratio=0.01, kinds=["nan"], seed=5, shift=3,
+         fp16=False)
+def test_topk_take_sum_is_add_finite_then_topk_take(sizes, gaps, ratio, kinds, seed, shift,
+                                                    fp16):
+    """topk_take_sum(g, e, p, ...) on every backend: p = g + e in full (gaps between and after
+    the segments too) and the pairs of topk_take on that p, bit for bit; False exactly when
+    some sum is NaN/Inf. Large segments take the fused sum-and-scan (native/sparse.c
+    candidates); p at every alignment (the scalar head before the streamed stores)."""
+    segs, pos = [], gaps[0]
+    for s, gap in zip(sizes, gaps[1:]):
+        segs.append((pos, s, max(1, math.ceil(ratio * s)) if s else 0))
+        pos += s + gap
+    n = pos + gaps[-1]
+    a0, b0 = add_inputs(n, kinds, seed)
+    want = a0 + b0
+    finite = bool(torch.isfinite(want).all())
+    vdtype = torch.float16 if fp16 else torch.float32
+    q_want, idx_want, vals_want = run_topk("torch", want, segs, vdtype)
+    total = idx_want.numel()
+    for name in BACKENDS:
+        p = torch.full((n + 8,), 7.0)[shift:shift + n]
+        idx, vals = torch.empty(total, dtype=torch.int32), torch.empty(total, dtype=vdtype)
+        with backend(name):
+            ok = K.topk_take_sum(a0, b0, p, segs, idx, vals)
+        assert ok is finite, name
+        if finite:
+            assert torch.equal(bits(p), bits(q_want)), name
+            assert torch.equal(idx, idx_want) and torch.equal(bits(vals), bits(vals_want)), name
+
+
+def test_topk_take_sum_exact_when_the_sample_misleads():
+    """As test_topk_take_exact_when_the_sample_misleads, with p formed from g + e: the
+    fallback paths run on the p the fused pass wrote."""
+    d, k = 100_000, 300
+    sample = sample_positions(d, k)
+    g = torch.rand(d, generator=torch.Generator().manual_seed(0))
+    e = torch.zeros(d)
+    e[sample[:200]] = 10.0 - g[sample[:200]]   # ~200 tens, all in the sample
+    want = g + e
+    q_want, idx_want, _ = run_topk("torch", want, [(0, d, k)], torch.float32)
+    assert idx_want.tolist() == reference_positions(want, [(0, d, k)]).tolist()
+    for name in BACKENDS:
+        p, idx, vals = torch.empty(d), torch.empty(k, dtype=torch.int32), torch.empty(k)
+        with backend(name):
+            assert K.topk_take_sum(g, e, p, torch.tensor([[0, d, k]]), idx, vals)
+        assert torch.equal(idx, idx_want) and torch.equal(bits(p), bits(q_want)), name
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_topk_take_sum_refuses_overlap_and_wrong_shapes(name):
+    g, e, p = torch.randn(20), torch.randn(20), torch.empty(20)
+    i2, v2 = torch.empty(2, dtype=torch.int32), torch.empty(2)
+    big = torch.zeros(40)
+    segs = [(0, 20, 2)]
+    cases = [(ValueError, lambda: K.topk_take_sum(g, e, g, segs, i2, v2)),
+             (ValueError, lambda: K.topk_take_sum(big[:20], e, big[10:30], segs, i2, v2)),
+             (ValueError, lambda: K.topk_take_sum(g, e[:19], p, segs, i2, v2)),
+             (ValueError, lambda: K.topk_take_sum(g, e, p, [(0, 20, 3)], i2, v2)),
+             (ValueError, lambda: K.topk_take_sum(g, e, p, [(15, 10, 2)], i2, v2)),
+             (TypeError, lambda: K.topk_take_sum(g.double(), e, p, segs, i2, v2)),
+             (TypeError, lambda: K.topk_take_sum(g, e, p, segs, i2.long(), v2))]
+    with backend(name):
+        for exc, fn in cases:
+            with pytest.raises(exc):
+                fn()
+
+
+@pytest.mark.parametrize("case", ["idx in g", "vals in e", "misaligned p", "e short"])
+def test_native_topk_take_sum_rechecks(case):
+    """The extension's own checks: the pairs must not overlap g or e (they are read while
+    the pairs are written)."""
+    g, e, p = np.ones(20, np.float32), np.ones(20, np.float32), np.zeros(20, np.float32)
+    i, v = np.zeros(2, np.int32), np.zeros(2, np.float32)
+    segs = np.array([[0, 20, 2]], np.int64)
+    args = {"idx in g": (g, e, p, segs, g[:2].view(np.int32), v),
+            "vals in e": (g, e, p, segs, i, e[:2]),
+            "misaligned p": (g, e, misaligned(20), segs, i, v),
+            "e short": (g, e[:19], p, segs, i, v)}[case]
+    with pytest.raises((TypeError, ValueError)):
+        NATIVE.topk_take_sum(*args)
+
+
 def _step_ctx(layout, step):
     return StepContext(step=step, rank=0, size=1, bucket="b", offset=0, layout=layout)
 
@@ -563,12 +656,15 @@ def _step_ctx(layout, step):
     ("topk", {}), ("topk", {"ratio": 0.05, "values": "fp16", "scope": "bucket"}),
     ("threshold", {"lam": 1.2}), ("threshold", {"lam": 0.05}),      # dense fallbacks
 ])
-def test_fused_sparse_step_is_the_unfused_one_and_rotates_the_memory(method, options):
+@pytest.mark.parametrize("sizes", [[37, 1, 130, 2000, 9], [30_000, 3, 70_001]])
+def test_fused_sparse_step_is_the_unfused_one_and_rotates_the_memory(method, options, sizes):
     """Without perturbation topk and threshold compensate out of place (the memory buffers
-    rotate: no backup in the engine) and check NaN/Inf in that pass; payloads and memory are
-    the unfused path's bit for bit, a NaN leaves the memory as it was, rollback restores it."""
+    rotate: no backup in the engine) and check NaN/Inf in that pass (Top-k: in its selection,
+    topk_take_sum; the large tensors take its sampled candidate scan); payloads and memory
+    are the unfused path's bit for bit, a NaN leaves the memory as it was, rollback restores
+    it."""
     torch.manual_seed(1)
-    layout = Layout.for_sizes([37, 1, 130, 2000, 9])
+    layout = Layout.for_sizes(sizes)
     fused, plain = make_method(method, **options), make_method(method, **options)
     plain.fused = False
     assert fused.fused and fused.encode_checks_finite and fused.self_restored_keys == ("error",)
