@@ -273,6 +273,28 @@ def fused_scans(t, n, rep, bw, rng):
     s_old = best_time(unfused, max(1, rep // 3))
     t.add("topk compensation, unfused (copy, NaN sum, add)", s_old, 8 * n,
           f"add_finite is {s_old / s:.1f}x faster")
+    fused_topk(t, n, rep, bw, x, e, out)
+
+
+def fused_topk(t, n, rep, bw, g, e, out, ratio=0.01):
+    """topk_take_sum (Top-k's encode: p = g + e formed in the selection, 1% per tensor of
+    2^20) against add_finite then topk_take; streams: g, e read, p written (the pairs, 2% of
+    n in 8-byte pairs, and the candidates are left out of the bound)."""
+    from hvd_signsgd.codecs import Layout
+    from hvd_signsgd.methods.sparse import TopK
+    seg = min(n, 1 << 20)
+    layout = Layout.for_sizes([seg] * (n // seg))
+    segs = TopK(ratio).segments(layout)
+    total = int(segs[:, 2].sum())
+    idx, vals = torch.empty(total, dtype=torch.int32), torch.empty(total)
+    bound = 12 * n / (4 * n / bw)
+    s = best_time(lambda: kernels.topk_take_sum(g, e, out, segs, idx, vals), rep)
+    t.add(f"native topk_take_sum, {ratio:.0%} of 2^{seg.bit_length() - 1}", s, 8 * n,
+          f"bound {bound * 1e3:.2f} ms: {bound / s:.2f} of bound")
+    s_old = best_time(lambda: (kernels.add_finite(g, e, out),
+                               kernels.topk_take(out, segs, idx, vals)), rep)
+    t.add("add_finite then topk_take (before)", s_old, 8 * n,
+          f"topk_take_sum is {s_old / s:.2f}x faster")
 
 
 def main():
@@ -283,7 +305,7 @@ def main():
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     parser.add_argument("--only", choices=["all", "fused"], default="all",
                         help="fused: the read bandwidth and the fused encodes (ef_signsgd, "
-                             "ecx, signum, ssdm, signsgd, topk's compensation) alone")
+                             "ecx, signum, ssdm, signsgd, topk) alone")
     args = parser.parse_args()
     global CLOCK
     CLOCK = time.perf_counter if args.clock == "wall" else time.thread_time

@@ -12,8 +12,10 @@ Two implementations, on the same data, whose payloads and memories are checked t
     torch   the code before the native kernels: topk_indices per tensor (sampled threshold,
             nonzero, kthvalue), p[idx], Sparse.encode, p[idx] = vals - q; decode by zeros +
             index_add_ rank by rank
-    native  TopK.encode / aggregate as shipped: kernels.topk_take (one call per bucket, radix
-            select with the EF update fused), kernels.sparse_sum
+    native  TopK.encode / aggregate as shipped: kernels.topk_take_sum (one call per bucket:
+            p = g + e, radix select, the EF update), kernels.sparse_sum
+Then the encode's kernels alone, taking turns: add_finite then topk_take (the previous fused
+path) against topk_take_sum (p formed inside the selection).
 Prints best-of-N milliseconds per step, wall-clock and CPU time of the calling thread (the
 steadier number on a shared machine), and the speed-ups; the native kernels use one core, so
 compare with --threads 1 (torch's own ops may use more threads otherwise, and their CPU time is
@@ -142,7 +144,39 @@ def model_step(model, ratio, args):
         run(native)   # warm-up
         times = [run(native) for _ in range(args.repeat)]
         best[native] = tuple(min(t[i] for t in times) for i in (0, 1))
-    return best[False], best[True], sum(sizes), len(sizes), len(layouts)
+    fused = fused_encode_ab(method, layouts, [g[0] for g in grads], args.repeat)
+    return best[False], best[True], sum(sizes), len(sizes), len(layouts), fused
+
+
+def fused_encode_ab(method, layouts, grads, repeat):
+    """The native encode's kernels alone, per step (every bucket), CPU ms, best of `repeat`
+    taking turns: (add_finite then topk_take, topk_take_sum). The second forms p = g + e
+    inside the selection (one pass less over p); both write the same p and pairs."""
+    gen = torch.Generator().manual_seed(1)
+    work = []
+    for lay, g in zip(layouts, grads):
+        segs = method.segments(lay)
+        total = int(torch.minimum(segs[:, 1], segs[:, 2]).sum())
+        e = torch.randn(lay.numel, generator=gen) * 0.1
+        work.append((g, e, torch.empty(lay.numel), segs, torch.empty(total, dtype=torch.int32),
+                     torch.empty(total)))
+
+    def two_calls():
+        for g, e, p, segs, idx, vals in work:
+            kernels.add_finite(g, e, p)
+            kernels.topk_take(p, segs, idx, vals)
+
+    def one_call():
+        for g, e, p, segs, idx, vals in work:
+            kernels.topk_take_sum(g, e, p, segs, idx, vals)
+
+    times = {two_calls: [], one_call: []}
+    for _ in range(repeat + 1):      # the first round warms up
+        for fn in times:
+            c0 = time.thread_time()
+            fn()
+            times[fn].append(time.thread_time() - c0)
+    return tuple(1e3 * min(times[fn][1:]) for fn in (two_calls, one_call))
 
 
 def main(argv=None):
@@ -166,13 +200,18 @@ def main(argv=None):
         print(f"encode + decode of {args.ranks} ranks' payloads per step, ms (wall / CPU)")
         print(f"{'model':>9} {'ratio':>6} {'torch wall':>11} {'native wall':>12} {'speed-up':>9} "
               f"{'torch CPU':>10} {'native CPU':>11} {'speed-up':>9}")
+        fused = {}
         for ratio in (float(r) for r in args.model_ratios.split(",")):
-            old, new, numel, tensors, n_buckets = model_step(args.model, ratio, args)
+            old, new, numel, tensors, n_buckets, fused[ratio] = model_step(args.model, ratio,
+                                                                           args)
             print(f"{args.model:>9} {ratio:>6.3%} {old[0]:>11.1f} {new[0]:>12.1f} "
                   f"{old[0] / new[0]:>8.1f}x {old[1]:>10.1f} {new[1]:>11.1f} "
                   f"{old[1] / new[1]:>8.1f}x", flush=True)
         print(f"({numel} elements, {tensors} tensors, {n_buckets} buckets of <= "
               f"{args.bucket_cap_mb:g} MB)")
+        print("encode kernels per step, CPU ms: add_finite then topk_take / topk_take_sum")
+        for ratio, (two, one) in fused.items():
+            print(f"{args.model:>9} {ratio:>6.3%} {two:>11.1f} {one:>12.1f} {two / one:>8.2f}x")
     if not args.sizes:
         return
     print(f"{'elements':>10} {'ratio':>6} {'k':>8} {'torch.topk':>11} {'exact(full)':>12} "

@@ -828,8 +828,10 @@ add_scan_ge_body(const float *a, const float *b, float *out, size_t n, uint32_t 
         __m256 s[4];
         uint32_t m = 0;
         for (unsigned q = 0; q < 4; q++) {
-            _mm_prefetch((const char *)(a + i + 8 * q + SG_PREFETCH_ELEMS), _MM_HINT_T0);
-            _mm_prefetch((const char *)(b + i + 8 * q + SG_PREFETCH_ELEMS), _MM_HINT_T0);
+            if (q % 2 == 0) {   /* one fetch per 64-byte line of each input */
+                _mm_prefetch((const char *)(a + i + 8 * q + SG_PREFETCH_ELEMS), _MM_HINT_T0);
+                _mm_prefetch((const char *)(b + i + 8 * q + SG_PREFETCH_ELEMS), _MM_HINT_T0);
+            }
             s[q] = _mm256_add_ps(_mm256_loadu_ps(a + i + 8 * q), _mm256_loadu_ps(b + i + 8 * q));
             store8(out + i + 8 * q, s[q], stream);
             __m256i k = _mm256_and_si256(_mm256_castps_si256(s[q]), abs_mask);
