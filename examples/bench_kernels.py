@@ -285,7 +285,7 @@ def fused_topk(t, n, rep, bw, g, e, out, ratio=0.01):
     seg = min(n, 1 << 20)
     layout = Layout.for_sizes([seg] * (n // seg))
     segs = TopK(ratio).segments(layout)
-    total = int(segs[:, 2].sum())
+    total = int(torch.minimum(segs[:, 1], segs[:, 2]).sum())
     idx, vals = torch.empty(total, dtype=torch.int32), torch.empty(total)
     bound = 12 * n / (4 * n / bw)
     s = best_time(lambda: kernels.topk_take_sum(g, e, out, segs, idx, vals), rep)

@@ -585,8 +585,8 @@ static int get_segments(PyObject *so, Py_buffer *sv, size_t n, int64_t **segs, s
 
 static int two_in_one_out(PyObject **o, char **names, Py_buffer *v, size_t *n);
 
-/* topk_take and topk_take_sum (g, e given: v[4], v[5]). Returns 0, 2 (NaN/Inf in g + e),
- * or -1 with the exception set. */
+/* topk_take and topk_take_sum (g, e given: v[4], v[5]; v[6] is p's second view). Returns
+ * 0, 2 (NaN/Inf in g + e), or -1 with the exception set; the caller releases v. */
 static int topk_call(PyObject *po, PyObject *so, PyObject *io, PyObject *vo, PyObject *go,
                      PyObject *eo, Py_buffer *v) {
     int64_t *segs = NULL;
@@ -600,13 +600,8 @@ static int topk_call(PyObject *po, PyObject *so, PyObject *io, PyObject *vo, PyO
     if (go) {
         PyObject *o[3] = {go, eo, po};
         static char *names[] = {"g", "e", "p"};
-        Py_buffer sum[3] = {{0}};
         size_t m;
-        int bad = two_in_one_out(o, names, sum, &m) < 0;
-        v[4] = sum[0];   /* released by the caller */
-        v[5] = sum[1];
-        if (sum[2].obj) PyBuffer_Release(&sum[2]);
-        if (bad) goto done;
+        if (two_in_one_out(o, names, &v[4], &m) < 0) goto done;
         for (int i = 4; i < 6; i++)
             if (check_disjoint(v[i].buf, (size_t)v[i].len, v[2].buf, (size_t)v[2].len) < 0 ||
                 check_disjoint(v[i].buf, (size_t)v[i].len, v[3].buf, (size_t)v[3].len) < 0)
@@ -625,7 +620,7 @@ static int topk_call(PyObject *po, PyObject *so, PyObject *io, PyObject *vo, PyO
     if (rc < 0) {
         PyErr_NoMemory();
     } else if (rc == 0 && t.count != total) {
-        PyErr_SetString(PyExc_RuntimeError, "p changed during topk_take");
+        PyErr_SetString(PyExc_RuntimeError, "p changed during the selection");
         rc = -1;
     }
 done:
@@ -657,13 +652,13 @@ PyDoc_STRVAR(topk_take_sum_doc,
 static PyObject *py_topk_take_sum(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"g", "e", "p", "segments", "idx", "vals", NULL};
     PyObject *go, *eo, *po, *so, *io, *vo, *result = NULL;
-    Py_buffer v[6] = {{0}};   /* p, segments, idx, vals, g, e */
+    Py_buffer v[7] = {{0}};   /* p, segments, idx, vals, g, e, p again */
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOO:topk_take_sum", kwlist, &go, &eo, &po,
                                      &so, &io, &vo))
         return NULL;
     int rc = topk_call(po, so, io, vo, go, eo, v);
     if (rc >= 0) result = PyBool_FromLong(rc == 0);
-    release_all(v, 6);
+    release_all(v, 7);
     return result;
 }
 

@@ -18,9 +18,9 @@ static inline void sg_st32(void *p, uint32_t v) { memcpy(p, &v, 4); }
 static inline float sg_f32_from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 static inline uint32_t sg_bits_from_f32(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 
-/* 1 and *r = 1 / d when d is a power of two whose reciprocal is a normal float: then x * r
- * rounds the same real number as x / d, so a multiply can stand in for the division (same
- * bits, and it vectorizes without the divider). Else 0. */
+/* 1 and *r = 1 / d when d = 2^k, -126 <= k <= 126 (d and 1 / d both normal, also under
+ * DAZ): then x * r rounds the same real number as x / d, so a multiply can stand in for the
+ * division (same bits, and it vectorizes without the divider). Else 0. */
 static inline int sg_exact_reciprocal(float d, float *r) {
     uint32_t b = sg_bits_from_f32(d), e = b >> 23;
     if ((b & 0x7FFFFFu) != 0 || e < 1 || e > 253) return 0;

@@ -1,6 +1,7 @@
 /* Sparse kernels (sparse.c): exact Top-k and hard-threshold selection by magnitude with the
  * error-feedback update fused into the compaction, and the scatter-add decode. Written once
- * in portable C; the streaming scans go through the ISA table (scan_ge, count_ge).
+ * in portable C; the streaming passes go through the ISA table (scan_ge, count_ge, add_finite,
+ * add_scan_ge).
  *
  * Selection order is by key(v) = bits(v) & 0x7FFFFFFF (sg_key in sg_scalar.h): |v| for every
  * non-NaN v, +0 == -0; NaN ranks above +-Inf. Ties at the cut go to the lowest position. */
@@ -29,10 +30,12 @@ typedef struct {
  * have been taken: the caller discards p and the pairs). */
 int sg_topk_take(const sg_kernels *K, const int64_t *segs, size_t n_segs, sg_take *t);
 
-/* sg_topk_take of p = g + e (float32 sums), formed into t->p[0 .. n) as the selection goes:
- * a large segment's sum is its candidate scan (add_scan_ge), so p is read once less.
- * Returns 0, -1 out of memory, or 2 when some sum is NaN/Inf (p and the pairs are then
- * unspecified). g and e (n elements each) must not overlap p or the pairs. */
+/* sg_topk_take of p = g + e (float32 sums), formed into t->p[0 .. n) as the selection goes
+ * (the segments lie inside [0, n); gaps between and after them are formed too): a large
+ * segment's sum is its candidate scan (add_scan_ge), so p is read once less. Returns 0, -1
+ * out of memory, or 2 when some sum is NaN/Inf (after either, p and the pairs may be partly
+ * formed: the caller discards them). g and e (n elements each) must not overlap p or the
+ * pairs. */
 int sg_topk_take_sum(const sg_kernels *K, const float *g, const float *e, size_t n,
                      const int64_t *segs, size_t n_segs, sg_take *t);
 

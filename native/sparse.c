@@ -1,5 +1,7 @@
 /* Exact Top-k and hard-threshold selection with the fused error feedback update, and the
- * scatter-add decode (see sg_sparse.h for the contract).
+ * scatter-add decode (see sg_sparse.h for the contract). sg_topk_take_sum forms p = g + e as
+ * it goes: step 1's scan is then that sum's own pass (add_scan_ge), and the other paths
+ * read the p it wrote.
  *
  * Top-k is a radix select on the 31-bit key (digits of 11, 10 and 10 bits), run on a
  * candidate list when one can be had cheaply:

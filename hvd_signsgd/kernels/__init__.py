@@ -132,8 +132,9 @@ NaN, only its NaN-ness is specified, not its sign or payload):
                                           the number of +-0 in m_out. None as momentum_sign.
     add_finite(a, b, out) -> bool        out = a + b (rounded float32 sums; a, b, out as
                                           ef_sign's g, e, e_out), written in full; False when
-                                          any sum is NaN/Inf. Top-k's and threshold's fused
-                                          compensation p = g + e (one pass, the check in it).
+                                          any sum is NaN/Inf. The threshold's fused
+                                          compensation p = g + e (one pass, the check in it;
+                                          Top-k's is in topk_take_sum).
     pack_bits(mask) -> uint8 tensor       a bool tensor packed like pack_signs (bit set = True).
     unpack_bits(bits, n) -> bool tensor   the first n bits of bits (inverse of pack_bits).
 

@@ -64,6 +64,7 @@ def topk_take(native, p, segments, idx, vals):
 
 
 def topk_take_sum(native, g, e, p, segments, idx, vals):
+    """As topk_take, with g and e: contiguous float32 CPU tensors of p's length."""
     return native.topk_take_sum(buffer(g), buffer(e), buffer(p), buffer(_contiguous(segments)),
                                 buffer(idx), buffer(vals))
 

@@ -123,9 +123,10 @@ class _SparseEF(Perturbation, ErrorFeedbackMethod):
         if values == "fp16":
             self.bits_per_coordinate = 48.0
         self._init_perturbation(noise, noise_seed, reset_every)
-        # Without perturbation, p = g + e is one native pass written out of place with the
-        # NaN/Inf check in it (kernels.add_finite): the engine keeps no backup of e and
-        # makes no check of its own. Perturbation needs the unfused path (perturb.py).
+        # Without perturbation, p = g + e is written out of place by a native pass with the
+        # NaN/Inf check in it (kernels.add_finite; Top-k's inside its selection,
+        # topk_take_sum): the engine keeps no backup of e and makes no check of its own.
+        # Perturbation needs the unfused path (perturb.py).
         self.fused = not self.noise and not self.reset_every
 
     def take(self, p: torch.Tensor, ctx):
@@ -184,7 +185,8 @@ class TopK(_SparseEF):
 
     Selection: exactly the k largest |p_i|, ties broken towards the lowest index (the set of
     topk_indices), by kernels.topk_take: a linear-time radix select per tensor with the EF
-    update fused in, one call per bucket (examples/bench_topk.py measures it).
+    update fused in, one call per bucket (examples/bench_topk.py measures it); without
+    perturbation kernels.topk_take_sum, which also forms p = g + e in the selection's pass.
     values="fp16" sends float16 values (48 instead of 64 bits per pair); the rounding residual
     stays in e. noise / noise_seed / reset_every: perturb.py.
     """

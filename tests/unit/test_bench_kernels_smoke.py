@@ -17,3 +17,5 @@ def test_fused_section_reports_every_kernel():
         assert line is not None and "of bound" in line, (kernel, out)
     line = next((x for x in out.splitlines() if "| native ef_sign_deferred" in x), None)
     assert line is not None and "of bound" in line and "ef_sign's speed" in line, out
+    line = next((x for x in out.splitlines() if "| native topk_take_sum" in x), None)
+    assert line is not None and "of bound" in line, out

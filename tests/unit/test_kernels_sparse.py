@@ -596,22 +596,36 @@ def test_topk_take_sum_is_add_finite_then_topk_take(sizes, gaps, ratio, kinds, s
             assert torch.equal(idx, idx_want) and torch.equal(bits(vals), bits(vals_want)), name
 
 
-def test_topk_take_sum_exact_when_the_sample_misleads():
+@pytest.mark.parametrize("shift", [0, 1, 7])
+@pytest.mark.parametrize("case", ["too few", "too many", "head"])
+def test_topk_take_sum_exact_when_the_sample_misleads(case, shift):
     """As test_topk_take_exact_when_the_sample_misleads, with p formed from g + e: the
-    fallback paths run on the p the fused pass wrote."""
+    fallback paths run on the p the fused pass wrote. "too many": the sample sees only
+    zeros, so every position is a candidate and the scan runs past its room (the AVX2
+    body's share of it after a scalar head, which holds candidates too: p misaligned).
+    "head": the sample is right and the scalar head's candidates are taken."""
     d, k = 100_000, 300
     sample = sample_positions(d, k)
     g = torch.rand(d, generator=torch.Generator().manual_seed(0))
     e = torch.zeros(d)
-    e[sample[:200]] = 10.0 - g[sample[:200]]   # ~200 tens, all in the sample
+    if case == "too few":
+        e[sample[:200]] = 10.0 - g[sample[:200]]       # ~200 tens, all in the sample
+    elif case == "head":
+        g[:7] = 5.0
+    else:
+        g[sample] = 0.0
+        g[:7] = 5.0                                    # in the head when p is misaligned
+        assert int(g[sample].count_nonzero()) <= 7     # the sample's bound is still 0
     want = g + e
-    q_want, idx_want, _ = run_topk("torch", want, [(0, d, k)], torch.float32)
+    q_want, idx_want, vals_want = run_topk("torch", want, [(0, d, k)], torch.float32)
     assert idx_want.tolist() == reference_positions(want, [(0, d, k)]).tolist()
     for name in BACKENDS:
-        p, idx, vals = torch.empty(d), torch.empty(k, dtype=torch.int32), torch.empty(k)
+        p = torch.empty(d + 8)[shift:shift + d]
+        idx, vals = torch.empty(k, dtype=torch.int32), torch.empty(k)
         with backend(name):
             assert K.topk_take_sum(g, e, p, torch.tensor([[0, d, k]]), idx, vals)
-        assert torch.equal(idx, idx_want) and torch.equal(bits(p), bits(q_want)), name
+        assert torch.equal(idx, idx_want) and torch.equal(bits(vals), bits(vals_want)), name
+        assert torch.equal(bits(p), bits(q_want)), name
 
 
 @pytest.mark.parametrize("name", BACKENDS)
