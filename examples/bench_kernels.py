@@ -273,13 +273,16 @@ def fused_scans(t, n, rep, bw, rng):
     s_old = best_time(unfused, max(1, rep // 3))
     t.add("topk compensation, unfused (copy, NaN sum, add)", s_old, 8 * n,
           f"add_finite is {s_old / s:.1f}x faster")
-    fused_topk(t, n, rep, bw, x, e, out)
+    fused_topk(t, n, rep, bw, x.clone(), e.clone(), out)
 
 
 def fused_topk(t, n, rep, bw, g, e, out, ratio=0.01):
     """topk_take_sum (Top-k's encode: p = g + e formed in the selection, 1% per tensor of
     2^20) against add_finite then topk_take; streams: g, e read, p written (the pairs, 2% of
-    n in 8-byte pairs, and the candidates are left out of the bound)."""
+    n in 8-byte pairs, and the candidates are left out of the bound). g and e as the engine
+    holds them, torch allocations (64-byte aligned): from numpy's 16-byte aligned arrays,
+    half the fused pass's 32-byte loads straddle two cache lines, and it is no faster than
+    the two calls."""
     from hvd_signsgd.codecs import Layout
     from hvd_signsgd.methods.sparse import TopK
     seg = min(n, 1 << 20)
