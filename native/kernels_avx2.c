@@ -420,7 +420,10 @@ static size_t scan_ge_avx2(const float *x, size_t n, uint32_t lo, uint32_t *pos,
     size_t c = 0, i = 0;
     for (; i + 32 <= n; i += 32) {
         uint32_t m = ge_mask32(x + i, bound);
-        for (; m; m &= m - 1) sg_scan_put(x, i + (size_t)__builtin_ctz(m), pos, val, cap, c++);
+        for (; m; m &= m - 1) {
+            size_t j = i + (size_t)__builtin_ctz(m);
+            sg_scan_put(j, x[j], pos, val, cap, c++);
+        }
     }
     return sg_scan_ge_scalar(x, i, n, lo, pos, val, cap, c);
 }
@@ -844,11 +847,7 @@ add_scan_ge_body(const float *a, const float *b, float *out, size_t n, uint32_t 
         for (unsigned q = 0; q < 4; q++) _mm256_storeu_ps(copy + 8 * q, s[q]);
         for (; m; m &= m - 1) {
             unsigned j = (unsigned)__builtin_ctz(m);
-            if (c < cap) {
-                pos[c] = (uint32_t)(i + j);
-                if (val) val[c] = copy[j];
-            }
-            c++;
+            sg_scan_put(i + j, copy[j], pos, val, cap, c++);
         }
     }
     uint32_t lanes[8];

@@ -100,18 +100,18 @@ static inline float sg_load_value(const void *x, sg_dtype dt, size_t i) {
 
 static inline uint32_t sg_key(float v) { return sg_bits_from_f32(v) & 0x7FFFFFFFu; }
 
-/* One position found by a scan: the c-th (val may be NULL). */
-static inline void sg_scan_put(const float *x, size_t i, uint32_t *pos, float *val, size_t cap,
+/* One position found by a scan, i with value v: the c-th (val may be NULL). */
+static inline void sg_scan_put(size_t i, float v, uint32_t *pos, float *val, size_t cap,
                                size_t c) {
     if (c >= cap) return;
     pos[c] = (uint32_t)i;
-    if (val) val[c] = x[i];
+    if (val) val[c] = v;
 }
 
 static inline size_t sg_scan_ge_scalar(const float *x, size_t from, size_t n, uint32_t lo,
                                        uint32_t *pos, float *val, size_t cap, size_t c) {
     for (size_t i = from; i < n; i++) {
-        if (sg_key(x[i]) >= lo) sg_scan_put(x, i, pos, val, cap, c++);
+        if (sg_key(x[i]) >= lo) sg_scan_put(i, x[i], pos, val, cap, c++);
     }
     return c;
 }
@@ -203,19 +203,6 @@ static inline size_t sg_count_zeros_scalar(const void *x, sg_dtype dt, size_t fr
     return count;
 }
 
-/* out[i] = a[i] + b[i] for i in [from, n); returns 1 if every sum is finite. */
-static inline int sg_add_finite_scalar(const float *a, const float *b, float *out, size_t from,
-                                       size_t n) {
-    uint32_t worst = 0;
-    for (size_t i = from; i < n; i++) {
-        float s = a[i] + b[i];
-        uint32_t k = sg_key(s);
-        out[i] = s;
-        worst = k > worst ? k : worst;
-    }
-    return worst < 0x7F800000u;
-}
-
 /* add_finite and scan_ge for i in [from, n), the c positions found before included: out[i]
  * = a[i] + b[i], positions with key >= lo to pos/val (cap as scan_ge's). Returns the new
  * count; *worst rises to the largest key seen (>= 0x7F800000: NaN/Inf). */
@@ -227,15 +214,18 @@ static inline size_t sg_add_scan_ge_scalar(const float *a, const float *b, float
         uint32_t k = sg_key(s);
         out[i] = s;
         *worst = k > *worst ? k : *worst;
-        if (k >= lo) {
-            if (c < cap) {
-                pos[c] = (uint32_t)i;
-                if (val) val[c] = s;
-            }
-            c++;
-        }
+        if (k >= lo) sg_scan_put(i, s, pos, val, cap, c++);
     }
     return c;
+}
+
+/* out[i] = a[i] + b[i] for i in [from, n); returns 1 if every sum is finite (the scan above
+ * with a bound no key reaches). */
+static inline int sg_add_finite_scalar(const float *a, const float *b, float *out, size_t from,
+                                       size_t n) {
+    uint32_t worst = 0;
+    sg_add_scan_ge_scalar(a, b, out, from, n, 0x80000000u, NULL, NULL, 0, 0, &worst);
+    return worst < 0x7F800000u;
 }
 
 static inline void sg_unpack_scalar(const uint8_t *bits, size_t from, size_t n,
