@@ -120,14 +120,17 @@ def _mark_zeros(x: torch.Tensor, bits: torch.Tensor | None, z: int):
     n = x.numel()
     if z == n:
         return None, None
-    nb = (n + 7) // 8
-    if 4 * z < nb:
-        pos = torch.nonzero(x.reshape(-1) == 0).reshape(-1)
-        plane = _positions_to_plane(pos, n)
-        marks = pos.to(torch.int32)
-    else:
-        plane = marks = kernels.pack_bits(x.reshape(-1) == 0)
-    return bits.bitwise_and_(plane.bitwise_not()), marks
+    return _marks_from_plane(_zero_plane_of(x.reshape(-1)), bits, z, n)
+
+
+def _zero_plane_of(x: torch.Tensor) -> torch.Tensor:
+    """The bitplane of x == 0. For finite float32 x, one pass of kernels.sign_scan (its sign
+    bits are dropped): torch's x == 0 and its nonzero() took three passes and n bools."""
+    if x.dtype == torch.float32 and x.is_contiguous():
+        found = kernels.sign_scan(x)
+        if found is not None:
+            return found[1]
+    return kernels.pack_bits(x == 0)
 
 
 def _encode_signs(codec: str, x: torch.Tensor, z: int, pack, n_scales: int = 0,

@@ -347,3 +347,35 @@ def test_stock_horovod_signsgd_compressor_sends_zero_for_zero():
     # ranks sent (+1, -1, 0): the average is 0, no move
     assert c.decompress((sent + torch.tensor([-1.0, -1.0, 0.0, 0.0]).half()) / 3, ctx).tolist() \
         == [0.0, -1.0, 0.0, 0.0]
+
+
+def reference_marks(x, z):
+    """_mark_zeros as written before the native scan: x == 0, nonzero(), index_put."""
+    n = x.numel()
+    pos = torch.nonzero(x == 0).reshape(-1)
+    if 4 * z < (n + 7) // 8:
+        plane = torch.zeros((n + 7) // 8, dtype=torch.uint8)
+        plane.index_put_((pos >> 3,), (1 << (pos & 7)).to(torch.uint8), accumulate=True)
+        marks = pos.to(torch.int32)
+    else:
+        plane = marks = torch.from_numpy(np.packbits((x == 0).numpy(), bitorder="little"))
+    return kernels.pack_signs(x).bitwise_and_(plane.bitwise_not()), marks
+
+
+@SETTINGS
+@given(n=st.sampled_from(LENGTHS[2:]), frac=st.sampled_from([0.0005, 0.01, 0.03, 0.2, 0.9]),
+       seed=st.integers(0, 10 ** 6))
+def test_marks_come_from_one_native_scan_with_the_reference_bytes(n, frac, seed):
+    """_mark_zeros takes the zero plane from kernels.sign_scan (one pass): the cleared bits
+    and the marks, as a position list (few zeros) or a plane (many), are those of the torch
+    reference, -0 included. A non-finite x (the scan refuses it) falls back to torch."""
+    from hvd_signsgd.codecs import _mark_zeros
+    x = with_zeros(n, max(1, min(n - 1, int(frac * n))), seed)
+    y = x.clone()
+    y[int(torch.nonzero(x).reshape(-1)[0])] = float("nan")
+    for v in (x, y):
+        z = int((v == 0).sum())
+        want_bits, want_marks = reference_marks(v, z)
+        got_bits, got_marks = _mark_zeros(v, kernels.pack_signs(v), z)
+        assert torch.equal(got_bits, want_bits)
+        assert got_marks.dtype == want_marks.dtype and torch.equal(got_marks, want_marks)
