@@ -10,10 +10,6 @@ the way gradients reach a bucket's flat buffer. Everything after that is here, o
     engine.launch(buckets)                    # encode each bucket, start its collective
     outcome = engine.finish()                 # wait, aggregate into each bucket's flat buffer
 
-launch() is prepare() then send(). A method with a whole-model norm (ssdm) cannot send a bucket
-before every bucket is prepared, but each bucket's prepare (its momentum update and its share
-of the norm, most of its encode) can run as soon as backward has readied it.
-
 A front end that receives buckets one at a time and must answer each on its own (the DDP
 communication hook) grows the buckets as they arrive (`add_bucket`, `drop_buckets` when its
 buckets change), launches each alone, and finishes them one by one (`finish_bucket`, in any
@@ -84,7 +80,7 @@ class Bucket:
     flat: torch.Tensor
     state: dict = field(default_factory=dict)
     backup: dict = field(default_factory=dict)
-    saved: bool = False     # backup holds this step's state (prepare ran this step)
+    saved: bool = False     # backup holds this step's state (the bucket was launched)
     handle: object = None
     ctx: StepContext = None
     active: Method = None   # the method used this step (the dense one during warm-up)
@@ -134,7 +130,7 @@ class Engine:
         self.sparse_mode = False     # any rank has: this step has a sparse exchange
         self._active_ranks = None    # ranks that vote this step (None: before begin_step)
         self._step_started = False
-        self.launch_times = []       # (bucket indices, start, end): prepares, sends
+        self.launch_times = []       # (bucket indices, start, end) of this step's encodes
         self._counted = False
         self._failure = None         # the first error a method raised on this rank this step
 
@@ -321,18 +317,8 @@ class Engine:
 
     def launch(self, buckets: list[Bucket]) -> None:
         """Encode each bucket's flat buffer and start its collective; all at once for methods
-        with a whole-model norm. begin_step() must have run. Buckets already prepared this
-        step are not prepared again."""
-        self.prepare([b for b in buckets if not b.saved])
-        self.send(buckets)
-
-    def prepare(self, buckets: list[Bucket]) -> None:
-        """The first half of launch: each bucket's step context, state backup and the method's
-        prepare. A whole-model-norm method's buckets may come one by one; send() follows for
-        all of them at once. begin_step() must have run."""
+        with a whole-model norm. begin_step() must have run."""
         assert self._step_started, "begin_step() first"
-        if not buckets:
-            return
         t0 = time.perf_counter()
         warm = self.step < self.start_step
         for b in buckets:
@@ -357,15 +343,8 @@ class Engine:
             b.work = b if self._joined else self.exchange.work(b)
             if not self._joined:
                 self._guarded(b, b.active.prepare, b.work.flat, b.state, b.work.ctx)
-        self._encoded(buckets, t0)
-
-    def send(self, buckets: list[Bucket]) -> None:
-        """The second half of launch: the whole-model norm, if the method has one, then each
-        bucket's payload and its collective. Every bucket is prepared."""
-        t0 = time.perf_counter()
-        method = buckets[0].active
         if method.model_scope and any(b.ctx.nonfinite for b in buckets):
-            for b in buckets:     # NaN/Inf in some bucket: no finite whole-model norm
+            for b in buckets:     # a fused prepare (ssdm) found NaN/Inf in some bucket
                 b.ctx.nonfinite = True
         if method.model_scope and not self._joined:
             try:
@@ -379,9 +358,6 @@ class Engine:
                 b.ctx.model_norm = norm
         for b in buckets:
             self._send(b)
-        self._encoded(buckets, t0)
-
-    def _encoded(self, buckets, t0) -> None:
         t1 = time.perf_counter()
         self.comm.counters.seconds_encode += t1 - t0
         self.launch_times.append(([b.index for b in buckets], t0, t1))

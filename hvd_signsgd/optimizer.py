@@ -50,7 +50,6 @@ class _Slot:
     views: list
     gaps: torch.Tensor | None   # positions of the alignment gaps (kept 0), or None
     ready: int = 0
-    prepared: bool = False      # a whole-model-norm bucket's first half (engine.prepare) is out
     launched: bool = False
 
 
@@ -248,11 +247,9 @@ class _CompressedOptimizer(torch.optim.Optimizer):
             return
         engine = self._engine
         if b.method.model_scope and engine.step >= engine.start_step:
-            # its momentum pass now, while backward computes; the payloads need every bucket
-            slot.prepared = True
-            self._run(self._prepare_now, [b])
             group = engine.compressed
-            if all(self._slots[c.index].prepared for c in group):
+            if all(self._slots[c.index].ready == len(self._slots[c.index].params)
+                   for c in group):
                 self._launch(group)
         elif engine.launch_blocks(b):
             self._launch_in_order(b)
@@ -275,41 +272,29 @@ class _CompressedOptimizer(torch.optim.Optimizer):
             self._launch([c])
 
     def _launch(self, buckets):
-        """Start the buckets' exchange (see _run)."""
+        """Start the buckets' exchange: on the launch worker when overlap is on, so that
+        encoding runs while backward computes the next gradients; else here, in the hook.
+        A worker's error is raised by synchronize()."""
         for b in buckets:
             self._slots[b.index].launched = True
-        self._run(self._launch_now, buckets)
-
-    def _run(self, fn, buckets):
-        """fn(buckets) on the launch worker when overlap is on, so that encoding runs while
-        backward computes the next gradients; else here, in the hook. A worker's error is
-        raised by synchronize(). The worker runs its tasks in the order they came."""
         self._launched = True
         if self._worker is not None:
-            self._inflight.append(self._worker.submit(fn, buckets))
+            self._inflight.append(self._worker.submit(self._launch_now, buckets))
             return
         try:
-            fn(buckets)
+            self._launch_now(buckets)
         except BaseException:
             self._engine.drain()
             self._end_exchange()
             raise
 
     def _launch_now(self, buckets):
-        """The step's control exchange (first launch only), then gradients into the buckets
-        not prepared yet, then encode and send."""
-        self._engine.begin_step()
-        for b in buckets:
-            if not self._slots[b.index].prepared:
-                self._collect(b)
-        self._engine.launch(buckets)
-
-    def _prepare_now(self, buckets):
-        """As _launch_now, up to the method's prepare (engine.prepare)."""
+        """The step's control exchange (first launch only), then gradients into the buckets,
+        then encode and send."""
         self._engine.begin_step()
         for b in buckets:
             self._collect(b)
-        self._engine.prepare(buckets)
+        self._engine.launch(buckets)
 
     def _wait_launches(self):
         errors = []
@@ -409,7 +394,7 @@ class _CompressedOptimizer(torch.optim.Optimizer):
     def _end_exchange(self):
         """Ready for the next step's backward passes, whether this one succeeded or not."""
         for slot in self._slots.values():
-            slot.ready, slot.prepared, slot.launched = 0, False, False
+            slot.ready, slot.launched = 0, False
         self._held = set()
         self._reset_delays()
         self._launched = False

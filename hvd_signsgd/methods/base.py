@@ -130,8 +130,7 @@ class Method:
 
     def prepare(self, g: torch.Tensor, state: dict, ctx: StepContext) -> None:
         """State updates that come before the payload (momentum). For model_scope methods the
-        engine calls prepare on every bucket (each as soon as it is ready, or all at once),
-        then norm_part on every bucket, then encode."""
+        wrapper calls prepare on every bucket, then norm_part, then encode."""
 
     def encode(self, g: torch.Tensor, state: dict, ctx: StepContext) -> torch.Tensor:
         raise NotImplementedError

@@ -200,9 +200,8 @@ class StochasticSignMethod(SignSGD):
     1/2 + g_i / (2 ||g||), so E[s] = g / ||g||.
 
     norm="model" takes the norm over the whole compressed model (buckets leave together once
-    backward is done; with the Horovod front end's hooks each bucket's prepare, SSDM's momentum
-    pass, runs as backward readies it); norm="bucket" normalises each bucket on its own (a
-    different operator that lets buckets leave during backward).
+    backward is done); norm="bucket" normalises each bucket on its own (a different operator
+    that lets buckets leave during backward).
 
     norm_type="linf" (default) uses max |g_i|; "l2" is the paper's operator. Both give an
     unbiased estimate of the same direction up to scale, but with l2 every probability is
