@@ -124,9 +124,11 @@ def _mark_zeros(x: torch.Tensor, bits: torch.Tensor | None, z: int):
 
 
 def _zero_plane_of(x: torch.Tensor) -> torch.Tensor:
-    """The bitplane of x == 0. For finite float32 x, one pass of kernels.sign_scan (its sign
-    bits are dropped): torch's x == 0 and its nonzero() took three passes and n bools."""
-    if x.dtype == torch.float32 and x.is_contiguous():
+    """The bitplane of x == 0. For finite float32 x on the native kernels, one pass of
+    kernels.sign_scan (its sign bits are dropped): torch's x == 0 and its nonzero() took three
+    passes and n bools. sign_scan's torch form would add passes, so other x take x == 0."""
+    if kernels.backend() == "native" and x.is_cpu and x.dtype == torch.float32 \
+            and x.is_contiguous():
         found = kernels.sign_scan(x)
         if found is not None:
             return found[1]
