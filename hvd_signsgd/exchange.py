@@ -464,12 +464,15 @@ class _ShardedHandle:
             planes = [_pad4(kernels.pack_signs(0.5 - ((count >> i) & 1).to(torch.float32)))
                       for i in range(self.bits)]
             return _message(self.codec, k, 0, self.bits, *planes)
+        if self.b.active.ties == "owner" and j in voters:
+            # ties take this rank's own sign (SignSGD's ties="owner"): weighing it 1.5 moves
+            # only the sums that are 0 (the others are odd, or even and at least 2 away)
+            w = torch.ones(len(voters))
+            w[voters.index(j)] = 1.5
+            vote = kernels.vote(rows, k, mode="majority", weights=w)
+            return _message(self.codec, k, 0, 0, _pad4(kernels.pack_signs(vote)))
         vote = kernels.vote(rows, k, mode="majority")
         t = kernels.count_zeros(vote)
-        if t and self.b.active.ties == "owner" and j in voters:
-            # ties take this rank's own sign (SignSGD's ties="owner"): one plane, no ties
-            mine = kernels.unpack_signs(rows[voters.index(j)], k)
-            vote, t = torch.where(vote == 0, mine, vote), 0
         signs = _pad4(kernels.pack_signs(vote))
         if t == 0:
             return _message(self.codec, k, 0, 0, signs)
