@@ -183,6 +183,8 @@ class Contender:
 
 
 def _value(text: str):
+    if text in ("True", "False"):
+        return text == "True"
     for conv in (int, float):
         try:
             return conv(text)
