@@ -69,7 +69,8 @@ def _gathered_rows(payloads: list[wire.Payload]) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=256)
-def _gap_index(layout: Layout) -> torch.Tensor | None:
+def gap_index(layout: Layout) -> torch.Tensor | None:
+    """The layout's alignment gaps (elements no tensor covers), ascending int64, or None."""
     gaps = [j for o, s in layout.segments() for j in range(o + s, (o + s + 7) // 8 * 8)
             if j < layout.numel]
     return torch.tensor(gaps, dtype=torch.long) if gaps else None
@@ -82,7 +83,7 @@ def count_zeros(x: torch.Tensor, layout: Layout | None = None, total: int | None
     has it (a fused kernel counted them)."""
     z = kernels.count_zeros(x) if total is None else total
     if z and layout is not None:
-        gaps = _gap_index(layout)
+        gaps = gap_index(layout)
         if gaps is not None and z == int(torch.count_nonzero(x[gaps] == 0)):
             return 0
     return z

@@ -96,7 +96,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import kernels, wire
+from . import codecs, kernels, wire
 from .codecs import Layout, Sparse
 from .methods import NoCompression, NonFiniteGradientError
 from .methods.base import FAILED_SLOT, NONFINITE_SLOT, as_mean, check_status_slots
@@ -232,17 +232,15 @@ class Exchange:
             raise ValueError(f"exchange must be one of {EXCHANGES}, not {mode!r}")
         self.comm, self.mode = comm, mode
         self.average, self.predivide = average, predivide
-        self._gaps = {}
 
-    def gaps(self, b) -> torch.Tensor:
-        """Bucket b's alignment gaps (bool, True where no tensor lies), cached per bucket."""
-        g = self._gaps.get(b.name)
-        if g is None or g.numel() != b.layout.numel:
-            g = torch.ones(b.layout.numel, dtype=torch.bool)
-            for o, s in b.layout.segments():
-                g[o:o + s] = False
-            self._gaps[b.name] = g
-        return g
+    def gaps(self, b, e0: int, k: int) -> torch.Tensor | None:
+        """Bucket b's alignment gaps (no tensor lies there) in [e0, e0 + k), as int64 offsets
+        from e0, or None: a few elements per tensor, so index_fill_ them rather than mask k."""
+        idx = codecs.gap_index(b.layout)
+        if idx is None:
+            return None
+        lo, hi = torch.searchsorted(idx, torch.tensor([e0, e0 + k])).tolist()
+        return idx[lo:hi] - e0 if hi > lo else None
 
     def work(self, b):
         """What the engine encodes for bucket b this step: the bucket itself (a hierarchical
@@ -488,19 +486,24 @@ class _ShardedHandle:
         Q = (||a||_1 / |a|) sign(a), owner_error <- a - Q (alignment gaps stay 0)."""
         j = self.comm.rank
         e0, k = self.elems[j]
-        mean = torch.zeros(k)
+        segments, tensors = [], []
         for t, (o, s) in enumerate(self.b.layout.segments()):
             lo, hi = max(o, e0), min(o + s, e0 + k)
             if lo < hi:     # layout offsets and shard starts are multiples of 8 elements
-                kernels.vote(rows[:, (lo - e0) // 8:(hi - e0 + 7) // 8], hi - lo, mode="sum",
-                             weights=scales[:, t] / v, out=mean[lo - e0:hi - e0])
+                segments.append((lo - e0, hi - lo))
+                tensors.append(t)
+        mean = torch.zeros(k)
+        if segments:
+            kernels.scaled_vote(rows, segments, (scales[:, tensors] / v).t().contiguous(), mean)
         a = self.b.state["owner_error"][e0:e0 + k]
         a.add_(mean)                                   # the memory now holds a
-        gaps = self.ex.gaps(self.b)[e0:e0 + k]
-        real = k - int(gaps.sum())
+        gaps = self.ex.gaps(self.b, e0, k)
+        real = k - (0 if gaps is None else gaps.numel())
         scale = torch.tensor(float(a.abs().sum()) / max(real, 1), dtype=torch.float32)
         signs = kernels.pack_signs(a)
-        q = kernels.unpack_signs(signs, k, scale=scale).masked_fill_(gaps, 0.0)
+        q = kernels.unpack_signs(signs, k, scale=scale)
+        if gaps is not None:
+            q.index_fill_(0, gaps, 0.0)
         a.sub_(q)                                      # owner_error <- a - Q
         return _message(self.codec, k, 0, 0, scale.view(1).view(torch.uint8), _pad4(signs),
                         n_scales=1)
@@ -533,7 +536,9 @@ class _ShardedHandle:
                 scale = gathered[body:body + 4].clone().view(torch.float32)
                 kernels.unpack_signs(gathered[body + 4:body + 4 + b1 - b0], k, scale=scale[0],
                                      out=seg)
-                seg.masked_fill_(self.ex.gaps(b)[e0:e0 + k], 0.0)
+                gaps = self.ex.gaps(b, e0, k)
+                if gaps is not None:
+                    seg.index_fill_(0, gaps, 0.0)
                 if not ctx.average:
                     seg.mul_(ctx.size)
                 end = body + 4 + plane

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import horovod.torch as hvd
 import torch
 
+from .codecs import gap_index
 from .communicator import HorovodCommunicator
 from .engine import Engine
 from .exchange import EXCHANGES, exchange_problem
@@ -219,12 +220,10 @@ class _CompressedOptimizer(torch.optim.Optimizer):
                             for c, m in chunks])
         for b, (chunk, _) in zip(self._engine.buckets, chunks):
             params = [p for _, p in chunk]
-            gaps = [j for o, s in b.layout.segments() for j in range(o + s, (o + s + 7) // 8 * 8)
-                    if j < b.layout.numel]
             self._slots[b.index] = _Slot(
                 params, [b.flat[o:o + s].view(p.shape)
                          for p, o, s in zip(params, b.layout.offsets, b.layout.sizes)],
-                torch.tensor(gaps, dtype=torch.long) if gaps else None)
+                gap_index(b.layout))
 
     @property
     def _buckets(self):
