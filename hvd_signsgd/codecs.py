@@ -263,12 +263,16 @@ class Sign:
         return out
 
     def aggregate(self, payloads, n: int, mode: str = "majority",
-                  weights=None, out=None) -> torch.Tensor:
+                  weights=None, out=None, segments=None) -> torch.Tensor:
         """mode "majority": sign of the sum of signs (ties give 0); "mean": the sum divided by
         the number of ranks; weights scale each rank's signs before summing. A marked zero
         adds 0 (unweighted: exact integers; weighted: float32 additions in rank order, the
         zero's term left out). Payloads without marks take the fused kernels unchanged.
-        out: a float32 buffer of n elements to write into (else a new one)."""
+        out: a float32 buffer of n elements to write into (else a new one).
+        segments: (offset, size) pairs that cover [0, n), offsets multiples of 8, with weights
+        (len(segments), n_ranks), a row per segment (majority or sum only)."""
+        if segments is not None:
+            return self._segment_vote(payloads, n, mode, weights, out, segments)
         if not _has_zeros(payloads):
             rows = _gathered_rows(payloads)
             if mode == "majority" or (mode == "mean" and weights is None):
@@ -288,6 +292,19 @@ class Sign:
         if mode == "majority":
             return out.sign_()
         return out.div_(len(payloads)) if mode == "mean" else out
+
+    @staticmethod
+    def _segment_vote(payloads, n, mode, weights, out, segments) -> torch.Tensor:
+        if mode not in ("majority", "sum"):
+            raise ValueError(f"per-segment weights take mode 'majority' or 'sum', not {mode!r}")
+        out = torch.zeros(n, dtype=torch.float32) if out is None else out.zero_()
+        if not _has_zeros(payloads):
+            kernels.scaled_vote(_gathered_rows(payloads), segments, weights, out)
+        else:
+            keep, rows, planes = _voters_with_zeros(payloads, n)
+            if rows is not None:
+                kernels.scaled_vote(rows, segments, weights[:, keep], out, zeros=planes)
+        return out.sign_() if mode == "majority" else out
 
 
 class StochasticSign(Sign):

@@ -32,19 +32,23 @@ def _check_ties(ties: str, aggregation: str) -> str:
     return ties
 
 
-def _break_ties(method, vote, payloads, ctx) -> torch.Tensor:
+def _owner_weights(payloads, ctx) -> tuple[list, torch.Tensor]:
     """ties="owner": a tied element (vote 0) of shard j (wire.shard_elements over the ranks)
-    takes the sign rank j sent for it, 0 where rank j sent 0 or did not vote. The sharded
-    exchange's owner j breaks its shard's ties the same way, so both exchanges agree bit for
-    bit, and its result needs one bit per element. payloads: the voters' (joined dropped)."""
-    if kernels.count_zeros(vote) == 0:
-        return vote
-    by_rank = {p.rank: p for p in payloads}
-    for j, (e0, k) in enumerate(wire.shard_elements(vote.numel(), ctx.n_ranks or ctx.size)):
-        if k and j in by_rank:
-            seg = vote[e0:e0 + k]
-            seg.copy_(torch.where(seg == 0, method.codec.decode_slice(by_rank[j], e0, k), seg))
-    return vote
+    takes the sign rank j sent for it, 0 where rank j sent 0 or did not vote. Rank j's sign
+    weighs 1.5 on shard j: a sum of +-1 that is not 0 is at least 1 away from it, so only the
+    ties move. The sharded exchange's owner j breaks its shard's ties the same way, so both
+    exchanges agree bit for bit, and its result needs one bit per element.
+    Returns the shards as (offset, size) and their weights (shards, payloads)."""
+    column = {p.rank: i for i, p in enumerate(payloads)}
+    segments, weights = [], []
+    for j, (e0, k) in enumerate(wire.shard_elements(ctx.layout.numel, ctx.n_ranks or ctx.size)):
+        if k:
+            w = torch.ones(len(payloads))
+            if j in column:
+                w[column[j]] = 1.5
+            segments.append((e0, k))
+            weights.append(w)
+    return segments, torch.stack(weights)
 
 
 def _sign_aggregate(method, gathered, ctx, weights=None):
@@ -55,10 +59,14 @@ def _sign_aggregate(method, gathered, ctx, weights=None):
         weights = torch.stack([p.scales[0] for p in payloads]) / ctx.size
         return method.codec.aggregate(payloads, ctx.layout.numel, "sum", weights=weights,
                                       out=ctx.out)
+    if mode == "majority" and method.ties == "owner" and weights is None:
+        segments, weights = _owner_weights(payloads, ctx)
+        return method.codec.aggregate(payloads, ctx.layout.numel, mode, weights=weights,
+                                      out=ctx.out, segments=segments)
     out = method.codec.aggregate(payloads, ctx.layout.numel, mode, weights=weights, out=ctx.out)
     if mode == "mean":
         return as_sum(out, ctx)
-    return _break_ties(method, out, payloads, ctx) if method.ties == "owner" else out
+    return out
 
 
 class SignSGD(Method):
