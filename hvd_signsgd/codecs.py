@@ -248,20 +248,6 @@ class Sign:
         _apply_zeros(payload, out)
         return out
 
-    def decode_slice(self, payload: wire.Payload, e0: int, k: int) -> torch.Tensor:
-        """decode(payload)[e0:e0 + k] without decoding the rest; e0 a multiple of 8."""
-        form = payload.header.zero_form()
-        if form == "all":
-            return torch.zeros(k)
-        b0 = e0 // 8
-        out = kernels.unpack_signs(payload.body[b0:b0 + (k + 7) // 8], k)
-        if form == "plane":
-            out.masked_fill_(kernels.unpack_bits(payload.zeros[b0:b0 + (k + 7) // 8], k), 0.0)
-        elif form == "list":
-            z = payload.zeros.long()
-            out[z[(z >= e0) & (z < e0 + k)] - e0] = 0.0
-        return out
-
     def aggregate(self, payloads, n: int, mode: str = "majority",
                   weights=None, out=None, segments=None) -> torch.Tensor:
         """mode "majority": sign of the sum of signs (ties give 0); "mean": the sum divided by
