@@ -121,7 +121,10 @@ def iface_ratio(r, idle=None):
 def sync_section(res: Results, n: int, model: str) -> list[str]:
     title = MODEL_TITLES.get(model, model)
     # a skipped contender's entry has no numel
-    some = next(r for k, r in res.sync.items() if k[0] == n and k[1] == model and "numel" in r)
+    some = next((r for k, r in res.sync.items() if k[0] == n and k[1] == model and "numel" in r),
+                None)
+    if some is None:
+        return []       # every contender was skipped: "Not measured" lists them
     lines = [f"### {title}, {n} hosts ({some['numel'] / 1e6:.1f} M parameters, "
              f"{4 * some['numel'] / 1e6:.0f} MB of float32 gradients)", ""]
     rates = [r for r in res.rates if any(k[:3] == (n, model, r) for k in res.sync)]

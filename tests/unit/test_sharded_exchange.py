@@ -199,11 +199,13 @@ def _gradients(n, d, seed, kind):
 
 
 @settings(max_examples=40, deadline=None)
-@given(grads_strategy, st.sampled_from(["signsgd", "signsgd-mean", "stochastic_sign", "ssdm"]),
+@given(grads_strategy, st.sampled_from(["signsgd", "signsgd-mean", "signsgd-owner",
+                                         "stochastic_sign", "ssdm"]),
        st.data())
 def test_alltoall_aggregate_is_bit_identical_to_allgather(case, name, data):
     n, d, seed, kind = case
     method = (make_method("signsgd", aggregation="mean") if name == "signsgd-mean"
+              else make_method("signsgd", ties="owner") if name == "signsgd-owner"
               else make_method(name))
     g = _gradients(n, d, seed, kind)
     joined = data.draw(st.sets(st.integers(0, n - 1), max_size=n - 1))
@@ -438,3 +440,23 @@ def test_double_squeeze_converges_on_the_noisy_quadratic_like_the_exact_exchange
     squeezed = f(y)
     assert exact < f(torch.ones(d)) / 1000, exact
     assert squeezed < 1.5 * exact + 1e-3, (squeezed, exact)
+
+
+@pytest.mark.parametrize("n,joined", [(3, {0}), (4, {1}), (5, {0, 3}), (5, {4})])
+def test_owner_ties_with_a_joined_owner_stay_zero_on_both_paths(n, joined):
+    """ties="owner" when a shard's owner joined: its ties stay 0 on both exchanges, and the
+    other shards' owners are found among the voters by rank, not by position."""
+    method = make_method("signsgd", ties="owner")
+    g = _gradients(n, 2000, n, "random")
+    ref = _run(n, method, g, "allgather", joined=joined)
+    got = _run(n, method, g, "alltoall", joined=joined)
+    for (a, _), (b, _) in zip(ref, got):
+        assert _bits(a) == _bits(b)
+    update = ref[0][0]
+    voters = n - len(joined)
+    for j, (e0, k) in enumerate(shard_elements(2000, n)):
+        zeros = int((update[e0:e0 + k] == 0).sum())
+        if j in joined and voters % 2 == 0:
+            assert zeros > 0          # ties of an owner that did not vote are not broken
+        else:
+            assert zeros == 0

@@ -71,3 +71,9 @@ def test_bad_ties_options_raise():
         make_method("ssdm", ties="owner")            # ssdm's default aggregation is the mean
     assert make_method("ssdm", aggregation="majority", ties="owner").ties == "owner"
     assert make_method("stochastic_sign", ties="owner").options()["ties"] == "owner"
+
+
+def test_owner_ties_on_an_empty_bucket():
+    got = Simulation("signsgd", n_ranks=2, sizes=[0], ties="owner").step(
+        [torch.zeros(0), torch.zeros(0)])
+    assert got.numel() == 0
