@@ -59,7 +59,7 @@ def _sign_aggregate(method, gathered, ctx, weights=None):
         weights = torch.stack([p.scales[0] for p in payloads]) / ctx.size
         return method.codec.aggregate(payloads, ctx.layout.numel, "sum", weights=weights,
                                       out=ctx.out)
-    if mode == "majority" and method.ties == "owner" and weights is None:
+    if mode == "majority" and method.ties == "owner" and ctx.layout.numel and weights is None:
         segments, weights = _owner_weights(payloads, ctx)
         return method.codec.aggregate(payloads, ctx.layout.numel, mode, weights=weights,
                                       out=ctx.out, segments=segments)
